@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv and install bundleflow with its dev tools.
+# torch is installed first and pinned here (not in pyproject, which keeps a range) so that
+# pip never resolves a multi-GB CUDA build by accident. Override for your machine:
+#   TORCH_SPEC="torch==2.5.1" TORCH_INDEX_URL=https://download.pytorch.org/whl/cu121 bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    .venv/bin/python -m pip install --quiet "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
+  else
+    .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
+  fi
+fi
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -c "import torch, bundleflow; print(f'bundleflow {bundleflow.__version__}, torch {torch.__version__}')"
