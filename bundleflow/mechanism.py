@@ -1,0 +1,184 @@
+"""A trained menu frozen into an explicit mechanism: what every report, IR check and export uses.
+
+Freezing draws the noise once, pushes the support points through the flow and records the
+bundles S_jd, the probabilities α_jd and the prices p_j (in the user's money units), with
+the noise draw and the temperatures used. The frozen object needs neither the flow nor
+the menu's parameters, saves to one safetensors file with JSON metadata, and gives the
+same lotteries every time (the reference redraws ε for every test batch instead).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from bundleflow import __version__
+from bundleflow.atomic import atomic_path
+from bundleflow.errors import BundleflowError
+from bundleflow.flow import IntegratorPath, VelocityField
+from bundleflow.menu import Menu, lottery_utilities
+from bundleflow.revenue import hard_outcome
+
+MECHANISM_FORMAT = 1
+_META_KEY = "bundleflow.mechanism"
+_TENSORS = ("bundles", "alpha", "prices", "eps")
+
+
+@dataclass
+class FrozenMechanism:
+    """Bundles ``[J, D, m]`` (uint8 0/1), α ``[J, D]``, prices ``[J]`` and the noise ``[J, D, m]``.
+
+    ``prices`` are in the user's money units (``money_scale`` × the menu's normalised
+    prices); utilities and payments are too.
+    """
+
+    bundles: Tensor
+    alpha: Tensor
+    prices: Tensor
+    eps: Tensor
+    mix_temp: float
+    n_steps: int = 5
+    money_scale: float = 1.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    @torch.no_grad()
+    def freeze(
+        cls,
+        menu: Menu,
+        flow: VelocityField,
+        mix_temp: float,
+        *,
+        eps: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        n_steps: int = 5,
+        path: IntegratorPath = "fast",
+        money_scale: float = 1.0,
+        meta: dict[str, Any] | None = None,
+    ) -> FrozenMechanism:
+        """Freeze ``menu`` with one noise draw (``eps`` or a fresh one from ``generator``)."""
+        if eps is None:
+            eps = menu.draw_noise(generator)
+        lot = menu.lotteries(flow, mix_temp, eps=eps, n_steps=n_steps, path=path)
+        return cls(
+            bundles=lot.bundles.to(torch.uint8),
+            alpha=lot.alpha.detach().clone(),
+            prices=(menu.prices.detach() * money_scale).clone(),
+            eps=eps.detach().clone(),
+            mix_temp=float(mix_temp),
+            n_steps=n_steps,
+            money_scale=float(money_scale),
+            meta=dict(meta or {}),
+        )
+
+    @property
+    def menu_size(self) -> int:
+        return int(self.prices.shape[0])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.bundles.shape[-1])
+
+    def to(self, device: torch.device | str) -> FrozenMechanism:
+        return FrozenMechanism(
+            bundles=self.bundles.to(device),
+            alpha=self.alpha.to(device),
+            prices=self.prices.to(device),
+            eps=self.eps.to(device),
+            mix_temp=self.mix_temp,
+            n_steps=self.n_steps,
+            money_scale=self.money_scale,
+            meta=dict(self.meta),
+        )
+
+    @torch.no_grad()
+    def utilities(self, valuations: Tensor, **oracle_kw) -> Tensor:
+        """u ``[B, J]`` for valuations in the user's units (XOR ``[B, K, m+1]`` or additive ``[B, m]``)."""
+        bundles = self.bundles.to(self.alpha.dtype)
+        return lottery_utilities(bundles, self.alpha, self.prices, valuations, **oracle_kw)
+
+    @torch.no_grad()
+    def outcome(self, valuations: Tensor, *, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
+        """``choice [N]`` (−1 = walks away) and ``payment [N]``, in batches of ``batch_size``."""
+        choices, payments = [], []
+        for start in range(0, valuations.shape[0], batch_size):  # batches bound memory
+            u = self.utilities(valuations[start : start + batch_size])
+            choice, payment = hard_outcome(u, self.prices)
+            choices.append(choice)
+            payments.append(payment)
+        if not choices:
+            empty = self.prices.new_zeros(0)
+            return empty.long(), empty
+        return torch.cat(choices), torch.cat(payments)
+
+    def revenue(self, valuations: Tensor, *, batch_size: int = 1024) -> float:
+        """Hard revenue: mean payment over ``valuations``."""
+        return float(self.outcome(valuations, batch_size=batch_size)[1].mean())
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | Path) -> None:
+        """Write one safetensors file atomically (tensors + JSON metadata)."""
+        header = {
+            "format": MECHANISM_FORMAT,
+            "package_version": __version__,
+            "mix_temp": self.mix_temp,
+            "n_steps": self.n_steps,
+            "money_scale": self.money_scale,
+            "meta": self.meta,
+        }
+        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: torch.device | str = "cpu") -> FrozenMechanism:
+        """Read a file written by :meth:`save`; a missing or damaged file is a clear error."""
+        path = Path(path)
+        if not path.is_file():
+            raise BundleflowError(f"{path}: frozen mechanism not found; train a run first")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path), device=str(device))
+            header = json.loads(metadata[_META_KEY])
+        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
+            raise BundleflowError(
+                f"{path}: not a bundleflow mechanism file ({type(err).__name__}: {err})"
+            ) from err
+        if header.get("format") != MECHANISM_FORMAT:
+            raise BundleflowError(
+                f"{path}: mechanism format {header.get('format')!r}, this bundleflow reads "
+                f"{MECHANISM_FORMAT}; upgrade bundleflow"
+            )
+        missing = [name for name in _TENSORS if name not in tensors]
+        if missing:
+            raise BundleflowError(f"{path}: mechanism file lacks tensors {missing}")
+        mech = cls(
+            **{name: tensors[name] for name in _TENSORS},
+            mix_temp=float(header["mix_temp"]),
+            n_steps=int(header["n_steps"]),
+            money_scale=float(header["money_scale"]),
+            meta=dict(header.get("meta", {})),
+        )
+        mech.validate(path)
+        return mech
+
+    def validate(self, source: str | Path = "mechanism") -> None:
+        """Shapes agree and numbers are finite; raise :class:`BundleflowError` otherwise."""
+        J, D, m = self.bundles.shape
+        if self.alpha.shape != (J, D) or self.prices.shape != (J,) or self.eps.shape != (J, D, m):
+            raise BundleflowError(
+                f"{source}: inconsistent shapes bundles {tuple(self.bundles.shape)}, alpha "
+                f"{tuple(self.alpha.shape)}, prices {tuple(self.prices.shape)}"
+            )
+        for name in ("alpha", "prices"):
+            if not torch.isfinite(getattr(self, name)).all():
+                raise BundleflowError(f"{source}: {name} has NaN or infinite entries")

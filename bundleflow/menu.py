@@ -1,0 +1,210 @@
+"""Stage 2: the menu, a list of J lotteries over bundles with prices.
+
+Element j has D support points. Per point d:
+
+    μ_jd = a + b · sigmoid(10 · M_jd)            (a = 0.05, b = 0.9 for XOR valuations)
+    z0_jd = μ_jd + σ_jd ⊙ ε                       (σ fixed and random: effectively Dirac)
+    ℓ_jd = log N(z0_jd; μ_jd, σ_jd) + log(softmax_d(τ·w_j)_d + 1e-20) − ΣQ(z0_jd)·∫σ
+    S_jd = 1[z_N(z0_jd) ≥ 0.5],  α_jd = softmax_d(ℓ_jd)
+    u_j(v) = Σ_d α_jd · v(S_jd) − p_j
+
+τ is the mixture temperature (the reference uses its λ here too; with normalised money
+the trainer passes λ / scale so that the mixture dynamics stay those of the reference).
+
+σ spans e^−34 … e^−4, so Σ_i −log σ_jd,i differs by ≈ 55 nats between support points
+while the trace term varies by ≈ 6: at initialisation most elements put almost all their
+mass on one support point, as in the reference. This is kept on purpose (faithfulness).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from bundleflow.flow import IntegratorPath, VelocityField, integrate, round_bundles
+from bundleflow.valuations.oracle import bundle_values
+
+MIXTURE_EPS = 1e-20  # the reference's log(softmax + 1e-20)
+_LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
+
+
+@dataclass(frozen=True)
+class Lotteries:
+    """One forward pass of the menu through the flow (shapes for J elements, D points, m items).
+
+    ``bundles`` and ``z_n`` carry no gradient; ``alpha`` does (to M through the trace
+    term and to w through the mixture term).
+    """
+
+    mu: Tensor  # [J, D, m]
+    z0: Tensor  # [J, D, m]
+    log_p0: Tensor  # [J, D]
+    log_mix: Tensor  # [J, D]
+    q: Tensor  # [J, D, m]
+    int_sigma: Tensor  # [] (fast) or [J, D] (reference)
+    log_det: Tensor  # [J, D]  ΣQ · ∫σ
+    ell: Tensor  # [J, D]
+    alpha: Tensor  # [J, D]
+    z_n: Tensor  # [J, D, m]
+    bundles: Tensor  # [J, D, m] 0/1
+
+
+def log_normal_of_offset(diff: Tensor, scale: Tensor) -> Tensor:
+    """Elementwise log N(loc + diff; loc, scale²), term by term as torch.distributions.Normal."""
+    return -(diff**2) / (2 * scale**2) - scale.log() - _LOG_SQRT_2PI
+
+
+def freeze_flow(flow: VelocityField) -> VelocityField:
+    """Make the flow a constant of Stage 2: no parameter requires grad; eval mode."""
+    flow.requires_grad_(False)
+    return flow.eval()
+
+
+class Menu(nn.Module):
+    """J menu elements, each a D-point lottery over bundles of m items, and a price.
+
+    Parameters: ``means`` M ``[J, D, m]`` (init randn), ``logits`` w ``[J, D]`` (init
+    randn / D), ``prices`` p ``[J]`` (init U[0, price_scale)). Buffer ``std`` σ
+    ``[J, D, m]`` = exp(−30·U[0,1) − 4) is fixed, random and persistent (saved with the
+    state dict).
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        menu_size: int,
+        support_size: int,
+        *,
+        loc_offset: float = 0.05,
+        loc_scale: float = 0.9,
+        price_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        shape = (menu_size, support_size, n_items)
+        kw = {"generator": generator, "device": device}
+        self.n_items, self.menu_size, self.support_size = n_items, menu_size, support_size
+        self.loc_offset, self.loc_scale = loc_offset, loc_scale
+        self.means = nn.Parameter(torch.randn(shape, **kw))
+        self.logits = nn.Parameter(torch.randn(shape[:2], **kw) / support_size)
+        self.register_buffer("std", torch.exp(-torch.rand(shape, **kw) * 30 - 4))
+        self.prices = nn.Parameter(torch.rand(menu_size, **kw) * price_scale)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        means: Tensor,
+        logits: Tensor,
+        std: Tensor,
+        prices: Tensor,
+        *,
+        loc_offset: float = 0.05,
+        loc_scale: float = 0.9,
+    ) -> Menu:
+        """A menu holding copies of given tensors (e.g. the reference's menu parameters)."""
+        menu_size, support_size, n_items = means.shape
+        menu = cls(n_items, menu_size, support_size, loc_offset=loc_offset, loc_scale=loc_scale,
+                   device="meta")
+        menu.means = nn.Parameter(means.detach().clone())
+        menu.logits = nn.Parameter(logits.detach().clone())
+        menu.prices = nn.Parameter(prices.detach().clone())
+        menu.std = std.detach().clone()
+        return menu
+
+    def support_locations(self) -> Tensor:
+        """μ = a + b·sigmoid(10·M): ``[J, D, m]``."""
+        return self.loc_offset + self.loc_scale * torch.sigmoid(self.means * 10)
+
+    def draw_noise(self, generator: torch.Generator | None = None) -> Tensor:
+        """Fresh ε ``[J, D, m]`` ~ N(0, I)."""
+        return torch.randn(self.means.shape, generator=generator, device=self.means.device,
+                           dtype=self.means.dtype)
+
+    def mixture_weights(self, mix_temp: float | Tensor) -> Tensor:
+        """softmax_d(τ·w_j): ``[J, D]``."""
+        return torch.softmax(mix_temp * self.logits, dim=1)
+
+    @torch.no_grad()
+    def mean_support_location(self, mix_temp: float | Tensor) -> float:
+        """mean_j Σ_d softmax(τ·w_j)_d · mean_i μ_jd,i — the statistic of the λ reset rule."""
+        per_point = self.support_locations().mean(dim=-1)  # (J, D)
+        return float((self.mixture_weights(mix_temp) * per_point).sum(dim=-1).mean())
+
+    def lotteries(
+        self,
+        flow: VelocityField,
+        mix_temp: float | Tensor,
+        *,
+        eps: Tensor | None = None,
+        n_steps: int = 5,
+        path: IntegratorPath = "fast",
+        generator: torch.Generator | None = None,
+        exact_density_grad: bool = False,
+    ) -> Lotteries:
+        """Push every support point through the flow: bundles and their probabilities.
+
+        Both paths give the same forward values. ``path`` picks the integrator (see
+        :func:`bundleflow.flow.integrate`).
+
+        ``exact_density_grad``: by default log N(z0; μ, σ) is differentiated through both
+        z0 and μ, as the public code does. Mathematically that gradient is zero, but with σ
+        as small as e^−34 the two huge terms cancel only up to rounding and swamp part of
+        the trace-term gradient (≈1.1% of the largest entry of ∂/∂M on the recorded
+        fixture). ``True`` differentiates through a detached z0 − μ instead: the same
+        forward values and the exact gradient (checked against float64 in the tests).
+        """
+        if eps is None:
+            eps = self.draw_noise(generator)
+        J, D, m = self.means.shape
+        mu = self.support_locations()
+        z0 = mu + eps * self.std  # reparameterised, as Normal.rsample
+        diff = (z0 - mu).detach() if exact_density_grad else z0 - mu
+        log_p0 = log_normal_of_offset(diff, self.std).sum(dim=-1)  # (J, D)
+        log_mix = torch.log(self.mixture_weights(mix_temp) + MIXTURE_EPS)  # (J, D)
+        flowed = integrate(flow, z0.reshape(J * D, m), n_steps, path=path)
+        log_det = flowed.log_det.reshape(J, D)
+        int_sigma = flowed.int_sigma
+        if int_sigma.dim() > 0:
+            int_sigma = int_sigma.reshape(J, D)
+        ell = (log_p0 + log_mix) - log_det
+        alpha = torch.exp(ell - torch.logsumexp(ell, dim=-1, keepdim=True))
+        z_n = flowed.z_n.reshape(J, D, m)
+        return Lotteries(
+            mu=mu,
+            z0=z0,
+            log_p0=log_p0,
+            log_mix=log_mix,
+            q=flowed.q.reshape(J, D, m),
+            int_sigma=int_sigma,
+            log_det=log_det,
+            ell=ell,
+            alpha=alpha,
+            z_n=z_n,
+            bundles=round_bundles(z_n),
+        )
+
+    def utilities(self, lotteries: Lotteries, valuations: Tensor, **oracle_kw) -> Tensor:
+        """u ``[B, J]`` of every element for ``valuations`` (XOR ``[B, K, m+1]`` or additive ``[B, m]``)."""
+        return lottery_utilities(lotteries.bundles, lotteries.alpha, self.prices, valuations,
+                                 **oracle_kw)
+
+
+def lottery_utilities(
+    bundles: Tensor, alpha: Tensor, prices: Tensor, valuations: Tensor, **oracle_kw
+) -> Tensor:
+    """u_j(v) = Σ_d α_jd v(S_jd) − p_j for bundles ``[J, D, m]``, α ``[J, D]``, p ``[J]``.
+
+    XOR valuations ``[B, K, m+1]`` go through the value oracle on all J·D bundles;
+    additive ones ``[B, m]`` use v·(Σ_d α_jd S_jd), one ``[B, m] @ [m, J]`` product.
+    """
+    J, D, m = bundles.shape
+    if valuations.dim() == 2:
+        expected_bundle = (alpha.unsqueeze(-1) * bundles).sum(dim=1)  # (J, m)
+        return valuations @ expected_bundle.T - prices  # (B, m) @ (m, J) -> (B, J)
+    values = bundle_values(valuations, bundles.reshape(J * D, m), **oracle_kw)  # (B, J·D)
+    values = values.view(-1, J, D).to(alpha.dtype)
+    return (values * alpha).sum(dim=-1) - prices  # (B, J)
