@@ -100,7 +100,7 @@ class FrozenMechanism:
 
     @torch.no_grad()
     def utilities(self, valuations: Tensor, **oracle_kw) -> Tensor:
-        """u ``[B, J]`` for valuations in the user's units (XOR ``[B, K, m+1]`` or additive ``[B, m]``)."""
+        """u ``[B, J]`` in the user's units (XOR ``[B, K, m+1]`` or additive ``[B, m]`` input)."""
         bundles = self.bundles.to(self.alpha.dtype)
         return lottery_utilities(bundles, self.alpha, self.prices, valuations, **oracle_kw)
 

@@ -107,8 +107,14 @@ class Menu(nn.Module):
     ) -> Menu:
         """A menu holding copies of given tensors (e.g. the reference's menu parameters)."""
         menu_size, support_size, n_items = means.shape
-        menu = cls(n_items, menu_size, support_size, loc_offset=loc_offset, loc_scale=loc_scale,
-                   device="meta")
+        menu = cls(
+            n_items,
+            menu_size,
+            support_size,
+            loc_offset=loc_offset,
+            loc_scale=loc_scale,
+            device="meta",
+        )
         menu.means = nn.Parameter(means.detach().clone())
         menu.logits = nn.Parameter(logits.detach().clone())
         menu.prices = nn.Parameter(prices.detach().clone())
@@ -121,8 +127,9 @@ class Menu(nn.Module):
 
     def draw_noise(self, generator: torch.Generator | None = None) -> Tensor:
         """Fresh ε ``[J, D, m]`` ~ N(0, I)."""
-        return torch.randn(self.means.shape, generator=generator, device=self.means.device,
-                           dtype=self.means.dtype)
+        return torch.randn(
+            self.means.shape, generator=generator, device=self.means.device, dtype=self.means.dtype
+        )
 
     def mixture_weights(self, mix_temp: float | Tensor) -> Tensor:
         """softmax_d(τ·w_j): ``[J, D]``."""
@@ -188,9 +195,10 @@ class Menu(nn.Module):
         )
 
     def utilities(self, lotteries: Lotteries, valuations: Tensor, **oracle_kw) -> Tensor:
-        """u ``[B, J]`` of every element for ``valuations`` (XOR ``[B, K, m+1]`` or additive ``[B, m]``)."""
-        return lottery_utilities(lotteries.bundles, lotteries.alpha, self.prices, valuations,
-                                 **oracle_kw)
+        """u ``[B, J]`` for XOR ``[B, K, m+1]`` or additive ``[B, m]`` valuations."""
+        return lottery_utilities(
+            lotteries.bundles, lotteries.alpha, self.prices, valuations, **oracle_kw
+        )
 
 
 def lottery_utilities(

@@ -93,9 +93,7 @@ def test_exact_density_gradient_is_the_float64_gradient(reference_pass):
     _, faithful, *_ = _run(ref, "fast", exact_density_grad=False)
     std64 = ref["menu.initial_std"].double()
     eps64 = (ref["z0"].double() - ref["mu"].double()) / std64
-    _, truth, lot64, *_ = _run(
-        ref, "fast", exact_density_grad=True, dtype=torch.float64, eps=eps64
-    )
+    _, truth, lot64, *_ = _run(ref, "fast", exact_density_grad=True, dtype=torch.float64, eps=eps64)
     # the same loss as recorded, up to float32 rounding of ℓ ≈ 900 (ulp 6e-5)
     assert _rel(lot64.alpha, ref["alpha"]) < 2e-4
     # float32 rounding of ℓ ≈ 900 (ulp 6e-5) alone moves ∂/∂M by ≈ 6e-4 relative ...
@@ -117,3 +115,14 @@ def test_reference_flow_file_round_trip(reference_pass, tmp_path):
     z0 = reference_pass["z0"].reshape(-1, 50)
     fast = integrate(flow, z0, 5, path="fast", enable_grad=False)
     assert torch.allclose(fast.q, reference_pass["Q"].reshape(-1, 50))
+
+
+def test_initial_mass_concentrates_on_one_support_point(reference_pass):
+    """With the released flow ≈ 89% of fresh elements put > 99% of their mass on one point."""
+    flow = _flow(reference_pass)
+    gen = torch.Generator().manual_seed(0)
+    menu = Menu(50, 2000, 8, generator=gen)
+    with torch.no_grad():
+        lot = menu.lotteries(flow, 1e-3, generator=gen)
+    share = float((lot.alpha.max(dim=1).values > 0.99).float().mean())
+    assert 0.85 < share < 0.95

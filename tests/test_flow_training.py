@@ -1,0 +1,67 @@
+"""Stage 1 on a tiny problem: the loss falls and the flow rounds like 1[z ≥ 0.5]."""
+
+from __future__ import annotations
+
+import torch
+
+from bundleflow.flow import (
+    MixtureNoise,
+    VelocityField,
+    flow_pairs,
+    integrate,
+    rectified_flow_loss,
+    round_bundles,
+    train_flow,
+)
+
+
+def test_mixture_means_are_saved_with_the_flow_state():
+    noise = MixtureNoise(5, generator=torch.Generator().manual_seed(0))
+    assert noise.means.shape == (3, 5)
+    assert bool(((noise.means > 0.45 + 0.05) & (noise.means < 0.45 + 0.1 * 0.7311)).all())
+    other = MixtureNoise(5, generator=torch.Generator().manual_seed(1))
+    other.load_state_dict(noise.state_dict())
+    assert torch.equal(other.means, noise.means)
+
+
+def test_pairs_target_the_rounded_corner():
+    noise = MixtureNoise(6, generator=torch.Generator().manual_seed(0))
+    z0, z1 = flow_pairs(noise, 20000, generator=torch.Generator().manual_seed(1))
+    corner = (z0 >= 0.5).float()
+    assert abs(float((z1 - corner).std()) - 0.1) < 0.005
+    assert abs(float((z0 - noise.means.mean(0)).std()) - 0.05) < 0.03  # e^-3 ≈ 0.0498 + spread
+
+
+def test_loss_formula_with_a_constant_field():
+    """Q ≡ 0.3, σ ≡ 1 makes v = 0.3·z_t; the loss is mean ||(z1 − z0) − 0.3 z_t||²."""
+    field = VelocityField(2, hidden=4)
+    with torch.no_grad():
+        for layer in (field.fc1, field.fc2, field.fct1):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        field.fc3.weight.zero_()
+        field.fc3.bias.fill_(0.3)
+        field.fct2.weight.zero_()
+        field.fct2.bias.fill_(1.0)
+    z0 = torch.tensor([[1.0, 2.0], [0.5, 0.0]])
+    z1 = torch.tensor([[2.0, 2.0], [0.5, 1.0]])
+    t = torch.tensor([[0.5], [0.0]])
+    # row 1: z_t = (1.5, 2), residual (1, 0) − (0.45, 0.6) → 0.55² + 0.6² = 0.6625
+    # row 2: z_t = (0.5, 0), residual (0, 1) − (0.15, 0)  → 0.15² + 1   = 1.0225
+    assert torch.isclose(rectified_flow_loss(field, z0, z1, t), torch.tensor(0.8425))
+
+
+def test_training_lowers_loss_and_learns_rounding():
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    field = VelocityField(4, hidden=64)
+    noise = MixtureNoise(4, generator=gen)
+    losses = train_flow(field, noise, steps=1500, batch_size=256, generator=gen)
+    assert len(losses) == 1500
+    first, last = sum(losses[:20]) / 20, sum(losses[-50:]) / 50
+    assert last < 0.6 * first
+    held_out = noise.sample(4000, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        bundles = round_bundles(integrate(field, held_out, 5).z_n)
+    agreement = float((bundles == (held_out >= 0.5).float()).float().mean())
+    assert agreement > 0.95

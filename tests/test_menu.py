@@ -1,0 +1,103 @@
+"""Menu parameterisation, gradients, integrator paths and persistence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bundleflow.flow import VelocityField, default_hidden_sizes, integrate
+from bundleflow.menu import Menu, freeze_flow
+from bundleflow.revenue import soft_revenue
+
+
+def tiny_setup(seed: int = 0, m: int = 5, J: int = 6, D: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    flow = freeze_flow(VelocityField(m, hidden=16))
+    menu = Menu(m, J, D, generator=gen)
+    vals = torch.zeros(4, 2, m + 1)
+    vals[:, 0, :m] = (torch.rand(4, m, generator=gen) < 0.4).float()
+    vals[:, 0, m] = 2.0 + torch.rand(4, generator=gen)
+    vals[:, 1, :m] = 1.0
+    vals[:, 1, m] = 3.5
+    return flow, menu, vals, gen
+
+
+def test_widths_follow_the_reference():
+    assert default_hidden_sizes(50) == (128, 128)
+    assert default_hidden_sizes(100) == (128, 128)
+    assert default_hidden_sizes(101) == (256, 512)
+    wide = VelocityField(150)
+    assert (wide.fc1.out_features, wide.fc2.out_features, wide.fct1.out_features) == (256, 512, 256)
+
+
+def test_gradients_reach_means_logits_prices_not_the_flow():
+    flow, menu, vals, gen = tiny_setup()
+    lot = menu.lotteries(flow, 0.3, generator=gen)
+    loss = -soft_revenue(menu.utilities(lot, vals), menu.prices, 0.5)
+    loss.backward()
+    for name in ("means", "logits", "prices"):
+        grad = getattr(menu, name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in flow.parameters())
+    assert not lot.bundles.requires_grad and not lot.z_n.requires_grad
+
+
+def test_enable_grad_switch():
+    flow, menu, _, gen = tiny_setup()
+    z0 = menu.support_locations().reshape(-1, 5)
+    on = integrate(flow, z0, 5, enable_grad=True)
+    off = integrate(flow, z0, 5, enable_grad=False)
+    assert on.log_det.requires_grad
+    assert not off.log_det.requires_grad and not off.q.requires_grad
+    with pytest.raises(RuntimeError):
+        off.log_det.sum().backward()
+    assert torch.equal(on.z_n, off.z_n)
+
+
+@pytest.mark.parametrize("n_steps", [1, 5, 20])
+def test_fast_path_equals_reference_path(n_steps):
+    torch.manual_seed(1)
+    flow = VelocityField(7, hidden=32)
+    z0 = 0.05 + 0.9 * torch.rand(200, 7)
+    fast = integrate(flow, z0, n_steps, path="fast")
+    ref = integrate(flow, z0, n_steps, path="reference")
+    assert torch.allclose(fast.z_n, ref.z_n, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(fast.log_det, ref.log_det, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(fast.int_sigma.expand_as(ref.int_sigma), ref.int_sigma)
+
+
+def test_fast_path_closed_form_in_float64():
+    """z_N = z0 Π(1 + Qσ(i/N)/N) against a hand-rolled Euler loop in float64."""
+    torch.manual_seed(2)
+    flow = VelocityField(3, hidden=8).double()
+    z0 = torch.rand(10, 3, dtype=torch.float64)
+    out = integrate(flow, z0, 4, enable_grad=False)
+    z = z0.clone()
+    for i in range(4):
+        t = torch.full((10, 1), i / 4, dtype=torch.float64)
+        z = z + flow(z0, z, t) / 4
+    assert torch.allclose(out.z_n, z, rtol=1e-12, atol=1e-14)
+
+
+def test_sigma_is_persistent_state():
+    _, menu, _, _ = tiny_setup()
+    state = menu.state_dict()
+    assert set(state) == {"means", "logits", "std", "prices"}
+    other = Menu(5, 6, 3)
+    assert not torch.equal(other.std, menu.std)
+    other.load_state_dict(state)
+    assert torch.equal(other.std, menu.std)
+    assert not other.std.requires_grad
+    assert float(menu.std.max()) <= torch.exp(torch.tensor(-4.0)) + 1e-9
+    assert float(menu.std.min()) >= torch.exp(torch.tensor(-34.0)) * (1 - 1e-6)
+
+
+def test_mean_support_location_statistic():
+    _, menu, _, _ = tiny_setup()
+    with torch.no_grad():
+        menu.means.fill_(0.0)  # μ = 0.05 + 0.9 · 0.5 = 0.5 everywhere
+    assert abs(menu.mean_support_location(1.0) - 0.5) < 1e-6
+    with torch.no_grad():
+        menu.means.fill_(10.0)  # μ → 0.95
+    assert abs(menu.mean_support_location(1.0) - 0.95) < 1e-6
