@@ -68,7 +68,7 @@ class VelocityField(nn.Module):
         return self.fct2(torch.tanh(self.fct1(t)))
 
     def forward(self, z0: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
-        """Velocity ``[P, m]`` at ``z_t``, start points ``z0`` (both ``[P, m]``), times ``t [P, 1]``."""
+        """Velocity ``[P, m]`` at ``z_t [P, m]`` from ``z0 [P, m]`` at times ``t [P, 1]``."""
         return self.q(z0) * z_t * self.sigma(t)
 
 
