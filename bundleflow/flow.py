@@ -16,6 +16,7 @@ or with N full network calls exactly as the public code does (``path="reference"
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,8 +24,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from bundleflow import __version__
+from bundleflow.atomic import atomic_path
 from bundleflow.errors import BundleflowError
 
 IntegratorPath = Literal["fast", "reference"]
@@ -278,3 +283,53 @@ def train_flow(
         if on_step is not None:
             on_step(step, loss.detach())
     return [float(x) for x in torch.stack(losses).tolist()] if losses else []
+
+
+# ----------------------------------------------------------------------------- persistence
+
+_FLOW_META_KEY = "bundleflow.flow"
+FLOW_FORMAT = 1
+
+
+def save_flow(
+    path: str | Path, field: VelocityField, noise: MixtureNoise, meta: Mapping | None = None
+) -> None:
+    """Write the flow and its Stage-1 mixture to one safetensors file, atomically."""
+    tensors = {f"field.{k}": v.detach().cpu().contiguous() for k, v in field.state_dict().items()}
+    tensors["noise.means"] = noise.means.detach().cpu().contiguous()
+    header = {
+        "format": FLOW_FORMAT,
+        "package_version": __version__,
+        "n_items": field.n_items,
+        "hidden": field.fc1.out_features,
+        "hidden2": field.fc2.out_features,
+        "noise_log_std": noise.log_std,
+        "meta": dict(meta or {}),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_FLOW_META_KEY: json.dumps(header)})
+
+
+def load_flow(path: str | Path) -> tuple[VelocityField, MixtureNoise, dict]:
+    """Read what :func:`save_flow` wrote: the field, its mixture and the header."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleflowError(f"{path}: flow checkpoint not found; train Stage 1 first")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = json.loads((handle.metadata() or {})[_FLOW_META_KEY])
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
+        raise BundleflowError(
+            f"{path}: not a bundleflow flow file ({type(err).__name__}: {err})"
+        ) from err
+    if header.get("format") != FLOW_FORMAT:
+        raise BundleflowError(f"{path}: flow format {header.get('format')!r} is not supported")
+    field = VelocityField(header["n_items"], header["hidden"], header["hidden2"])
+    field.load_state_dict(
+        {k.removeprefix("field."): v for k, v in tensors.items() if k.startswith("field.")}
+    )
+    means = tensors["noise.means"]
+    noise = MixtureNoise(header["n_items"], means.shape[0], header["noise_log_std"])
+    noise.load_state_dict({"means": means})
+    return field, noise, header

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bundleflow.flow import (
@@ -65,3 +66,20 @@ def test_training_lowers_loss_and_learns_rounding():
         bundles = round_bundles(integrate(field, held_out, 5).z_n)
     agreement = float((bundles == (held_out >= 0.5).float()).float().mean())
     assert agreement > 0.95
+
+
+def test_flow_and_mixture_save_load(tmp_path):
+    from bundleflow.errors import BundleflowError
+    from bundleflow.flow import load_flow, save_flow
+
+    field = VelocityField(150)  # wide: h=256, h'=512 must survive the round trip
+    noise = MixtureNoise(150, generator=torch.Generator().manual_seed(4))
+    save_flow(tmp_path / "flow.safetensors", field, noise, meta={"steps": 3})
+    back, back_noise, header = load_flow(tmp_path / "flow.safetensors")
+    assert header["meta"] == {"steps": 3}
+    assert torch.equal(back_noise.means, noise.means)
+    z0 = torch.rand(7, 150)
+    assert torch.equal(back.q(z0), field.q(z0))
+    assert (back.fc2.in_features, back.fc2.out_features) == (256, 512)
+    with pytest.raises(BundleflowError, match="not found"):
+        load_flow(tmp_path / "nope.safetensors")

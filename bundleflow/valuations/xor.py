@@ -17,9 +17,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Elements of the (B·K, A) inclusion matrix materialised per chunk. 2**25 keeps the peak
-# of one chunk (mask + values, fp32) near 256 MiB, small next to any GPU and fine on a laptop.
-DEFAULT_CHUNK_ELEMENTS = 2**25
+# Elements of the (B·K, A) inclusion matrix materialised per chunk. On CPU a chunk that
+# stays in cache (2**20 fp32 = 4 MiB) is ≈ 4x faster than one big pass (measured at
+# B·K = 768, A = 40,000: 30 ms vs 136 ms); on a GPU big chunks keep kernels few, and 2**27
+# elements (512 MiB fp32) is small next to its memory.
+CPU_CHUNK_ELEMENTS = 2**20
+GPU_CHUNK_ELEMENTS = 2**27
+
+
+def default_chunk_elements(device: torch.device) -> int:
+    return GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
 
 
 def atoms_and_values(valuations: Tensor) -> tuple[Tensor, Tensor]:
@@ -37,7 +44,7 @@ def xor_bundle_values(
     valuations: Tensor,
     bundles: Tensor,
     *,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     inclusion_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Value of every bundle to every XOR valuation.
@@ -45,7 +52,8 @@ def xor_bundle_values(
     Args:
         valuations: ``[B, K, m+1]`` XOR valuations (reference layout, zero-row padding).
         bundles: ``[A, m]`` 0/1 bundles (any float or bool dtype).
-        chunk_elements: bound on B·K·A_chunk, the inclusion matrix built at once.
+        chunk_elements: bound on B·K·A_chunk, the inclusion matrix built at once;
+            default by device (:func:`default_chunk_elements`).
         inclusion_dtype: dtype of the inclusion product; default bf16 on CUDA, else fp32.
 
     Returns:
@@ -66,14 +74,16 @@ def xor_bundle_values(
     values_col = values.reshape(n_val * n_atoms, 1)  # (B·K, 1)
     missing_items = (1 - bundles.to(dtype)).T  # (m, A): 1 where S lacks the item
     out = valuations.new_empty(n_val, n_bundles)
+    chunk_elements = chunk_elements or default_chunk_elements(valuations.device)
     chunk = max(1, chunk_elements // max(1, n_val * n_atoms))
-    zero = values_col.new_zeros(())
     for start in range(0, n_bundles, chunk):  # chunks bound memory; not a loop over bundles
         stop = min(start + chunk, n_bundles)
         # (B·K, m) @ (m, A_c) -> (B·K, A_c): number of atom items the bundle lacks
         missing = atoms_2d @ missing_items[:, start:stop]
-        fits = missing == 0
-        atom_vals = torch.where(fits, values_col, zero)  # (B·K, A_c)
+        if missing.dtype == values_col.dtype:  # reuse the buffer: 1[fits] · b_k in place
+            atom_vals = missing.eq_(0).mul_(values_col)
+        else:  # never multiply values in low precision
+            atom_vals = (missing == 0).to(values_col.dtype).mul_(values_col)
         out[:, start:stop] = atom_vals.view(n_val, n_atoms, stop - start).amax(dim=1)
     return out
 
