@@ -1,0 +1,900 @@
+"""Valuation data on disk: our format, the reference ``.pt`` layout, CATS text files, a cache.
+
+Our format is a safetensors file holding one float32 tensor ``valuations`` ``[N, K, m+1]``
+and, under the metadata key ``bundleflow``, a JSON object: format and version, shape,
+the sha256 of the tensor bytes (the file's data section: C order, little-endian float32),
+the generator settings and seed (enough to regenerate the set bit for bit) and the
+train/val/test split. Files are written atomically (temporary file, fsync, rename): a
+reader sees the old file or the new one, never half of one.
+
+Safetensors is written and read here directly (an 8-byte header length, a JSON header,
+the raw data) so that neither writing nor checking needs numpy; the files are ordinary
+safetensors files that any safetensors reader opens.
+
+Every load is validated (:func:`validate_xor`); every problem a user can cause raises
+:class:`~bundleflow.errors.BundleflowError` naming the file (and line, for text files)
+and the fix.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import shlex
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from loguru import logger
+from torch import Tensor
+
+from bundleflow import __version__
+from bundleflow.errors import BundleflowError
+from bundleflow.valuations import cats
+
+FORMAT_NAME = "bundleflow-valuations"
+FORMAT_VERSION = 1
+TENSOR_NAME = "valuations"
+METADATA_KEY = "bundleflow"
+DEFAULT_SPLIT = (0.90, 0.05, 0.05)
+# The reference data's split: first 95% training (validation carved from its end), last 5% test.
+REFERENCE_TRAIN_FRACTION = 0.95
+REFERENCE_VAL_FRACTION_OF_TRAIN = 0.05
+
+# Safetensors limits: the reference implementation refuses headers above 100 MB.
+_MAX_HEADER_BYTES = 100_000_000
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_READ_BLOCK = 1 << 22
+
+
+# ---------------------------------------------------------------------------------------
+# Split
+
+
+@dataclass(frozen=True)
+class Split:
+    """Contiguous train/val/test parts as half-open index ranges ``(start, stop)``."""
+
+    train: tuple[int, int]
+    val: tuple[int, int]
+    test: tuple[int, int]
+    origin: str
+    """``"recorded"`` (from the file's metadata) or ``"reference"`` (the default split)."""
+    fractions: tuple[float, float, float] | None = None
+
+    def to_dict(self) -> dict:
+        out: dict = {"ranges": {"train": list(self.train), "val": list(self.val)}}
+        out["ranges"]["test"] = list(self.test)
+        if self.fractions is not None:
+            out["fractions"] = dict(zip(("train", "val", "test"), self.fractions, strict=True))
+        return out
+
+    def sizes(self) -> dict[str, int]:
+        return {name: b - a for name, (a, b) in self._parts()}
+
+    def _parts(self) -> list[tuple[str, tuple[int, int]]]:
+        return [("train", self.train), ("val", self.val), ("test", self.test)]
+
+
+def _round_half_up(x: float) -> int:
+    # 1e-9 absorbs binary noise such as 0.05 * 20000 = 1000.0000000000001
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def split_from_fractions(n: int, fractions: tuple[float, float, float] = DEFAULT_SPLIT) -> Split:
+    """Train first, then validation, then test; sizes rounded, train takes the remainder."""
+    check_split_fractions(fractions)
+    n_val = _round_half_up(fractions[1] * n)
+    n_test = _round_half_up(fractions[2] * n)
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        raise BundleflowError(
+            f"split {fractions} leaves no training samples out of {n}; generate more samples "
+            "(--n) or lower the validation/test fractions (--split)"
+        )
+    return Split(
+        train=(0, n_train),
+        val=(n_train, n_train + n_val),
+        test=(n_train + n_val, n),
+        origin="recorded",
+        fractions=tuple(float(f) for f in fractions),
+    )
+
+
+def reference_split(n: int) -> Split:
+    """First 95% training (its last 5% for validation), last 5% test."""
+    n_trainval = int(math.floor(REFERENCE_TRAIN_FRACTION * n + 1e-9))
+    n_val = int(math.floor(REFERENCE_VAL_FRACTION_OF_TRAIN * n_trainval + 1e-9))
+    return Split(
+        train=(0, n_trainval - n_val),
+        val=(n_trainval - n_val, n_trainval),
+        test=(n_trainval, n),
+        origin="reference",
+    )
+
+
+def check_split_fractions(fractions: tuple[float, ...]) -> None:
+    if (
+        len(fractions) != 3
+        or any(not math.isfinite(f) or f < 0 for f in fractions)
+        or abs(sum(fractions) - 1.0) > 1e-6
+        or fractions[0] <= 0
+    ):
+        raise BundleflowError(
+            f"split fractions {tuple(fractions)} must be three numbers TRAIN,VAL,TEST ≥ 0 "
+            "summing to 1 with TRAIN > 0, e.g. --split 0.90,0.05,0.05"
+        )
+
+
+def _split_from_metadata(meta: dict, n: int, source: str) -> Split:
+    try:
+        ranges = meta["ranges"]
+        parts = [tuple(int(v) for v in ranges[name]) for name in ("train", "val", "test")]
+        fractions = meta.get("fractions")
+        fr = (
+            None
+            if fractions is None
+            else tuple(float(fractions[k]) for k in ("train", "val", "test"))
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleflowError(
+            f"{source}: the split in the metadata is malformed ({err!r}); re-create the file "
+            "with `bundleflow data convert` or `bundleflow data generate`"
+        ) from None
+    (a0, a1), (b0, b1), (c0, c1) = parts
+    if not (a0 == 0 and a1 == b0 and b1 == c0 and c1 == n and a0 < a1 <= b1 <= c1):
+        raise BundleflowError(
+            f"{source}: the recorded split {parts} does not cover the {n} samples in order; "
+            "re-create the file with `bundleflow data convert`"
+        )
+    return Split(train=parts[0], val=parts[1], test=parts[2], origin="recorded", fractions=fr)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+
+
+def _first_index(mask: Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in mask.nonzero()[0])
+
+
+def validate_xor(tensor: object, source: str | os.PathLike, n_items: int | None = None) -> Tensor:
+    """Check XOR valuations ``[N, K, m+1]`` and return them as contiguous float32 on the CPU.
+
+    Raises :class:`BundleflowError` naming ``source`` for: not a tensor, wrong rank or
+    shape, an empty set, m different from ``n_items``, NaN/inf, bundle columns other than
+    0/1, negative values, a value on an empty bundle, a valuation without any atom.
+    """
+    where = str(source)
+    layout = "the reference layout is a tensor [N, K, m+1]: 0/1 item columns, value last"
+    if not isinstance(tensor, Tensor):
+        raise BundleflowError(
+            f"{where}: expected a tensor, found {type(tensor).__name__}; {layout}"
+        )
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise BundleflowError(f"{where}: unsupported dtype {tensor.dtype}; {layout}")
+    if tensor.dim() != 3:
+        raise BundleflowError(
+            f"{where}: expected rank 3 [N, K, m+1], found shape {tuple(tensor.shape)}; {layout}"
+        )
+    n, k, width = tensor.shape
+    if n == 0:
+        raise BundleflowError(f"{where}: the data set is empty (0 valuations); {layout}")
+    if k == 0 or width < 2:
+        raise BundleflowError(
+            f"{where}: shape {tuple(tensor.shape)} has no room for atoms (need K ≥ 1 and "
+            f"m+1 ≥ 2); {layout}"
+        )
+    if n_items is not None and width - 1 != n_items:
+        raise BundleflowError(
+            f"{where}: the data has m={width - 1} items but this run uses m={n_items}; use "
+            f"data with {n_items} items (`bundleflow data generate --items {n_items}`) or set "
+            f"the run's number of items to {width - 1}"
+        )
+    t = tensor.detach().to("cpu", torch.float32).contiguous()
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        i, j, c = _first_index(~finite)
+        raise BundleflowError(
+            f"{where}: non-finite number {float(t[i, j, c])} at valuation {i}, atom {j}, "
+            f"column {c}; fix or drop that valuation"
+        )
+    items, values = t[..., :-1], t[..., -1]
+    not_binary = (items != 0) & (items != 1)
+    if bool(not_binary.any()):
+        i, j, c = _first_index(not_binary)
+        raise BundleflowError(
+            f"{where}: bundle column {c} of valuation {i}, atom {j} is {float(items[i, j, c])}; "
+            "item columns must be 0 or 1 (is the value column last?)"
+        )
+    if bool((values < 0).any()):
+        i, j = _first_index(values < 0)
+        raise BundleflowError(
+            f"{where}: negative value {float(values[i, j])} at valuation {i}, atom {j}; "
+            "values must be ≥ 0"
+        )
+    is_atom = items.sum(-1) > 0
+    empty_with_value = ~is_atom & (values != 0)
+    if bool(empty_with_value.any()):
+        i, j = _first_index(empty_with_value)
+        raise BundleflowError(
+            f"{where}: valuation {i}, atom {j} has value {float(values[i, j])} on an empty "
+            "bundle; padding rows must be all zero"
+        )
+    no_atoms = ~is_atom.any(-1)
+    if bool(no_atoms.any()):
+        (i,) = _first_index(no_atoms)
+        raise BundleflowError(
+            f"{where}: valuation {i} has no atoms (every row is zero padding); drop it or "
+            "check that the file holds XOR valuations"
+        )
+    return t
+
+
+# ---------------------------------------------------------------------------------------
+# Safetensors, written and read by hand (no numpy needed)
+
+
+def _tensor_buffer(t: Tensor) -> ctypes.Array:
+    """A zero-copy buffer over a contiguous CPU tensor's bytes; keep ``t`` alive meanwhile."""
+    if sys.byteorder != "little":  # safetensors is little-endian
+        raise BundleflowError("writing data sets is only supported on little-endian machines")
+    nbytes = t.numel() * t.element_size()
+    return (ctypes.c_char * nbytes).from_address(t.data_ptr())
+
+
+def tensor_sha256(t: Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (contiguous, little-endian)."""
+    t = t.contiguous()
+    return hashlib.sha256(_tensor_buffer(t)).hexdigest()
+
+
+def _safetensors_header(t: Tensor, metadata: dict[str, str]) -> bytes:
+    nbytes = t.numel() * t.element_size()
+    header = {
+        "__metadata__": metadata,
+        TENSOR_NAME: {"dtype": "F32", "shape": list(t.shape), "data_offsets": [0, nbytes]},
+    }
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write via a temporary file in the same directory, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def save_dataset(path: str | os.PathLike, valuations: Tensor, metadata: dict) -> Path:
+    """Write ``[N, K, m+1]`` valuations atomically.
+
+    ``.safetensors``: our format, with ``metadata`` plus format, shape and sha256 added.
+    ``.pt``: the reference layout, the bare tensor only (``torch.save``); metadata is lost.
+    """
+    path = Path(path)
+    t = validate_xor(valuations, path)
+    suffix = path.suffix.lower()
+    if suffix == ".pt":
+        _atomic_write(path, lambda f: torch.save(t, f))
+        return path
+    if suffix != ".safetensors":
+        raise BundleflowError(
+            f"{path}: unknown output format {suffix or '(no suffix)'}; name the file "
+            "*.safetensors (bundleflow format, keeps settings and split) or *.pt (bare tensor)"
+        )
+    meta = dict(metadata)
+    meta.update(
+        format=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        shape=list(t.shape),
+        dtype="float32",
+        sha256=tensor_sha256(t),
+    )
+    header = _safetensors_header(t, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    buffer = _tensor_buffer(t)
+
+    def write(f: BinaryIO) -> None:
+        f.write(header)
+        f.write(buffer)
+
+    _atomic_write(path, write)
+    return path
+
+
+def _read_safetensors(f: BinaryIO, size: int, source: str) -> tuple[Tensor, dict | None]:
+    fix = "the file is truncated or corrupt; regenerate or re-download it"
+    head = f.read(8)
+    if len(head) < 8:
+        raise BundleflowError(f"{source}: shorter than a safetensors header (8 bytes); {fix}")
+    header_len = int.from_bytes(head, "little")
+    if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
+        raise BundleflowError(
+            f"{source}: safetensors header claims {header_len} bytes but the file has {size}; {fix}"
+        )
+    try:
+        header = json.loads(f.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleflowError(f"{source}: unreadable safetensors header ({err}); {fix}") from None
+    if not isinstance(header, dict):
+        raise BundleflowError(f"{source}: the safetensors header is not a JSON object; {fix}")
+    raw_meta = header.pop("__metadata__", None) or {}
+    if TENSOR_NAME in header:
+        name = TENSOR_NAME
+    elif len(header) == 1:
+        name = next(iter(header))
+    else:
+        raise BundleflowError(
+            f"{source}: expected one tensor named {TENSOR_NAME!r}, found {sorted(header)}; "
+            f"save the valuations as {TENSOR_NAME!r}"
+        )
+    info = header[name]
+    try:
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        shape = [int(s) for s in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleflowError(
+            f"{source}: tensor {name!r} has an unsupported or malformed entry ({err!r}); "
+            "save the valuations as float32"
+        ) from None
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if end - begin != math.prod(shape) * itemsize or begin < 0:
+        raise BundleflowError(f"{source}: tensor {name!r} offsets do not match its shape; {fix}")
+    data_start = 8 + header_len
+    if data_start + end > size:
+        raise BundleflowError(
+            f"{source}: truncated: {size} bytes, but the header needs {data_start + end}; {fix}"
+        )
+    meta = None
+    if METADATA_KEY in raw_meta:
+        try:
+            meta = json.loads(raw_meta[METADATA_KEY])
+        except (TypeError, json.JSONDecodeError) as err:
+            raise BundleflowError(
+                f"{source}: unreadable bundleflow metadata ({err}); {fix}"
+            ) from None
+    f.seek(data_start + begin)
+    data = bytearray(end - begin)
+    view = memoryview(data)
+    digest = hashlib.sha256()
+    got = 0
+    while got < len(data):
+        n = f.readinto(view[got : got + _READ_BLOCK])
+        if not n:
+            raise BundleflowError(f"{source}: truncated while reading the data; {fix}")
+        digest.update(view[got : got + n])
+        got += n
+    if meta is not None and meta.get("sha256") and meta["sha256"] != digest.hexdigest():
+        raise BundleflowError(
+            f"{source}: checksum mismatch (the data is corrupt: sha256 {digest.hexdigest()[:12]}… "
+            f"≠ recorded {str(meta['sha256'])[:12]}…); regenerate it"
+            + (f" with `{meta['regenerate']}`" if meta.get("regenerate") else "")
+        )
+    tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+    tensor = tensor.reshape(shape)
+    if meta is not None and "shape" in meta and list(meta["shape"]) != shape:
+        raise BundleflowError(
+            f"{source}: metadata shape {meta['shape']} ≠ tensor shape {shape}; {fix}"
+        )
+    return tensor, meta
+
+
+# ---------------------------------------------------------------------------------------
+# The reference .pt layout and the zip it is published in
+
+
+def _unwrap_loaded(obj: object, source: str) -> Tensor:
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor) and v.dim() == 3}
+        if len(tensors) == 1:
+            return next(iter(tensors.values()))
+        raise BundleflowError(
+            f"{source}: a dict with keys {sorted(map(str, obj))[:10]}, expected one tensor "
+            "[N, K, m+1]; save the tensor alone with torch.save(tensor, path)"
+        )
+    if isinstance(obj, list | tuple) and len(obj) == 1 and isinstance(obj[0], Tensor):
+        return obj[0]
+    raise BundleflowError(
+        f"{source}: holds a {type(obj).__name__}, expected a tensor [N, K, m+1]; save the "
+        "tensor alone with torch.save(tensor, path)"
+    )
+
+
+def _read_torch(f: BinaryIO | str | os.PathLike, source: str) -> Tensor:
+    try:
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+            raise BundleflowError(
+                f"{source}: loading it would need pickled Python code, which bundleflow refuses "
+                "(a pickle can run arbitrary code); re-save only the tensor "
+                "(torch.save(tensor, path)) or convert it on a trusted machine with "
+                "`bundleflow data convert`"
+            ) from None
+        raise BundleflowError(
+            f"{source}: not a readable torch file ({err}); re-download it"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BundleflowError(
+            f"{source}: not a readable torch file, truncated or corrupt ({message}); "
+            "re-download or regenerate it"
+        ) from None
+    return _unwrap_loaded(obj, source)
+
+
+def _is_torch_archive(names: list[str]) -> bool:
+    return any(n.endswith("/data.pkl") or n == "data.pkl" for n in names)
+
+
+def _read_zip(path: Path, source: str) -> tuple[Tensor, dict | None]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if _is_torch_archive(names):  # a torch.save file (itself a zip)
+                return _read_torch(path, source), None
+            inner = [
+                n
+                for n in names
+                if n.lower().endswith((".pt", ".pth", ".safetensors")) and "__MACOSX" not in n
+            ]
+            if len(inner) != 1:
+                raise BundleflowError(
+                    f"{source}: expected exactly one .pt or .safetensors file in the zip, found "
+                    f"{inner or 'none'}; unzip it and pass the data file itself"
+                )
+            data = archive.read(inner[0])
+    except zipfile.BadZipFile as err:
+        raise BundleflowError(
+            f"{source}: not a readable zip, truncated or corrupt ({err}); re-download it"
+        ) from None
+    inner_source = f"{source}:{inner[0]}"
+    if not data:
+        raise BundleflowError(f"{inner_source}: the file is empty; re-download the zip")
+    if inner[0].lower().endswith(".safetensors"):
+        return _read_safetensors(io.BytesIO(data), len(data), inner_source)
+    return _read_torch(io.BytesIO(data), inner_source), None
+
+
+# ---------------------------------------------------------------------------------------
+# CATS text files
+
+
+@dataclass(frozen=True)
+class CatsText:
+    """A parsed CATS output file. ``bidders[b]`` is a list of (value, goods) in file order,
+    dummy goods removed; bids sharing a dummy good are one bidder (an XOR group)."""
+
+    goods: int
+    bids: int
+    dummy: int
+    bid_lines: int
+    bidders: list[list[tuple[float, tuple[int, ...]]]] = field(repr=False)
+
+    def to_tensor(self) -> Tensor:
+        """``[bidders, max atoms, goods + 1]`` float32, zero rows pad."""
+        k = max(len(b) for b in self.bidders)
+        out = torch.zeros(len(self.bidders), k, self.goods + 1)
+        for i, bidder in enumerate(self.bidders):
+            for j, (value, goods) in enumerate(bidder):
+                out[i, j, list(goods)] = 1.0
+                out[i, j, -1] = value
+        return out
+
+
+def read_cats_text(path: str | os.PathLike) -> CatsText:
+    """Parse a CATS output file (format in ``shared/spec/cats.md``); errors name the line."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise BundleflowError(
+            f"{path}: not a text file and not a recognised data file (bundleflow .safetensors, "
+            "torch .pt, a .zip holding one, or CATS text output)"
+        ) from None
+    except OSError as err:
+        raise BundleflowError(f"{path}: cannot read ({err.strerror})") from None
+    header: dict[str, int] = {}
+    groups: dict[int, int] = {}  # dummy good -> bidder index
+    bidders: list[list[tuple[float, tuple[int, ...]]]] = []
+    bid_lines = 0
+    last_line = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        last_line = lineno
+        stripped = line.strip()
+        if not stripped or stripped.startswith("%"):
+            continue
+        tokens = stripped.split()
+        where = f"{path}:{lineno}"
+        if tokens[0] in ("goods", "bids", "dummy"):
+            if bid_lines:
+                raise BundleflowError(f"{where}: header line {tokens[0]!r} after the first bid")
+            if len(tokens) != 2 or not tokens[1].isdigit():
+                raise BundleflowError(
+                    f"{where}: malformed header line {stripped!r}; expected '{tokens[0]} <count>'"
+                )
+            header[tokens[0]] = int(tokens[1])
+            continue
+        if "goods" not in header or "bids" not in header:
+            raise BundleflowError(
+                f"{where}: {stripped[:40]!r} before the 'goods G' and 'bids N' header lines; "
+                "is this a CATS output file?"
+            )
+        goods, n_dummy = header["goods"], header.get("dummy", 0)
+        if tokens[-1] != "#":
+            raise BundleflowError(
+                f"{where}: a bid line must end with '#' (the file may be truncated); "
+                "expected 'bid_id amount good good ... #'"
+            )
+        if len(tokens) < 4:
+            raise BundleflowError(f"{where}: a bid needs an id, an amount and at least one good")
+        try:
+            bid_id = int(tokens[0])
+            amount = float(tokens[1])
+            items = [int(tok) for tok in tokens[2:-1]]
+        except ValueError:
+            raise BundleflowError(
+                f"{where}: non-numeric field in {stripped[:60]!r}; expected "
+                "'bid_id amount good good ... #'"
+            ) from None
+        if bid_id != bid_lines:
+            raise BundleflowError(
+                f"{where}: bid id {bid_id}, expected {bid_lines} (ids count from 0)"
+            )
+        if not math.isfinite(amount) or amount < 0:
+            raise BundleflowError(f"{where}: bid amount {tokens[1]} must be a finite number ≥ 0")
+        bad = [g for g in items if g < 0 or g >= goods + n_dummy]
+        if bad:
+            raise BundleflowError(
+                f"{where}: good {bad[0]} out of range; goods are 0..{goods - 1} and dummy goods "
+                f"{goods}..{goods + n_dummy - 1}"
+            )
+        if len(set(items)) != len(items):
+            raise BundleflowError(f"{where}: a good appears twice in one bid")
+        real = tuple(g for g in items if g < goods)
+        dummies = [g for g in items if g >= goods]
+        if not real:
+            raise BundleflowError(f"{where}: the bid has no real goods (only dummy goods)")
+        if len(dummies) > 1:
+            raise BundleflowError(f"{where}: the bid has {len(dummies)} dummy goods; CATS uses one")
+        if dummies:
+            index = groups.setdefault(dummies[0], len(bidders))
+            if index == len(bidders):
+                bidders.append([])
+        else:
+            index = len(bidders)
+            bidders.append([])
+        bidders[index].append((amount, real))
+        bid_lines += 1
+    missing = [k for k in ("goods", "bids") if k not in header]
+    if missing:
+        raise BundleflowError(
+            f"{path}: no {' / '.join(missing)} header line"
+            + (" (the file is empty)" if not text.strip() else "")
+            + "; expected a CATS output file with 'goods G', 'bids N', 'dummy D' and bid lines"
+        )
+    if bid_lines != header["bids"]:
+        raise BundleflowError(
+            f"{path}:{last_line}: the header announces {header['bids']} bids but the file has "
+            f"{bid_lines} bid lines"
+            + (" (truncated?)" if bid_lines < header["bids"] else "")
+            + "; regenerate the file with CATS"
+        )
+    if not bidders:
+        raise BundleflowError(f"{path}: the file has no bids")
+    return CatsText(
+        goods=header["goods"],
+        bids=header["bids"],
+        dummy=header.get("dummy", 0),
+        bid_lines=bid_lines,
+        bidders=bidders,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Loading any supported file
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Validated valuations with their metadata and split."""
+
+    valuations: Tensor
+    """``[N, K, m+1]`` float32 on the CPU."""
+    metadata: dict
+    split: Split
+    path: Path
+
+    @property
+    def n_items(self) -> int:
+        return self.valuations.shape[2] - 1
+
+    def part(self, name: str) -> Tensor:
+        """``"train"``, ``"val"`` or ``"test"`` valuations."""
+        start, stop = getattr(self.split, name)
+        return self.valuations[start:stop]
+
+
+def _sniff(path: Path) -> str:
+    suffix = path.suffix.lower()
+    known = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".zip": "zip"}
+    if suffix in known:
+        return known[suffix]
+    if suffix in (".txt", ".cats"):
+        return "text"
+    with path.open("rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK":
+        return "zip"
+    if head[:1] == b"\x80":  # a legacy (non-zip) torch pickle
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "text"
+
+
+def read_valuations(path: str | os.PathLike) -> tuple[Tensor, dict | None]:
+    """Raw read of any supported file: the tensor (not yet validated) and its metadata."""
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise BundleflowError(f"{source}: no such file; check the path")
+    if path.is_dir():
+        raise BundleflowError(f"{source}: is a directory; pass a data file")
+    size = path.stat().st_size
+    if size == 0:
+        raise BundleflowError(f"{source}: the file is empty; regenerate or re-download it")
+    kind = _sniff(path)
+    if kind == "safetensors":
+        with path.open("rb") as f:
+            return _read_safetensors(f, size, source)
+    if kind == "torch":
+        return _read_torch(path, source), None
+    if kind == "zip":
+        return _read_zip(path, source)
+    parsed = read_cats_text(path)
+    meta = {
+        "source": {
+            "format": "cats-text",
+            "goods": parsed.goods,
+            "bids": parsed.bids,
+            "dummy": parsed.dummy,
+            "bidders": len(parsed.bidders),
+        }
+    }
+    return parsed.to_tensor(), meta
+
+
+def load_dataset(path: str | os.PathLike, n_items: int | None = None) -> Dataset:
+    """Read, validate and split a data set (ours, reference ``.pt``/zip, or CATS text).
+
+    A file without split metadata gets :func:`reference_split`.
+    """
+    path = Path(path)
+    tensor, meta = read_valuations(path)
+    valuations = validate_xor(tensor, path, n_items=n_items)
+    meta = meta or {}
+    if "split" in meta:
+        split = _split_from_metadata(meta["split"], valuations.shape[0], str(path))
+    else:
+        split = reference_split(valuations.shape[0])
+    return Dataset(valuations=valuations, metadata=meta, split=split, path=path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(_READ_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike) -> Dataset:
+    """Read any supported file and write it as ``.safetensors`` (with split) or ``.pt``."""
+    data = load_dataset(src)
+    meta = {k: v for k, v in data.metadata.items() if k not in ("sha256", "shape", "dtype")}
+    meta["split"] = data.split.to_dict()
+    meta.setdefault("converted_from", {"file": Path(src).name, "sha256": file_sha256(src)})
+    save_dataset(dst, data.valuations, meta)
+    return data
+
+
+# ---------------------------------------------------------------------------------------
+# Generated sets: metadata, regeneration command, cache
+
+
+def generator_settings(
+    dist: str,
+    n_items: int,
+    n: int,
+    seed: int,
+    *,
+    params: cats.CatsParams | None = None,
+    private_values: str = "upv",
+    mode: str = "fresh",
+) -> dict:
+    """Everything that determines the generated numbers (the cache key is its hash)."""
+    params = params or cats.CatsParams()
+    return {
+        "name": "cats",
+        "algorithm_version": cats.ALGORITHM_VERSION,
+        "dist": dist,
+        "values": private_values,
+        "mode": mode,
+        "n_items": n_items,
+        "n": n,
+        "seed": seed,
+        "params": params.to_dict(),
+    }
+
+
+def regenerate_command(settings: dict, split: tuple[float, float, float]) -> str:
+    """The `bundleflow data generate` command that reproduces a set (defaults omitted).
+
+    The output name is left as ``FILE`` so that the file's bytes do not depend on its name.
+    """
+    args = [
+        "bundleflow", "data", "generate",
+        "--dist", settings["dist"], "--items", str(settings["n_items"]),
+        "--n", str(settings["n"]), "--seed", str(settings["seed"]),
+        "--values", settings["values"], "--mode", settings["mode"],
+    ]  # fmt: skip
+    defaults = cats.CatsParams().to_dict()
+    for key, value in settings["params"].items():
+        if value != defaults[key]:
+            args += ["--" + key.replace("_", "-"), repr(value)]
+    if tuple(split) != DEFAULT_SPLIT:
+        args += ["--split", ",".join(repr(f) for f in split)]
+    return shlex.join([*args, "--out", "FILE"])
+
+
+def generate_dataset(
+    out: str | os.PathLike,
+    dist: str,
+    n_items: int,
+    n: int,
+    seed: int,
+    *,
+    params: cats.CatsParams | None = None,
+    private_values: str = "upv",
+    mode: str = "fresh",
+    split: tuple[float, float, float] = DEFAULT_SPLIT,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Generate a CATS set and save it (atomically) with settings, seed, split, checksum."""
+    out = Path(out)
+    if out.suffix.lower() != ".safetensors":
+        raise BundleflowError(
+            f"{out}: generated sets are saved as .safetensors (so they keep their settings, "
+            "seed and split); name the output *.safetensors, then `bundleflow data convert` "
+            "it to .pt if you need the bare tensor"
+        )
+    settings = generator_settings(
+        dist, n_items, n, seed, params=params, private_values=private_values, mode=mode
+    )
+    parts = split_from_fractions(n, split)  # fail on a bad split before generating
+    valuations = cats.generate(
+        dist,
+        n_items,
+        n,
+        seed,
+        params=params,
+        private_values=private_values,
+        mode=mode,
+        workers=workers,
+        progress=progress,
+    )
+    meta = {
+        "generator": settings,
+        "split": parts.to_dict(),
+        "units": "CATS value units (no normalisation)",
+        "bundleflow_version": __version__,
+        "regenerate": regenerate_command(settings, split),
+    }
+    return save_dataset(out, valuations, meta)
+
+
+def default_cache_dir() -> Path:
+    """``$BUNDLEFLOW_CACHE``, else ``~/.cache/bundleflow``."""
+    env = os.environ.get("BUNDLEFLOW_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "bundleflow"
+
+
+def cache_key(settings: dict, split: tuple[float, float, float]) -> str:
+    blob = {"settings": settings, "split": list(split), "format_version": FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def cached_dataset(
+    dist: str,
+    n_items: int,
+    n: int,
+    seed: int,
+    *,
+    params: cats.CatsParams | None = None,
+    private_values: str = "upv",
+    mode: str = "fresh",
+    split: tuple[float, float, float] = DEFAULT_SPLIT,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Path of the generated set for these settings and seed, generating it on first use.
+
+    Files live under ``<cache>/data/`` named by a hash of settings, seed and split, so a
+    training preset can name a set by its settings and the job needs no download. A cached
+    file that fails its checksum is regenerated.
+    """
+    settings = generator_settings(
+        dist, n_items, n, seed, params=params, private_values=private_values, mode=mode
+    )
+    key = cache_key(settings, split)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    name = f"cats-{dist}-{private_values}-{mode}-m{n_items}-n{n}-seed{seed}-{key[:16]}"
+    path = root / "data" / f"{name}.safetensors"
+    if path.exists():
+        try:
+            load_dataset(path, n_items=n_items)
+            logger.debug("cached data set {}", path)
+            return path
+        except BundleflowError as err:
+            logger.warning("cached data set unusable, regenerating it: {}", err)
+    else:
+        logger.info("generating data set {} (cached for later runs)", path)
+    return generate_dataset(
+        path,
+        dist,
+        n_items,
+        n,
+        seed,
+        params=params,
+        private_values=private_values,
+        mode=mode,
+        split=split,
+        workers=workers,
+        progress=progress,
+    )
