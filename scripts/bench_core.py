@@ -21,6 +21,7 @@ import torch
 from bundleflow.flow import VelocityField
 from bundleflow.menu import Menu, freeze_flow
 from bundleflow.revenue import soft_revenue
+from bundleflow.valuations.xor import xor_bundle_values
 
 
 def synthetic_xor(n: int, k: int, m: int, gen: torch.Generator) -> torch.Tensor:
@@ -34,12 +35,21 @@ def synthetic_xor(n: int, k: int, m: int, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
-def step(menu, flow, vals, inv_temp, mix_temp, path, gen):
+def step(menu, flow, vals, inv_temp, mix_temp, path):
+    """One Stage-2 forward+backward. On CUDA the reference path runs under fp16 autocast,
+    as the public code ships; everything else is float32."""
     menu.zero_grad(set_to_none=True)
-    lot = menu.lotteries(flow, mix_temp, path=path, generator=gen)
-    loss = -soft_revenue(menu.utilities(lot, vals), menu.prices, inv_temp)
+    autocast = vals.device.type == "cuda" and path == "reference"
+    with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+        lot = menu.lotteries(flow, mix_temp, path=path)
+        loss = -soft_revenue(menu.utilities(lot, vals), menu.prices, inv_temp)
     loss.backward()
     return loss.detach()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -51,21 +61,26 @@ def main() -> None:
     ap.add_argument("--atoms", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     m = args.items
-    flow = freeze_flow(VelocityField(m))
-    menu = Menu(m, args.menu, args.support, generator=gen)
+    device = torch.device(args.device)
+    if device.type == "cuda":  # float32 means float32: no TF32 in the parity check or timing
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    flow = freeze_flow(VelocityField(m)).to(device)
+    menu = Menu(m, args.menu, args.support, generator=gen).to(device)
     with torch.no_grad():
         menu.prices.mul_(700.0)  # raw CATS-like money
-    vals = synthetic_xor(args.batch, args.atoms, m, gen)
+    vals = synthetic_xor(args.batch, args.atoms, m, gen).to(device)
     inv_temp = mix_temp = 1e-3
 
     # Parity on identical noise before timing.
-    eps = menu.draw_noise(gen)
+    eps = menu.draw_noise()
     grads = {}
     for path in ("fast", "reference"):
         menu.zero_grad(set_to_none=True)
@@ -91,17 +106,35 @@ def main() -> None:
 
     times = {"fast": [], "reference": []}
     for path in times:  # warm-up
-        step(menu, flow, vals, inv_temp, mix_temp, path, gen)
+        for _ in range(3 if device.type == "cuda" else 1):
+            step(menu, flow, vals, inv_temp, mix_temp, path)
+    sync(device)
     for _ in range(args.repeats):  # interleaved, so drift hits both paths alike
         for path in times:
             t0 = time.perf_counter()
-            step(menu, flow, vals, inv_temp, mix_temp, path, gen)
+            step(menu, flow, vals, inv_temp, mix_temp, path)
+            sync(device)
             times[path].append(time.perf_counter() - t0)
     med = {p: statistics.median(t) * 1e3 for p, t in times.items()}
+
+    # The value oracle alone on this step's J·D bundles: default (cache-sized) chunks
+    # against one chunk holding the whole (B·K, J·D) inclusion matrix.
+    bundles = lot.bundles.reshape(-1, m)
+    whole = args.batch * args.atoms * bundles.shape[0]
+    oracle = {"default_chunks": [], "single_chunk": []}
+    for _ in range(args.repeats):
+        for name, chunk in (("default_chunks", None), ("single_chunk", whole)):
+            sync(device)
+            t0 = time.perf_counter()
+            xor_bundle_values(vals, bundles, chunk_elements=chunk)
+            sync(device)
+            oracle[name].append(time.perf_counter() - t0)
+    oracle_ms = {k: round(statistics.median(v) * 1e3, 1) for k, v in oracle.items()}
     result = {
         "shape": {k: getattr(args, k) for k in ("items", "menu", "support", "batch", "atoms")},
-        "device": "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "repeats": args.repeats,
@@ -110,7 +143,15 @@ def main() -> None:
         "max_ms": {p: round(max(t) * 1e3, 1) for p, t in times.items()},
         "ratio_reference_over_fast": round(med["reference"] / med["fast"], 2),
         "parity": parity,
-        "precision": "float32 both paths (CPU)",
+        "oracle_median_ms": oracle_ms,
+        "oracle_ratio_single_over_default": round(
+            oracle_ms["single_chunk"] / oracle_ms["default_chunks"], 2
+        ),
+        "precision": (
+            "fast: float32 (TF32 off), oracle bf16 mask; reference: fp16 autocast"
+            if device.type == "cuda"
+            else "float32 both paths"
+        ),
     }
     print(json.dumps(result, indent=2))
 
