@@ -44,6 +44,7 @@ class FrozenMechanism:
     prices: Tensor
     eps: Tensor
     mix_temp: float
+    inv_temp: float | None = None
     n_steps: int = 5
     money_scale: float = 1.0
     meta: dict[str, Any] = field(default_factory=dict)
@@ -56,6 +57,7 @@ class FrozenMechanism:
         flow: VelocityField,
         mix_temp: float,
         *,
+        inv_temp: float | None = None,
         eps: Tensor | None = None,
         generator: torch.Generator | None = None,
         n_steps: int = 5,
@@ -63,7 +65,12 @@ class FrozenMechanism:
         money_scale: float = 1.0,
         meta: dict[str, Any] | None = None,
     ) -> FrozenMechanism:
-        """Freeze ``menu`` with one noise draw (``eps`` or a fresh one from ``generator``)."""
+        """Freeze ``menu`` with one noise draw (``eps`` or a fresh one from ``generator``).
+
+        ``mix_temp`` is the mixture temperature the probabilities are computed with (the
+        final λ of training, in the menu's units); ``inv_temp``, the final money λ, is
+        recorded for the record only: the hard mechanism does not use it.
+        """
         if eps is None:
             eps = menu.draw_noise(generator)
         lot = menu.lotteries(flow, mix_temp, eps=eps, n_steps=n_steps, path=path)
@@ -73,6 +80,7 @@ class FrozenMechanism:
             prices=(menu.prices.detach() * money_scale).clone(),
             eps=eps.detach().clone(),
             mix_temp=float(mix_temp),
+            inv_temp=None if inv_temp is None else float(inv_temp),
             n_steps=n_steps,
             money_scale=float(money_scale),
             meta=dict(meta or {}),
@@ -93,6 +101,7 @@ class FrozenMechanism:
             prices=self.prices.to(device),
             eps=self.eps.to(device),
             mix_temp=self.mix_temp,
+            inv_temp=self.inv_temp,
             n_steps=self.n_steps,
             money_scale=self.money_scale,
             meta=dict(self.meta),
@@ -130,6 +139,7 @@ class FrozenMechanism:
             "format": MECHANISM_FORMAT,
             "package_version": __version__,
             "mix_temp": self.mix_temp,
+            "inv_temp": self.inv_temp,
             "n_steps": self.n_steps,
             "money_scale": self.money_scale,
             "meta": self.meta,
@@ -164,6 +174,7 @@ class FrozenMechanism:
         mech = cls(
             **{name: tensors[name] for name in _TENSORS},
             mix_temp=float(header["mix_temp"]),
+            inv_temp=header.get("inv_temp"),
             n_steps=int(header["n_steps"]),
             money_scale=float(header["money_scale"]),
             meta=dict(header.get("meta", {})),

@@ -51,7 +51,7 @@ def test_money_scale_reports_in_user_units():
 
 def test_save_load_round_trip(tmp_path):
     flow, menu, vals, eps = setup(seed=2)
-    mech = FrozenMechanism.freeze(menu, flow, 0.2, eps=eps, meta={"run": "abc"})
+    mech = FrozenMechanism.freeze(menu, flow, 0.2, inv_temp=3.5, eps=eps, meta={"run": "abc"})
     path = tmp_path / "sub" / "mechanism.safetensors"
     mech.save(path)
     assert [p.name for p in path.parent.iterdir()] == ["mechanism.safetensors"]  # no temp left
@@ -59,6 +59,7 @@ def test_save_load_round_trip(tmp_path):
     for name in ("bundles", "alpha", "prices", "eps"):
         assert torch.equal(getattr(back, name), getattr(mech, name))
     assert back.meta == {"run": "abc"} and back.mix_temp == pytest.approx(0.2)
+    assert back.inv_temp == 3.5 and back.n_steps == 5
     assert back.revenue(vals) == mech.revenue(vals)
 
 

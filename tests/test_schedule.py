@@ -73,3 +73,8 @@ def test_state_round_trip():
     assert t == s
     with pytest.raises(KeyError):
         t.load_state_dict({"bogus": 1})
+
+
+def test_default_is_the_reference_in_normalised_units():
+    """Defaults: the reference's raw constants × 750, the CATS m=50 money scale."""
+    assert InvTempSchedule() == InvTempSchedule.reference().scaled(750.0)
