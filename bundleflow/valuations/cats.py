@@ -283,7 +283,7 @@ def _common_values(n_items: int, params: CatsParams, rng: random.Random) -> tupl
     return tuple(rng.random() * span + 1 for _ in range(n_items))
 
 
-def _private_values(
+def draw_private_values(
     n_items: int, params: CatsParams, private_values: str, rng: random.Random
 ) -> tuple[list[float], list[float]]:
     """p_x and the normalised weights pn_x (uniform if all weights are 0, e.g. deviation 0)."""
@@ -385,16 +385,34 @@ def _draw_first(weight: list[float], rng: random.Random) -> int:
     return good
 
 
-def grow_candidate(grower: _Grower, start: int, size: int) -> tuple[list[int], list[str]] | None:
-    """Step 5's candidate: grow {start} to ``size`` goods; None when an add finds nothing."""
+def _grow_candidate(grower: _Grower, start: int, size: int) -> tuple[list[int], list[str]] | None:
     items, in_bundle, score = grower.start(start)
     how = ["first"]
     while len(items) < size:
         step = grower.add(items, in_bundle, score)
-        if step is None:
+        if step is None:  # nothing to add: drop the candidate rather than loop on it
             return None
         how.append(step)
     return items, how
+
+
+def grow_candidate(
+    structure: ItemStructure,
+    weights: list[float],
+    start: int,
+    size: int,
+    *,
+    jump_prob: float,
+    rng: random.Random,
+) -> tuple[list[int], list[str]] | None:
+    """Step 5's substitute candidate: grow {start} to ``size`` goods with step 3's rule.
+
+    ``weights`` are the bidder's normalised pn_x. Returns the goods in the order they were
+    added and how each got there, or None when an add found no good to add (the candidate
+    is dropped; CATS would loop until a jump).
+    """
+    grower = _Grower(structure, weights, jump_prob if structure.dist == "regions" else 0.0, rng)
+    return _grow_candidate(grower, start, size)
 
 
 def sample_bidder(
@@ -410,7 +428,7 @@ def sample_bidder(
     jump = params.jump_prob if structure.dist == "regions" else 0.0
     exponent = 1.0 + params.additivity
     for restarts in range(MAX_RESTARTS):  # noqa: B007 (reported in the Bidder)
-        private, weight = _private_values(m, params, private_values, rng)
+        private, weight = draw_private_values(m, params, private_values, rng)
         grower = _Grower(structure, weight, jump, rng)
         items, in_bundle, score = grower.start(_draw_first(weight, rng))
         how = ["first"]
@@ -436,7 +454,7 @@ def sample_bidder(
     valid: list[tuple[float, list[int], list[str]]] = []
     dropped = 0
     for start in items:
-        grown = grow_candidate(grower, start, size)
+        grown = _grow_candidate(grower, start, size)
         if grown is None:
             dropped += 1
             continue
