@@ -16,7 +16,6 @@ or with N full network calls exactly as the public code does (``path="reference"
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,12 +23,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from bundleflow import __version__
-from bundleflow.atomic import atomic_path
 from bundleflow.errors import BundleflowError
 
 IntegratorPath = Literal["fast", "reference"]
@@ -285,46 +280,26 @@ def train_flow(
     return [float(x) for x in torch.stack(losses).tolist()] if losses else []
 
 
-# ----------------------------------------------------------------------------- persistence
-
-_FLOW_META_KEY = "bundleflow.flow"
-FLOW_FORMAT = 1
+# ----------------------------------------------------------------------------- state
 
 
-def save_flow(
-    path: str | Path, field: VelocityField, noise: MixtureNoise, meta: Mapping | None = None
-) -> None:
-    """Write the flow and its Stage-1 mixture to one safetensors file, atomically."""
-    tensors = {f"field.{k}": v.detach().cpu().contiguous() for k, v in field.state_dict().items()}
-    tensors["noise.means"] = noise.means.detach().cpu().contiguous()
+def flow_state(field: VelocityField, noise: MixtureNoise) -> tuple[dict[str, Tensor], dict]:
+    """The flow and its Stage-1 mixture as tensors plus a JSON-able header (for checkpoints)."""
+    tensors = {f"field.{k}": v for k, v in field.state_dict().items()}
+    tensors["noise.means"] = noise.means
     header = {
-        "format": FLOW_FORMAT,
-        "package_version": __version__,
         "n_items": field.n_items,
         "hidden": field.fc1.out_features,
         "hidden2": field.fc2.out_features,
         "noise_log_std": noise.log_std,
-        "meta": dict(meta or {}),
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_FLOW_META_KEY: json.dumps(header)})
+    return tensors, header
 
 
-def load_flow(path: str | Path) -> tuple[VelocityField, MixtureNoise, dict]:
-    """Read what :func:`save_flow` wrote: the field, its mixture and the header."""
-    path = Path(path)
-    if not path.is_file():
-        raise BundleflowError(f"{path}: flow checkpoint not found; train Stage 1 first")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = json.loads((handle.metadata() or {})[_FLOW_META_KEY])
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
-        raise BundleflowError(
-            f"{path}: not a bundleflow flow file ({type(err).__name__}: {err})"
-        ) from err
-    if header.get("format") != FLOW_FORMAT:
-        raise BundleflowError(f"{path}: flow format {header.get('format')!r} is not supported")
+def flow_from_state(
+    tensors: Mapping[str, Tensor], header: Mapping
+) -> tuple[VelocityField, MixtureNoise]:
+    """Inverse of :func:`flow_state`."""
     field = VelocityField(header["n_items"], header["hidden"], header["hidden2"])
     field.load_state_dict(
         {k.removeprefix("field."): v for k, v in tensors.items() if k.startswith("field.")}
@@ -332,4 +307,4 @@ def load_flow(path: str | Path) -> tuple[VelocityField, MixtureNoise, dict]:
     means = tensors["noise.means"]
     noise = MixtureNoise(header["n_items"], means.shape[0], header["noise_log_std"])
     noise.load_state_dict({"means": means})
-    return field, noise, header
+    return field, noise

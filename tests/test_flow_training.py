@@ -68,18 +68,21 @@ def test_training_lowers_loss_and_learns_rounding():
     assert agreement > 0.95
 
 
-def test_flow_and_mixture_save_load(tmp_path):
+def test_flow_and_mixture_checkpoint_round_trip(tmp_path):
+    from bundleflow.checkpoint import read_checkpoint, write_checkpoint
     from bundleflow.errors import BundleflowError
-    from bundleflow.flow import load_flow, save_flow
+    from bundleflow.flow import flow_from_state, flow_state
 
     field = VelocityField(150)  # wide: h=256, h'=512 must survive the round trip
     noise = MixtureNoise(150, generator=torch.Generator().manual_seed(4))
-    save_flow(tmp_path / "flow.safetensors", field, noise, meta={"steps": 3})
-    back, back_noise, header = load_flow(tmp_path / "flow.safetensors")
-    assert header["meta"] == {"steps": 3}
+    tensors, header = flow_state(field, noise)
+    write_checkpoint(tmp_path / "flow", {"flow": tensors}, step=3, extra={"flow": header})
+    components, manifest = read_checkpoint(tmp_path / "flow")
+    back, back_noise = flow_from_state(components["flow"], manifest["extra"]["flow"])
+    assert manifest["step"] == 3
     assert torch.equal(back_noise.means, noise.means)
     z0 = torch.rand(7, 150)
     assert torch.equal(back.q(z0), field.q(z0))
     assert (back.fc2.in_features, back.fc2.out_features) == (256, 512)
-    with pytest.raises(BundleflowError, match="not found"):
-        load_flow(tmp_path / "nope.safetensors")
+    with pytest.raises(BundleflowError, match="not a checkpoint"):
+        read_checkpoint(tmp_path / "nope")

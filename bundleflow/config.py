@@ -1,0 +1,397 @@
+"""The one configuration schema: frozen dataclasses, strict loading, presets of overrides.
+
+A run's config is built as: built-in defaults (this file) < preset YAML (``configs/NAME.yaml``
+or a path, holding only overrides) < ``--set key=value`` (dotted keys, YAML values) <
+command-line flags. Unknown keys and wrong types are a :class:`BundleflowError` naming the
+key. Money-valued knobs are in *normalised* units: money is divided by a recorded scale s
+(``data.money_scale``; default the training mean of the max atom value, additive: the mean of
+Σv), and the defaults reproduce the reference's raw-unit dynamics on CATS m=50, where
+s ≈ 750: λ_norm = λ_raw·750, price lr = 0.3/750, price init U[0, 1/750).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bundleflow.errors import BundleflowError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+REFERENCE_MONEY_SCALE = 750.0  # CATS arbitrary m=50: mean max atom value ≈ 750
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where valuations come from and how money is normalised."""
+
+    kind: str = "cats"
+    """``cats`` (generated CATS set, cached), ``file`` (``path``) or ``additive`` (U[0,1]^m)."""
+    dist: str = "arbitrary"
+    """CATS distribution: ``arbitrary`` or ``regions``."""
+    values: str = "upv"
+    """CATS private values: ``upv`` or ``npv``."""
+    mode: str = "fresh"
+    """CATS sampling mode: ``fresh`` (new goods per sample) or ``fixed``."""
+    n_items: int = 50
+    """m, the number of items."""
+    n_samples: int = 20000
+    """Generated CATS samples (train + validation + test)."""
+    seed: int = 0
+    """Seed of the generated data set (and of additive validation/test draws)."""
+    path: str | None = None
+    """A data file (kind ``file``): ours, the reference ``.pt``/zip, or CATS text."""
+    split: tuple[float, float, float] = (0.90, 0.05, 0.05)
+    """Train/validation/test fractions of a generated set."""
+    money_scale: float | None = None
+    """Divide money by this; ``null``: training mean of max_k b_k (additive: mean of Σv)."""
+    additive_val_samples: int = 100_000
+    """Additive: fixed validation draws."""
+    additive_test_samples: int = 1_000_000
+    """Additive: fixed test draws."""
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """The Stage-1 flow: network widths, source mixture, integrator."""
+
+    hidden: int | None = None
+    """h; ``null``: 128, or 256 above 100 items (the reference)."""
+    hidden2: int | None = None
+    """h'; ``null``: h, or 2h above 100 items (the reference)."""
+    n_components: int = 3
+    """Components of the Stage-1 source mixture."""
+    log_std: float = -3.0
+    """log std of every mixture component."""
+    target_std: float = 0.1
+    """Std of the Stage-1 target around the rounded corner."""
+    euler_steps: int = 5
+    """Euler steps N of the integrator."""
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Stage-1 training (rectified flow)."""
+
+    steps: int = 30000
+    """Optimiser steps."""
+    batch_size: int = 2048
+    """Fresh pairs per step."""
+    lr: float = 5e-3
+    """Adam learning rate."""
+    seed: int = 0
+    """Seed of the mixture means and the training draws."""
+    log_every: int = 100
+    """Steps between metric lines."""
+
+
+@dataclass(frozen=True)
+class MenuConfig:
+    """The menu's shape and initialisation."""
+
+    size: int = 5000
+    """J, menu elements."""
+    support: int = 8
+    """D, support points per element (reference: 16 for additive)."""
+    loc_offset: float = 0.05
+    """a in μ = a + b·sigmoid(10M) (additive: 0.5)."""
+    loc_scale: float = 0.9
+    """b in μ = a + b·sigmoid(10M) (additive: 0.1)."""
+    price_init: float = 1.0 / REFERENCE_MONEY_SCALE
+    """Prices start U[0, price_init) (normalised money)."""
+
+
+@dataclass(frozen=True)
+class InvTempConfig:
+    """λ (``inv_temp``) schedule, normalised money units (see bundleflow.schedule)."""
+
+    initial: float = 1e-3 * REFERENCE_MONEY_SCALE
+    """Starting λ."""
+    cap: float = 0.2 * REFERENCE_MONEY_SCALE
+    """Largest λ."""
+    growth: float = 1.05
+    """Factor every ``interval`` steps."""
+    reset_value: float = 0.05 * REFERENCE_MONEY_SCALE
+    """λ after a reset."""
+    slow_growth: float = 1.01
+    """Factor after a reset."""
+    interval: int = 200
+    """Steps between growth."""
+    reset_interval: int = 400
+    """Steps between reset checks."""
+    location_threshold: float = 0.5
+    """Reset checks only when the mean support location exceeds this."""
+    mixture_factor: float = 1.0 / REFERENCE_MONEY_SCALE
+    """The mixture logits see λ·this (unit-free, so revenue is unit-invariant)."""
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Stage-2 training (the menu; flow frozen)."""
+
+    steps: int = 30000
+    """Most optimiser steps (``--max-steps`` overrides)."""
+    max_time: float | None = None
+    """Stop after this many seconds (``--max-time`` overrides)."""
+    batch_size: int = 128
+    """Valuations per step."""
+    lr: float = 0.3
+    """Adam lr of the support locations M and mixture logits w."""
+    price_lr: float = 0.3 / REFERENCE_MONEY_SCALE
+    """Adam lr of the prices (normalised money)."""
+    seed: int = 0
+    """Seed of the menu initialisation, noise and batches."""
+    eval_every: int = 1000
+    """Steps between validation evaluations."""
+    patience: int | None = None
+    """Stop after this many evaluations without a better validation revenue."""
+    log_every: int = 200
+    """Steps between metric lines."""
+    checkpoint_every: int = 1000
+    """Steps between resumable checkpoints."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept (the best one is kept apart)."""
+    path: str = "fast"
+    """Integrator path: ``fast`` or ``reference``."""
+    exact_density_grad: bool = False
+    """Exact gradient of log N(z0; μ, σ) (the reference's has rounding error)."""
+    inv_temp: InvTempConfig = field(default_factory=InvTempConfig)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation of the frozen mechanism."""
+
+    batch_size: int = 1024
+    """Valuations per evaluation batch."""
+    seed: int = 12345
+    """Seed of the one noise draw that freezes the menu."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    name: str = "run"
+    """Run name (the run directory is NAME-TIMESTAMP-ID)."""
+    device: str = "auto"
+    """``auto``, ``cuda``, ``mps`` or ``cpu``."""
+    mixed_precision: str | None = None
+    """``no``, ``fp16`` or ``bf16``; ``null``: accelerate's setting, else ``no``."""
+    data: DataConfig = field(default_factory=DataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    menu: MenuConfig = field(default_factory=MenuConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "device": ("auto", "cuda", "mps", "cpu"),
+    "mixed_precision": (None, "no", "fp16", "bf16"),
+    "data.kind": ("cats", "file", "additive"),
+    "data.dist": ("arbitrary", "regions"),
+    "data.values": ("upv", "npv"),
+    "data.mode": ("fresh", "fixed"),
+    "stage2.path": ("fast", "reference"),
+}
+
+
+# --------------------------------------------------------------------------- strict building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except BundleflowError as err:
+                errors.append(str(err))
+        raise BundleflowError(errors[0] if errors else f"config key {key!r}: bad value")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise BundleflowError(
+                f"config key {key!r}: expected a list of {len(args)} numbers, got {value!r}"
+            )
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise BundleflowError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise BundleflowError(f"config key {key!r}: expected true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise BundleflowError(f"config key {key!r}: expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise BundleflowError(
+            f"config key {key!r}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        key = prefix + unknown[0]
+        section = prefix.rstrip(".") or "the top level"
+        raise BundleflowError(
+            f"unknown config key {key!r}; valid keys in {section}: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in values:
+            kwargs[f.name] = _coerce(values[f.name], hints[f.name], prefix + f.name)
+    return cls(**kwargs)
+
+
+def _check_choices(config: Config) -> None:
+    flat = to_flat_dict(config)
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            shown = ", ".join("null" if a is None else str(a) for a in allowed)
+            raise BundleflowError(f"config key {key!r}: {flat[key]!r} is not one of {shown}")
+    positive = [
+        "data.n_items", "data.n_samples", "flow.euler_steps", "stage1.steps",
+        "stage1.batch_size", "menu.size", "menu.support", "stage2.steps", "stage2.batch_size",
+        "stage2.eval_every", "stage2.log_every", "stage2.checkpoint_every", "eval.batch_size",
+    ]  # fmt: skip
+    for key in positive:
+        if flat[key] <= 0:
+            raise BundleflowError(f"config key {key!r} must be positive, got {flat[key]!r}")
+    if config.data.kind == "file" and not config.data.path:
+        raise BundleflowError("config key 'data.path' is required when data.kind is 'file'")
+
+
+def to_dict(config: Any) -> dict:
+    """Nested plain dict (tuples become lists) — what run directories record."""
+    out = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def to_flat_dict(config: Any) -> dict:
+    """``{"stage2.lr": 0.3, ...}``: dotted keys, as ``--set`` takes them."""
+    flat: dict = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+
+    walk(to_dict(config), "")
+    return flat
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def preset_path(name_or_path: str) -> Path:
+    """``configs/NAME.yaml`` for a bare name, else the given path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise BundleflowError(f"{candidate}: preset file not found")
+        return candidate
+    path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise BundleflowError(
+            f"unknown preset {name_or_path!r}; presets: {', '.join(names)} (or a path to a .yaml)"
+        )
+    return path
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise BundleflowError(f"{path}: not valid YAML ({err})") from err
+    except OSError as err:
+        raise BundleflowError(f"{path}: cannot read ({err.strerror})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BundleflowError(f"{path}: a preset must be a mapping of config keys")
+    return data
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """``["a.b=3", "c=[1, 2]"]`` -> nested dict with YAML-parsed values."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise BundleflowError(f"--set {item!r}: expected KEY=VALUE, e.g. --set menu.size=2000")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise BundleflowError(f"--set {item!r}: value is not valid YAML ({err})") from err
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise BundleflowError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def from_dict(values: dict) -> Config:
+    """Build and validate a :class:`Config` from a nested dict of overrides."""
+    config = _build(Config, values)
+    _check_choices(config)
+    return config
+
+
+def load_config(preset: str | None = None, overrides: dict | None = None) -> Config:
+    """Defaults < preset < overrides, validated."""
+    values: dict = {}
+    if preset:
+        values = read_yaml_mapping(preset_path(preset))
+    if overrides:
+        values = _deep_merge(values, overrides)
+    return from_dict(values)
+
+
+def replace(config: Config, **changes: dict) -> Config:
+    """A copy with sections updated: ``replace(cfg, stage2={"steps": 10})``."""
+    return from_dict(_deep_merge(to_dict(config), changes))
