@@ -24,17 +24,41 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and evaluate BundleFlow menus for combinatorial auctions.",
     )
     parser.add_argument("--version", action="version", version=f"bundleflow {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Each command module registers its own sub-parser and sets `func` (args -> exit code).
-    from bundleflow import cli_data
+    from bundleflow import cli_data, cli_train
 
+    cli_train.register(sub)
     cli_data.register(sub)
     return parser
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """stderr logging for the CLI (the library itself stays silent)."""
+    from loguru import logger
+
+    logger.remove()
+    logger.enable("bundleflow")
+    logger.add(
+        sys.stderr,
+        level="DEBUG" if verbose else "INFO",
+        format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}",
+    )
+
+
+def load_env() -> None:
+    """`.env` (paths and machine facts) without overriding the shell or compose."""
+    from dotenv import find_dotenv, load_dotenv
+
+    load_dotenv(find_dotenv(usecwd=True), override=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    load_env()
+    setup_logging(args.verbose)
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR

@@ -12,11 +12,11 @@ import json
 import sys
 import time
 from dataclasses import fields
-from typing import TextIO
 
 from loguru import logger
 
 from bundleflow.errors import BundleflowError
+from bundleflow.progress import ProgressBar
 from bundleflow.valuations import cats
 from bundleflow.valuations import io as data_io
 from bundleflow.valuations.stats import dataset_stats
@@ -37,38 +37,6 @@ PARAM_HELP = {
     "jump_prob": "regions: probability that an add picks a uniformly random good",
 }
 REGIONS_ONLY = ("remove_neighbor", "additional_neighbor", "jump_prob")
-
-
-class ProgressBar:
-    """A one-line progress bar on a terminal (stderr); silent when it is not a terminal."""
-
-    def __init__(
-        self, total: int, label: str, stream: TextIO | None = None, enabled: bool | None = None
-    ) -> None:
-        self.total = max(1, total)
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.start = time.monotonic()
-        self._last_draw = 0.0
-
-    def __call__(self, done: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if done < self.total and now - self._last_draw < 0.1:
-            return
-        self._last_draw = now
-        frac = min(1.0, done / self.total)
-        elapsed = now - self.start
-        eta = elapsed / frac - elapsed if frac > 0 else 0.0
-        bar = "#" * int(30 * frac)
-        self.stream.write(
-            f"\r{self.label} [{bar:<30}] {done}/{self.total} {elapsed:5.1f}s eta {eta:5.1f}s"
-        )
-        if done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 def _parse_split(text: str) -> tuple[float, float, float]:

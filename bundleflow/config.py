@@ -275,10 +275,20 @@ def _check_choices(config: Config) -> None:
             shown = ", ".join("null" if a is None else str(a) for a in allowed)
             raise BundleflowError(f"config key {key!r}: {flat[key]!r} is not one of {shown}")
     positive = [
-        "data.n_items", "data.n_samples", "flow.euler_steps", "stage1.steps",
-        "stage1.batch_size", "menu.size", "menu.support", "stage2.steps", "stage2.batch_size",
-        "stage2.eval_every", "stage2.log_every", "stage2.checkpoint_every", "eval.batch_size",
-    ]  # fmt: skip
+        "data.n_items",
+        "data.n_samples",
+        "flow.euler_steps",
+        "stage1.steps",
+        "stage1.batch_size",
+        "menu.size",
+        "menu.support",
+        "stage2.steps",
+        "stage2.batch_size",
+        "stage2.eval_every",
+        "stage2.log_every",
+        "stage2.checkpoint_every",
+        "eval.batch_size",
+    ]
     for key in positive:
         if flat[key] <= 0:
             raise BundleflowError(f"config key {key!r} must be positive, got {flat[key]!r}")

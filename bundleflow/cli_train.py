@@ -1,0 +1,315 @@
+"""`bundleflow train | train-stage1 | train-stage2 | evaluate | menu show`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from bundleflow.config import Config, load_config, parse_set, read_yaml_mapping
+from bundleflow.devices import resolve_device
+from bundleflow.errors import BundleflowError
+from bundleflow.evaluate import evaluate_mechanism
+from bundleflow.train.data import load_run_data
+from bundleflow.train.run import CONFIG_FILE, Run, open_run, runs_root
+from bundleflow.train.stage1 import FLOW_FILE, get_flow, load_flow_ckpt
+from bundleflow.train.stage2 import read_mechanism, train_stage2
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="default", help="preset name in configs/ or a YAML path")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one config key (dotted, YAML value); repeatable",
+    )
+    p.add_argument("--data", help="a data file (ours, reference .pt/zip, CATS text)")
+    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="default: auto")
+    p.add_argument("--runs-dir", help="root of run directories (default $BUNDLEFLOW_HOME/runs)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--max-steps", type=int, help="stop this stage after N steps")
+    p.add_argument("--max-time", type=float, help="stop Stage 2 after this many seconds")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for name, func, doc in (
+        ("train", cmd_train, "train Stage 1 (or take the cached flow), Stage 2, and evaluate"),
+        ("train-stage1", cmd_train_stage1, "train (or fetch from the cache) the Stage-1 flow"),
+        ("train-stage2", cmd_train_stage2, "train the menu with a given or cached flow"),
+    ):
+        p = sub.add_parser(name, help=doc, description=doc)
+        _common(p)
+        if name == "train-stage2":
+            p.add_argument("--flow-ckpt", help="flow checkpoint dir, run dir, or reference .pth")
+        p.set_defaults(func=func)
+    ev = sub.add_parser("evaluate", help="hard revenue of a trained run on its test split")
+    ev.add_argument("--run", required=True, metavar="RUN_DIR")
+    ev.add_argument("--data", help="evaluate on this file's test split instead")
+    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ev.set_defaults(func=cmd_evaluate)
+    menu = sub.add_parser("menu", help="inspect a trained menu")
+    menu_sub = menu.add_subparsers(dest="menu_command", metavar="ACTION")
+    show = menu_sub.add_parser("show", help="the frozen mechanism: bundles, lotteries, prices")
+    show.add_argument("run", metavar="RUN_DIR")
+    show.add_argument("--json", action="store_true")
+    show.add_argument("--top", type=int, default=20, help="elements to list (by purchases)")
+    show.set_defaults(func=cmd_menu_show)
+    menu.set_defaults(func=lambda args: menu.print_help(sys.stderr) or 2)
+
+
+# --------------------------------------------------------------------------- config & setup
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Defaults < preset < --set < flags (env/.env only hold paths, never hyper-parameters)."""
+    overrides = parse_set(args.overrides)
+    if args.device:
+        overrides["device"] = args.device
+    if args.mixed_precision:
+        overrides["mixed_precision"] = args.mixed_precision
+    if args.resume:
+        saved = Path(args.resume) / CONFIG_FILE
+        if not saved.is_file():
+            raise BundleflowError(f"--resume {args.resume}: no {CONFIG_FILE}; not a run directory")
+        from bundleflow.config import _deep_merge, from_dict
+
+        return from_dict(_deep_merge(read_yaml_mapping(saved), overrides))
+    return load_config(args.preset, overrides)
+
+
+def make_accelerator(config: Config, device: torch.device):
+    from accelerate import Accelerator
+
+    kwargs = {"cpu": device.type == "cpu"}
+    if config.mixed_precision is not None:  # only when the user set it (flag > launcher)
+        kwargs["mixed_precision"] = config.mixed_precision
+    return Accelerator(**kwargs)
+
+
+def _setup(args: argparse.Namespace):
+    config = resolve_config(args)
+    choice = resolve_device(config.device)
+    logger.info("device: {} ({})", choice.device, choice.reason)
+    accelerator = make_accelerator(config, choice.device)
+    resume = Path(args.resume) if args.resume else None
+    run = open_run(
+        runs_root(args.runs_dir), config, main_process=accelerator.is_main_process, resume=resume
+    )
+    run.update_info(
+        device=str(accelerator.device), device_reason=choice.reason, command=" ".join(sys.argv)
+    )
+    logger.info("run directory: {}", run.dir)
+    return config, accelerator, run
+
+
+def _flow_for(config: Config, args, accelerator, run: Run, n_items: int):
+    flow_ckpt = getattr(args, "flow_ckpt", None)
+    if flow_ckpt:
+        field, info = load_flow_ckpt(flow_ckpt, n_items)
+    else:
+        stage1 = config.stage1
+        field, info = get_flow(
+            n_items,
+            config.flow,
+            stage1,
+            accelerator.device,
+            accelerator=accelerator,
+            metrics=run.metrics,
+            show_progress=not args.no_progress,
+        )
+    run.write_json(FLOW_FILE, info)
+    return field, info
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_train_stage1(args: argparse.Namespace) -> int:
+    config, accelerator, run = _setup(args)
+    try:
+        if args.max_steps:
+            from bundleflow.config import replace
+
+            config = replace(config, stage1={"steps": args.max_steps})
+        started = time.monotonic()
+        _, info = get_flow(
+            config.data.n_items,
+            config.flow,
+            config.stage1,
+            accelerator.device,
+            accelerator=accelerator,
+            metrics=run.metrics,
+            max_time=args.max_time,
+            show_progress=not args.no_progress,
+        )
+        run.write_json(FLOW_FILE, info)
+        run.update_info(stage1={**info, "wall_time": time.monotonic() - started})
+        logger.info("flow: {} (use it with --flow-ckpt {})", info["path"], run.dir)
+    finally:
+        run.close()
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, stage1: bool = True) -> int:
+    config, accelerator, run = _setup(args)
+    started = time.monotonic()
+    try:
+        data = load_run_data(config.data, accelerator.device, data_file=args.data)
+        run.update_info(data=data.info)
+        field, flow_info = _flow_for(config, args, accelerator, run, data.n_items)
+        run.update_info(flow=flow_info)
+        result = train_stage2(
+            config,
+            field,
+            data,
+            run,
+            accelerator.device,
+            accelerator=accelerator,
+            max_steps=args.max_steps,
+            max_time=args.max_time,
+            resume=args.resume is not None,
+            show_progress=not args.no_progress,
+        )
+        report = evaluate_mechanism(
+            result.mechanism, data.test, data.train_user, batch_size=_eval_batch(config, data.kind)
+        )
+        report.update(
+            run=str(run.dir),
+            device=str(accelerator.device),
+            device_name=_device_name(accelerator.device),
+            wall_time=time.monotonic() - started,
+            stage2={
+                "steps": result.steps,
+                "best_step": result.best_step,
+                "stop_reason": result.stop_reason,
+                "best_val_revenue": result.best_val_revenue,
+                "wall_time": result.wall_time,
+            },
+        )
+        write_report(run, report)
+        sys.stderr.write(format_summary(report) + "\n")
+    finally:
+        run.close()
+    return 0
+
+
+def cmd_train_stage2(args: argparse.Namespace) -> int:
+    return cmd_train(args, stage1=False)
+
+
+def _eval_batch(config: Config, kind: str) -> int:
+    return 65536 if kind == "additive" else config.eval.batch_size
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _run_config(run_dir: Path) -> Config:
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise BundleflowError(f"{run_dir}: not a bundleflow run directory (no {CONFIG_FILE})")
+    from bundleflow.config import from_dict
+
+    return from_dict(read_yaml_mapping(path))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    config = _run_config(run_dir)
+    mech = read_mechanism(run_dir)
+    data = load_run_data(config.data, torch.device("cpu"), data_file=args.data)
+    report = evaluate_mechanism(
+        mech, data.test, data.train_user, batch_size=_eval_batch(config, data.kind)
+    )
+    report["run"] = str(run_dir)
+    if args.data is None:
+        run = Run(dir=run_dir, config=config)
+        write_report(run, report)
+    if args.json:
+        sys.stdout.write(json.dumps(report) + "\n")
+    else:
+        sys.stdout.write(format_summary(report) + "\n")
+    return 0
+
+
+def cmd_menu_show(args: argparse.Namespace) -> int:
+    mech = read_mechanism(Path(args.run))
+    J, D, m = mech.bundles.shape
+    elements = []
+    for j in range(J):  # presentation only, not a training path
+        support = [
+            {
+                "bundle": [i for i in range(m) if mech.bundles[j, d, i]],
+                "prob": float(mech.alpha[j, d]),
+            }
+            for d in range(D)
+            if float(mech.alpha[j, d]) >= 1e-3
+        ]
+        elements.append({"element": j, "price": float(mech.prices[j]), "lottery": support})
+    if args.json:
+        payload = {
+            "menu_size": J,
+            "support": D,
+            "n_items": m,
+            "money_scale": mech.money_scale,
+            "mix_temp": mech.mix_temp,
+            "elements": elements,
+        }
+        sys.stdout.write(json.dumps(payload) + "\n")
+        return 0
+    order = sorted(elements, key=lambda e: -e["price"])[: args.top]
+    lines = [
+        f"frozen menu: {J} elements × {D} support points, {m} items (top {len(order)} by price)"
+    ]
+    for e in order:
+        lot = "; ".join(
+            f"{p['prob']:.3f}:{{{','.join(map(str, p['bundle']))}}}" for p in e["lottery"]
+        )
+        lines.append(f"  #{e['element']:<5} price {e['price']:10.4g}  {lot}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def format_summary(r: dict) -> str:
+    rev, gb = r["revenue"], r["grand_bundle"]["revenue"]
+    lines = [
+        f"test revenue (hard, {rev['n']} valuations): {rev['mean']:.5g} "
+        f"[95% CI {rev['ci95'][0]:.5g}, {rev['ci95'][1]:.5g}]",
+        f"  fraction of E[max value] ({r['expected_max_value']:.5g}): "
+        f"{r['fraction_of_max_value']:.4f}",
+        f"  grand bundle (price {r['grand_bundle']['price']:.5g} fitted on train): "
+        f"{gb['mean']:.5g} [{gb['ci95'][0]:.5g}, {gb['ci95'][1]:.5g}]; menu / grand bundle = "
+        f"{r['ratio_to_grand_bundle']:.3f}",
+        f"  IR violations: {r['ir_violations']}; elements in use: {r['elements_in_use']} of "
+        f"{r['menu_size']}; buy rate {r['buy_rate']:.3f}; negative-price purchases: "
+        f"{r['negative_price_purchases']}",
+    ]
+    if "wall_time" in r:
+        lines.append(f"  wall time {r['wall_time']:.1f} s on {r.get('device_name', r['device'])}")
+    return "\n".join(lines)
+
+
+def write_report(run: Run, report: dict) -> None:
+    run.write_json(REPORT_JSON, report)
+    from bundleflow.atomic import atomic_write_bytes
+
+    if run.main_process:
+        atomic_write_bytes(
+            run.dir / REPORT_MD, ("# Report\n\n```\n" + format_summary(report) + "\n```\n").encode()
+        )

@@ -1,0 +1,1 @@
+"""Training loops (plain functions) and what they share: run directories, data, metrics."""

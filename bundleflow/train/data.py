@@ -1,0 +1,153 @@
+"""Training data for a run: load or generate, split, normalise money, sample batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from loguru import logger
+from torch import Tensor
+
+from bundleflow.config import DataConfig
+from bundleflow.errors import BundleflowError
+from bundleflow.valuations import io as data_io
+
+
+@dataclass
+class RunData:
+    """Valuations of one run. ``train``/``val`` are normalised (money / ``scale``) on the
+    training device; ``test`` and ``train_user`` stay in the user's units on the CPU.
+
+    Additive runs have no stored training set: batches are fresh U[0,1]^m draws.
+    """
+
+    kind: str  # "xor" or "additive"
+    n_items: int
+    scale: float
+    val: Tensor
+    test: Tensor
+    train_user: Tensor
+    train: Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    def normalise(self, valuations: Tensor) -> Tensor:
+        """User units -> normalised money."""
+        if self.kind == "additive":
+            return valuations / self.scale
+        out = valuations.clone()
+        out[..., -1] /= self.scale
+        return out
+
+    def batch(self, size: int, generator: torch.Generator, device: torch.device) -> Tensor:
+        """A training batch of normalised valuations (uniform draws with replacement)."""
+        if self.kind == "additive":
+            draws = torch.rand(size, self.n_items, generator=generator)
+            return (draws / self.scale).to(device, non_blocking=True)
+        assert self.train is not None
+        index = torch.randint(self.train.shape[0], (size,), generator=generator)
+        return self.train[index.to(self.train.device, non_blocking=True)]
+
+
+def _money_scale(train_user: Tensor, kind: str, override: float | None) -> tuple[float, str]:
+    if override is not None:
+        if not override > 0:
+            raise BundleflowError(f"config key 'data.money_scale' must be > 0, got {override}")
+        return float(override), "config data.money_scale"
+    if kind == "additive":
+        return float(train_user.sum(dim=1).double().mean()), "training mean of Σv"
+    return float(train_user[..., -1].amax(dim=1).double().mean()), "training mean of max_k b_k"
+
+
+def load_run_data(
+    cfg: DataConfig, device: torch.device, *, data_file: str | None = None, progress=None
+) -> RunData:
+    """Resolve the data a config names (``--data`` overrides) and prepare it for training."""
+    if cfg.kind == "additive" and data_file is None:
+        return _additive(cfg, device)
+    if data_file is not None or cfg.kind == "file":
+        path = Path(data_file or cfg.path or "")
+        dataset = data_io.load_dataset(path, n_items=cfg.n_items)
+        source = {"kind": "file", "path": str(path.resolve())}
+    else:
+        path = data_io.cached_dataset(
+            cfg.dist,
+            cfg.n_items,
+            cfg.n_samples,
+            cfg.seed,
+            private_values=cfg.values,
+            mode=cfg.mode,
+            split=cfg.split,
+            progress=progress,
+        )
+        dataset = data_io.load_dataset(path, n_items=cfg.n_items)
+        source = {"kind": "cats", "path": str(path), "generator": dataset.metadata.get("generator")}
+    train_user = dataset.part("train")
+    val_user = dataset.part("val")
+    test_user = dataset.part("test")
+    if min(train_user.shape[0], val_user.shape[0], test_user.shape[0]) == 0:
+        raise BundleflowError(
+            f"{dataset.path}: split sizes {dataset.split.sizes()} leave a part empty; "
+            "use more samples"
+        )
+    scale, scale_source = _money_scale(train_user, "xor", cfg.money_scale)
+    data = RunData(
+        kind="xor",
+        n_items=dataset.n_items,
+        scale=scale,
+        val=torch.empty(0),
+        test=test_user,
+        train_user=train_user,
+    )
+    data.train = data.normalise(train_user).to(device)
+    data.val = data.normalise(val_user).to(device)
+    data.info = {
+        **source,
+        "sha256": data_io.file_sha256(dataset.path),
+        "split": dataset.split.to_dict(),
+        "split_origin": dataset.split.origin,
+        "sizes": dataset.split.sizes(),
+        "money_scale": scale,
+        "money_scale_source": scale_source,
+    }
+    logger.info(
+        "data: {} ({} train / {} val / {} test, m={}), money scale {:.4g} ({})",
+        dataset.path,
+        *dataset.split.sizes().values(),
+        dataset.n_items,
+        scale,
+        scale_source,
+    )
+    return data
+
+
+def _additive(cfg: DataConfig, device: torch.device) -> RunData:
+    """U[0,1]^m: fixed validation and test draws from the data seed, fresh training draws."""
+    m = cfg.n_items
+    val_user = torch.rand(cfg.additive_val_samples, m, generator=_gen(cfg.seed, 1))
+    test_user = torch.rand(cfg.additive_test_samples, m, generator=_gen(cfg.seed, 2))
+    fit_user = torch.rand(cfg.additive_val_samples, m, generator=_gen(cfg.seed, 3))
+    scale, scale_source = _money_scale(fit_user, "additive", cfg.money_scale)
+    data = RunData(
+        kind="additive",
+        n_items=m,
+        scale=scale,
+        val=torch.empty(0),
+        test=test_user,
+        train_user=fit_user,
+    )
+    data.val = data.normalise(val_user).to(device)
+    data.info = {
+        "kind": "additive",
+        "distribution": f"U[0,1]^{m}",
+        "seed": cfg.seed,
+        "sizes": {"val": cfg.additive_val_samples, "test": cfg.additive_test_samples},
+        "money_scale": scale,
+        "money_scale_source": scale_source,
+    }
+    logger.info("data: additive U[0,1]^{}, money scale {:.4g} ({})", m, scale, scale_source)
+    return data
+
+
+def _gen(seed: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + stream)

@@ -1,0 +1,192 @@
+"""Stage 1: train the rectified flow, or take it from the content-keyed cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from bundleflow.checkpoint import read_checkpoint, write_checkpoint
+from bundleflow.config import FlowConfig, Stage1Config
+from bundleflow.errors import BundleflowError
+from bundleflow.flow import (
+    MixtureNoise,
+    VelocityField,
+    flow_from_state,
+    flow_pairs,
+    flow_state,
+    load_reference_flow,
+    rectified_flow_loss,
+)
+from bundleflow.progress import ProgressBar
+from bundleflow.valuations.io import default_cache_dir
+
+FLOW_FILE = "flow.json"  # in a run directory: which flow the run used
+
+
+def flow_key(n_items: int, flow: FlowConfig, stage1: Stage1Config) -> str:
+    """Content key of a Stage-1 flow: everything that determines its weights."""
+    blob = {"n_items": n_items, "flow": asdict(flow), "stage1": asdict(stage1), "format": 1}
+    blob["stage1"].pop("log_every")
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def flow_cache_dir(key: str) -> Path:
+    return default_cache_dir() / "flows" / key
+
+
+def train_stage1(
+    n_items: int,
+    flow_cfg: FlowConfig,
+    cfg: Stage1Config,
+    device: torch.device,
+    *,
+    accelerator=None,
+    metrics=None,
+    max_time: float | None = None,
+    show_progress: bool = True,
+) -> tuple[VelocityField, MixtureNoise, dict]:
+    """Plain Stage-1 loop: Adam on fresh pairs each step. Returns the field, mixture, summary."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    field = VelocityField(n_items, flow_cfg.hidden, flow_cfg.hidden2)
+    noise = MixtureNoise(n_items, flow_cfg.n_components, flow_cfg.log_std, generator=gen)
+    optimizer = torch.optim.Adam(field.parameters(), lr=cfg.lr)
+    field.to(device)
+    if accelerator is not None:
+        field, optimizer = accelerator.prepare(field, optimizer)
+    net = field.module if hasattr(field, "module") else field
+    start = time.monotonic()
+    bar = ProgressBar(cfg.steps, "stage 1", enabled=None if show_progress else False)
+    losses = []
+    step = 0
+    for step in range(1, cfg.steps + 1):
+        z0, z1 = flow_pairs(noise, cfg.batch_size, target_std=flow_cfg.target_std, generator=gen)
+        t = torch.rand(cfg.batch_size, 1, generator=gen)
+        z0, z1, t = (x.to(device, non_blocking=True) for x in (z0, z1, t))
+        loss = rectified_flow_loss(net, z0, z1, t)
+        optimizer.zero_grad(set_to_none=True)
+        if accelerator is not None:
+            accelerator.backward(loss)
+        else:
+            loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            value = float(torch.stack(losses[-cfg.log_every :]).mean())
+            elapsed = time.monotonic() - start
+            if metrics is not None:
+                metrics(stage=1, step=step, loss=value, wall_time=elapsed)
+            logger.debug("stage 1 step {} loss {:.5f}", step, value)
+        bar(step)
+        if max_time is not None and time.monotonic() - start > max_time:
+            logger.info("stage 1: --max-time reached after {} steps", step)
+            break
+    bar.close()
+    net.to("cpu").eval().requires_grad_(False)
+    noise.to("cpu")
+    first = float(torch.stack(losses[: min(20, len(losses))]).mean())
+    last = float(torch.stack(losses[-min(100, len(losses)) :]).mean())
+    summary = {
+        "steps": step,
+        "loss_first": first,
+        "loss_last": last,
+        "wall_time": time.monotonic() - start,
+    }
+    logger.info("stage 1: {} steps, loss {:.4f} -> {:.4f}", step, first, last)
+    return net, noise, summary
+
+
+def save_flow(directory: Path, field: VelocityField, noise: MixtureNoise, extra: dict) -> Path:
+    tensors, header = flow_state(field, noise)
+    return write_checkpoint(
+        directory, {"flow": tensors}, step=extra.get("steps", 0), extra={**extra, "flow": header}
+    )
+
+
+def load_flow(directory: Path) -> tuple[VelocityField, MixtureNoise, dict]:
+    components, manifest = read_checkpoint(directory)
+    if "flow" not in components:
+        raise BundleflowError(f"{directory}: checkpoint holds no flow")
+    field, noise = flow_from_state(components["flow"], manifest["extra"]["flow"])
+    return field.eval().requires_grad_(False), noise, manifest
+
+
+def get_flow(
+    n_items: int,
+    flow_cfg: FlowConfig,
+    cfg: Stage1Config,
+    device: torch.device,
+    **train_kw,
+) -> tuple[VelocityField, dict]:
+    """The cached flow for this (m, flow config, Stage-1 config), trained on a miss."""
+    key = flow_key(n_items, flow_cfg, cfg)
+    directory = flow_cache_dir(key)
+    if directory.exists():
+        try:
+            field, _, manifest = load_flow(directory)
+            logger.info("stage 1: using cached flow {}", directory)
+            return field, {
+                "key": key,
+                "path": str(directory),
+                "cached": True,
+                **manifest["extra"].get("summary", {}),
+            }
+        except BundleflowError as err:
+            logger.warning("cached flow unusable ({}); training again", err)
+    field, noise, summary = train_stage1(n_items, flow_cfg, cfg, device, **train_kw)
+    if summary["steps"] == cfg.steps:  # only complete flows enter the shared cache
+        try:
+            save_flow(directory, field, noise, {"summary": summary, "key": key})
+        except FileExistsError:
+            logger.info("another run cached this flow first; keeping theirs")
+        except OSError as err:
+            logger.warning("could not cache the flow in {}: {}", directory, err)
+    return field, {"key": key, "path": str(directory), "cached": False, **summary}
+
+
+def resolve_flow_ckpt(spec: str) -> Path:
+    """``--flow-ckpt``: absolute, relative to the working directory or to $BUNDLEFLOW_HOME.
+
+    Accepts a flow checkpoint directory, a run directory (its ``flow.json``), or the
+    public code's ``.pth`` state dict. A miss lists every place tried.
+    """
+    raw = Path(spec).expanduser()
+    tried = []
+    candidates = [raw] if raw.is_absolute() else [Path.cwd() / raw]
+    home = os.environ.get("BUNDLEFLOW_HOME")
+    if home and not raw.is_absolute():
+        candidates += [Path(home).expanduser() / raw, Path(home).expanduser() / "runs" / raw]
+    for candidate in candidates:
+        tried.append(str(candidate))
+        if candidate.is_file() and candidate.suffix in (".pth", ".pt"):
+            return candidate
+        if (candidate / "manifest.json").is_file():
+            return candidate
+        if (candidate / FLOW_FILE).is_file():
+            pointed = Path(json.loads((candidate / FLOW_FILE).read_text())["path"])
+            tried.append(f"{pointed} (from {candidate / FLOW_FILE})")
+            if (pointed / "manifest.json").is_file():
+                return pointed
+    hint = "" if home else " (BUNDLEFLOW_HOME is not set)"
+    raise BundleflowError(
+        f"--flow-ckpt {spec!r} not found; tried: {'; '.join(tried)}{hint}. "
+        "Produce one with `bundleflow train-stage1 --preset ...`"
+    )
+
+
+def load_flow_ckpt(spec: str, n_items: int) -> tuple[VelocityField, dict]:
+    path = resolve_flow_ckpt(spec)
+    if path.is_file():
+        field = load_reference_flow(path, n_items=n_items).eval().requires_grad_(False)
+        return field, {"path": str(path), "kind": "reference .pth"}
+    field, _, manifest = load_flow(path)
+    if field.n_items != n_items:
+        raise BundleflowError(f"{path}: flow is for m={field.n_items}, the run has m={n_items}")
+    return field, {"path": str(path), "key": manifest["extra"].get("key")}

@@ -1,0 +1,359 @@
+"""Stage 2: learn the menu on soft revenue, select on validation hard revenue, freeze it."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from bundleflow.checkpoint import (
+    latest,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    prune,
+    read_checkpoint,
+    replace_checkpoint,
+    write_checkpoint,
+)
+from bundleflow.config import Config, to_dict
+from bundleflow.errors import BundleflowError
+from bundleflow.flow import VelocityField
+from bundleflow.mechanism import FrozenMechanism
+from bundleflow.menu import Menu, freeze_flow
+from bundleflow.progress import ProgressBar
+from bundleflow.revenue import soft_revenue
+from bundleflow.schedule import InvTempSchedule
+from bundleflow.train.data import RunData
+from bundleflow.train.run import Run
+
+MECHANISM_FILE = "mechanism.safetensors"
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+
+
+@dataclass
+class Stage2Result:
+    steps: int
+    best_step: int
+    best_val_revenue: float
+    stop_reason: str
+    wall_time: float
+    mechanism: FrozenMechanism
+
+
+def build_menu(cfg: Config, n_items: int) -> Menu:
+    gen = torch.Generator().manual_seed(cfg.stage2.seed)
+    m = cfg.menu
+    return Menu(
+        n_items,
+        m.size,
+        m.support,
+        loc_offset=m.loc_offset,
+        loc_scale=m.loc_scale,
+        price_scale=m.price_init,
+        generator=gen,
+    )
+
+
+def build_optimizer(menu: Menu, cfg: Config, device: torch.device) -> torch.optim.Adam:
+    """Adam: lr for M and w, a separate (normalised-money) lr for the prices."""
+    groups = [
+        {"params": [menu.means, menu.logits], "lr": cfg.stage2.lr},
+        {"params": [menu.prices], "lr": cfg.stage2.price_lr},
+    ]
+    fused = device.type == "cuda"  # one kernel for all parameters, no host sync
+    return torch.optim.Adam(groups, fused=fused) if fused else torch.optim.Adam(groups)
+
+
+def build_schedule(cfg: Config) -> InvTempSchedule:
+    s = cfg.stage2.inv_temp
+    return InvTempSchedule(
+        value=s.initial,
+        cap=s.cap,
+        growth=s.growth,
+        reset_value=s.reset_value,
+        slow_growth=s.slow_growth,
+        interval=s.interval,
+        reset_interval=s.reset_interval,
+        location_threshold=s.location_threshold,
+    )
+
+
+def eval_noise(menu: Menu, seed: int) -> torch.Tensor:
+    """The one recorded noise draw that freezes the menu (validation and the final report)."""
+    return torch.randn(menu.means.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _gen_state(gen: torch.Generator) -> torch.Tensor:
+    return gen.get_state().clone()
+
+
+def train_stage2(
+    cfg: Config,
+    flow: VelocityField,
+    data: RunData,
+    run: Run,
+    device: torch.device,
+    *,
+    accelerator=None,
+    max_steps: int | None = None,
+    max_time: float | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> Stage2Result:
+    """The Stage-2 loop; a plain function. See the module docstring."""
+    s2 = cfg.stage2
+    total_steps = max_steps or s2.steps
+    max_time = max_time if max_time is not None else s2.max_time
+    mix_factor = s2.inv_temp.mixture_factor
+    flow = freeze_flow(flow).to(device)
+    menu = build_menu(cfg, data.n_items).to(device)
+    optimizer = build_optimizer(menu, cfg, device)
+    schedule = build_schedule(cfg)
+    batch_gen = torch.Generator().manual_seed(s2.seed + 1)
+    noise_gen = torch.Generator(device=device).manual_seed(s2.seed + 2)
+    eps_eval = eval_noise(menu, cfg.eval.seed).to(device)
+    state = {
+        "step": 0,
+        "best_val": float("-inf"),
+        "best_step": 0,
+        "since_best": 0,
+        "wall_before": 0.0,
+        "best_mix_temp": schedule.value * mix_factor,
+    }
+    ckpt_dir = run.dir / CHECKPOINTS
+    if resume:
+        _restore(ckpt_dir, menu, optimizer, schedule, batch_gen, noise_gen, state, device)
+    if accelerator is not None:
+        menu, optimizer = accelerator.prepare(menu, optimizer)
+    net: Menu = menu.module if hasattr(menu, "module") else menu
+
+    def checkpoint_components() -> dict:
+        opt_tensors, opt_rest = optimizer_tensors(optimizer)
+        return {
+            "menu": dict(net.state_dict()),
+            "optimizer": opt_tensors,
+            "rng": {"batch": _gen_state(batch_gen), "noise": _gen_state(noise_gen).cpu()},
+        }, opt_rest
+
+    def save_resumable() -> None:
+        components, opt_rest = checkpoint_components()
+        extra = {"schedule": schedule.state_dict(), "optimizer": opt_rest, "loop": state}
+        write_checkpoint(
+            ckpt_dir / f"step-{state['step']:09d}",
+            components,
+            step=state["step"],
+            config=to_dict(cfg),
+            extra=extra,
+        )
+        prune(ckpt_dir, s2.keep_checkpoints)
+
+    def validate() -> float:
+        mix_temp = schedule.value * mix_factor
+        mech = FrozenMechanism.freeze(
+            net, flow, mix_temp, eps=eps_eval, n_steps=cfg.flow.euler_steps
+        )
+        return mech.revenue(data.val, batch_size=cfg.eval.batch_size) * data.scale
+
+    start = time.monotonic()
+    bar = ProgressBar(total_steps, "stage 2", enabled=None if show_progress else False)
+    stop_reason = "max-steps"
+    recent_loss = []
+    try:
+        while state["step"] < total_steps:
+            state["step"] += 1
+            step = state["step"]
+            batch = data.batch(s2.batch_size, batch_gen, device)
+            mix_temp = schedule.value * mix_factor
+            ctx = (
+                accelerator.autocast()
+                if accelerator is not None
+                else torch.autocast("cpu", enabled=False)
+            )
+            with ctx:
+                lot = net.lotteries(
+                    flow,
+                    mix_temp,
+                    n_steps=cfg.flow.euler_steps,
+                    path=s2.path,
+                    generator=noise_gen,
+                    exact_density_grad=s2.exact_density_grad,
+                )
+                utilities = net.utilities(lot, batch)
+                loss = -soft_revenue(utilities, net.prices, schedule.value)
+            optimizer.zero_grad(set_to_none=True)
+            if accelerator is not None:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
+            optimizer.step()
+            recent_loss.append(loss.detach())
+            schedule.update(step, lambda: net.mean_support_location(schedule.value * mix_factor))
+            elapsed = state["wall_before"] + time.monotonic() - start
+            if step % s2.log_every == 0:
+                soft = -float(torch.stack(recent_loss).mean()) * data.scale
+                recent_loss.clear()
+                if not torch.isfinite(torch.tensor(soft)):
+                    raise BundleflowError(
+                        f"stage 2: soft revenue became non-finite at step {step}; lower "
+                        "stage2.lr / stage2.price_lr or the λ cap"
+                    )
+                run.metrics(
+                    stage=2,
+                    step=step,
+                    soft_revenue=soft,
+                    inv_temp=schedule.value,
+                    wall_time=elapsed,
+                )
+                logger.debug(
+                    "stage 2 step {} soft revenue {:.4g} λ {:.4g}", step, soft, schedule.value
+                )
+            if step % s2.eval_every == 0 or step == total_steps:
+                val = validate()
+                improved = val > state["best_val"]
+                if improved:
+                    state.update(
+                        best_val=val,
+                        best_step=step,
+                        since_best=0,
+                        best_mix_temp=schedule.value * mix_factor,
+                    )
+                    replace_checkpoint(
+                        run.dir / BEST,
+                        {"menu": dict(net.state_dict())},
+                        step=step,
+                        config=to_dict(cfg),
+                        extra={
+                            "mix_temp": state["best_mix_temp"],
+                            "inv_temp": schedule.value,
+                            "val_revenue": val,
+                        },
+                    )
+                else:
+                    state["since_best"] += 1
+                run.metrics(
+                    stage=2,
+                    step=step,
+                    val_revenue=val,
+                    best_val_revenue=state["best_val"],
+                    inv_temp=schedule.value,
+                    wall_time=elapsed,
+                )
+                logger.info(
+                    "stage 2 step {}: validation revenue {:.4g}{} (λ {:.4g}, {:.0f}s)",
+                    step,
+                    val,
+                    " *best*" if improved else "",
+                    schedule.value,
+                    elapsed,
+                )
+                if s2.patience is not None and state["since_best"] >= s2.patience:
+                    stop_reason = "patience"
+                    break
+            if step % s2.checkpoint_every == 0:
+                state["wall_before"] = elapsed
+                start = time.monotonic()
+                save_resumable()
+            bar(step)
+            if max_time is not None and elapsed >= max_time:
+                stop_reason = "max-time"
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        state["wall_before"] += time.monotonic() - start
+        save_resumable()
+        logger.warning("interrupted at step {}; resume with --resume {}", state["step"], run.dir)
+        raise
+    bar.close()
+    state["wall_before"] += time.monotonic() - start
+    start = time.monotonic()
+    if state["best_step"] < state["step"] and stop_reason != "patience":
+        pass  # the final step was evaluated above when it hit total_steps
+    if state["best_step"] == 0:  # stopped before any evaluation: evaluate now
+        val = validate()
+        state.update(
+            best_val=val, best_step=state["step"], best_mix_temp=schedule.value * mix_factor
+        )
+        replace_checkpoint(
+            run.dir / BEST,
+            {"menu": dict(net.state_dict())},
+            step=state["step"],
+            config=to_dict(cfg),
+            extra={"mix_temp": state["best_mix_temp"], "val_revenue": val},
+        )
+    save_resumable()
+    best_components, best_manifest = read_checkpoint(run.dir / BEST, device=device)
+    net.load_state_dict(best_components["menu"])
+    mech = FrozenMechanism.freeze(
+        net,
+        flow,
+        best_manifest["extra"]["mix_temp"],
+        inv_temp=best_manifest["extra"].get("inv_temp"),
+        eps=eps_eval,
+        n_steps=cfg.flow.euler_steps,
+        money_scale=data.scale,
+        meta={
+            "best_step": state["best_step"],
+            "val_revenue": state["best_val"],
+            "eval_seed": cfg.eval.seed,
+        },
+    ).to("cpu")
+    if run.main_process:
+        mech.save(run.dir / MECHANISM_FILE)
+    logger.info(
+        "stage 2 done: {} steps ({}), best validation revenue {:.4g} at step {}",
+        state["step"],
+        stop_reason,
+        state["best_val"],
+        state["best_step"],
+    )
+    return Stage2Result(
+        steps=state["step"],
+        best_step=state["best_step"],
+        best_val_revenue=state["best_val"],
+        stop_reason=stop_reason,
+        wall_time=state["wall_before"],
+        mechanism=mech,
+    )
+
+
+def _restore(
+    ckpt_dir: Path, menu, optimizer, schedule, batch_gen, noise_gen, state, device
+) -> None:
+    found = latest(ckpt_dir)
+    if found is None:
+        raise BundleflowError(f"{ckpt_dir}: no checkpoint to resume from")
+    components, manifest = read_checkpoint(found)
+    menu.load_state_dict({k: v.to(device) for k, v in components["menu"].items()})
+    opt = {
+        k: v.to(device) if k.endswith(("exp_avg", "exp_avg_sq")) else v
+        for k, v in components["optimizer"].items()
+    }
+    load_optimizer_tensors(optimizer, opt, manifest["extra"]["optimizer"])
+    schedule.load_state_dict(manifest["extra"]["schedule"])
+    batch_gen.set_state(components["rng"]["batch"])
+    noise_gen.set_state(
+        components["rng"]["noise"].to(noise_gen.device)
+        if noise_gen.device.type != "cuda"
+        else components["rng"]["noise"]
+    )
+    state.update(manifest["extra"]["loop"])
+    logger.info("resumed from {} (step {})", found, state["step"])
+
+
+def read_mechanism(run_dir: Path) -> FrozenMechanism:
+    path = run_dir / MECHANISM_FILE
+    if not path.is_file():
+        raise BundleflowError(
+            f"{run_dir}: no {MECHANISM_FILE}; the run has not finished Stage 2 "
+            f"(resume it with `bundleflow train --resume {run_dir}`)"
+        )
+    return FrozenMechanism.load(path)
+
+
+def summary_json(result: Stage2Result) -> str:
+    return json.dumps({k: getattr(result, k) for k in ("steps", "best_step", "stop_reason")})
