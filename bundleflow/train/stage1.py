@@ -91,8 +91,11 @@ def train_stage1(
     bar.close()
     net.to("cpu").eval().requires_grad_(False)
     noise.to("cpu")
-    first = float(torch.stack(losses[: min(20, len(losses))]).mean())
-    last = float(torch.stack(losses[-min(100, len(losses)) :]).mean())
+    # Disjoint windows (at most 20 first / 100 last steps), so a short run still compares
+    # its start with its end instead of averaging the same steps twice.
+    half = max(1, len(losses) // 2)
+    first = float(torch.stack(losses[: min(20, half)]).mean())
+    last = float(torch.stack(losses[-min(100, half) :]).mean())
     summary = {
         "steps": step,
         "loss_first": first,
