@@ -12,6 +12,7 @@ s ≈ 750: λ_norm = λ_raw·750, price lr = 0.3/750, price init U[0, 1/750).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -350,9 +351,25 @@ def preset_path(name_or_path: str) -> Path:
     return path
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-3`` as a *string*, which would
+    reject ``--set stage2.lr=1e-3``; here a mantissa without a dot is a float too."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # safe: a SafeLoader subclass
+
+
 def read_yaml_mapping(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml_load(path.read_text())
     except yaml.YAMLError as err:
         raise BundleflowError(f"{path}: not valid YAML ({err})") from err
     except OSError as err:
@@ -372,7 +389,7 @@ def parse_set(items: list[str] | None) -> dict:
         if not sep or not key:
             raise BundleflowError(f"--set {item!r}: expected KEY=VALUE, e.g. --set menu.size=2000")
         try:
-            value = yaml.safe_load(text)
+            value = _yaml_load(text)
         except yaml.YAMLError as err:
             raise BundleflowError(f"--set {item!r}: value is not valid YAML ({err})") from err
         node = out
