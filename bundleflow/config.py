@@ -278,9 +278,13 @@ def _check_choices(config: Config) -> None:
     positive = [
         "data.n_items",
         "data.n_samples",
+        "data.additive_val_samples",
+        "data.additive_test_samples",
+        "flow.n_components",
         "flow.euler_steps",
         "stage1.steps",
         "stage1.batch_size",
+        "stage1.log_every",
         "menu.size",
         "menu.support",
         "stage2.steps",
@@ -288,6 +292,8 @@ def _check_choices(config: Config) -> None:
         "stage2.eval_every",
         "stage2.log_every",
         "stage2.checkpoint_every",
+        "stage2.inv_temp.interval",
+        "stage2.inv_temp.reset_interval",
         "eval.batch_size",
     ]
     for key in positive:
