@@ -116,6 +116,14 @@ def _setup(args: argparse.Namespace):
 
 def _flow_for(config: Config, args, accelerator, run: Run, n_items: int):
     flow_ckpt = getattr(args, "flow_ckpt", None)
+    recorded = run.dir / FLOW_FILE
+    if not flow_ckpt and args.resume and recorded.is_file():
+        # The resumed menu continues with the flow it was trained with (perhaps a
+        # --flow-ckpt), not with whatever the config would train or find in the cache now.
+        # Only a cache entry that has since been deleted is rebuilt (same content key).
+        info = json.loads(recorded.read_text())
+        if "cached" not in info or Path(info["path"]).exists():
+            flow_ckpt = str(run.dir)
     if flow_ckpt:
         field, info = load_flow_ckpt(flow_ckpt, n_items)
     else:

@@ -175,7 +175,9 @@ def resolve_flow_ckpt(spec: str) -> Path:
         if (candidate / FLOW_FILE).is_file():
             pointed = Path(json.loads((candidate / FLOW_FILE).read_text())["path"])
             tried.append(f"{pointed} (from {candidate / FLOW_FILE})")
-            if (pointed / "manifest.json").is_file():
+            if (pointed / "manifest.json").is_file() or (
+                pointed.is_file() and pointed.suffix in (".pth", ".pt")
+            ):
                 return pointed
     hint = "" if home else " (BUNDLEFLOW_HOME is not set)"
     raise BundleflowError(
