@@ -14,7 +14,7 @@ from loguru import logger
 from bundleflow.config import Config, load_config, parse_set, read_yaml_mapping
 from bundleflow.devices import resolve_device
 from bundleflow.errors import BundleflowError
-from bundleflow.evaluate import evaluate_mechanism
+from bundleflow.evaluate import evaluate_mechanism, json_safe
 from bundleflow.train.data import load_run_data
 from bundleflow.train.run import CONFIG_FILE, Run, open_run, runs_root
 from bundleflow.train.stage1 import FLOW_FILE, get_flow, load_flow_ckpt
@@ -247,7 +247,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         run = Run(dir=run_dir, config=config)
         write_report(run, report)
     if args.json:
-        sys.stdout.write(json.dumps(report) + "\n")
+        sys.stdout.write(json.dumps(json_safe(report), allow_nan=False) + "\n")
     else:
         sys.stdout.write(format_summary(report) + "\n")
     return 0
@@ -314,7 +314,7 @@ def format_summary(r: dict) -> str:
 
 
 def write_report(run: Run, report: dict) -> None:
-    run.write_json(REPORT_JSON, report)
+    run.write_json(REPORT_JSON, json_safe(report))
     from bundleflow.atomic import atomic_write_bytes
 
     if run.main_process:

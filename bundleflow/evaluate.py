@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,6 +22,18 @@ def mean_ci(samples: Tensor) -> dict:
     mean = float(x.mean())
     half = Z95 * float(x.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/±inf replaced by None (JSON has no such numbers; ``json.dumps``
+    would write ``NaN``/``Infinity``, which strict parsers such as jq reject)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 @torch.no_grad()
