@@ -1,0 +1,596 @@
+"""The trainer end to end on a tiny CATS problem (CPU, seconds): stages, run directory,
+checkpoints, --flow-ckpt, devices, evaluate/menu show and --resume.
+
+One module-scoped run (``trained``) is shared by the tests that only read it; tests that
+write (resume) work on a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bundleflow import __version__
+from bundleflow.checkpoint import read_checkpoint, write_checkpoint
+from bundleflow.cli import main
+from bundleflow.config import load_config, parse_set
+from bundleflow.errors import BundleflowError
+from bundleflow.evaluate import evaluate_mechanism, json_safe
+from bundleflow.flow import MixtureNoise, VelocityField
+from bundleflow.mechanism import FrozenMechanism
+from bundleflow.menu import Menu, lottery_utilities
+from bundleflow.train.stage1 import (
+    flow_key,
+    get_flow,
+    load_flow,
+    load_flow_ckpt,
+    resolve_flow_ckpt,
+    save_flow,
+    train_stage1,
+)
+from bundleflow.train.stage2 import eval_noise
+from bundleflow.valuations.io import load_dataset
+
+M = 6
+TINY = [
+    f"data.n_items={M}",
+    "data.n_samples=400",
+    "menu.size=32",
+    "stage1.steps=20",
+    "stage1.batch_size=256",
+    "stage1.log_every=5",
+    "stage2.steps=20",
+    "stage2.eval_every=10",
+    "stage2.log_every=5",
+    "stage2.checkpoint_every=7",  # 7, 14 and the final 20 (see test_final_checkpoint_...)
+    "eval.batch_size=64",
+]
+CPU_ARGS = ["--preset", "default", "--device", "cpu", "--no-progress"]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models are latency-bound; on a busy 2-core machine two threads are far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """BUNDLEFLOW_HOME / BUNDLEFLOW_CACHE in a temporary directory for the whole module."""
+    root = tmp_path_factory.mktemp("bf")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BUNDLEFLOW_HOME", str(root / "home"))
+        mp.setenv("BUNDLEFLOW_CACHE", str(root / "cache"))
+        mp.chdir(root)
+        yield root
+
+
+def _only_run(runs: Path) -> Path:
+    found = [p for p in runs.iterdir() if p.is_dir()]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def trained(env) -> Path:
+    """`bundleflow train` on the tiny problem: 20 Stage-1 and 20 Stage-2 steps."""
+    runs = env / "runs-main"
+    assert main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets(TINY)]) == 0
+    return _only_run(runs)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- independent answers
+
+
+def _xor_value(valuation: torch.Tensor, bundle: list[int]) -> float:
+    """v(S) = max{b_k : T_k ⊆ S}, 0 if none fits — one atom at a time."""
+    best = 0.0
+    for row in valuation.tolist():
+        items, value = row[:-1], row[-1]
+        if all(b >= 1 or t == 0 for t, b in zip(items, bundle, strict=True)):
+            best = max(best, value)
+    return best
+
+
+def _brute_force_revenue(mech: FrozenMechanism, test: torch.Tensor) -> float:
+    """Mean payment: the bidder takes the first best element if its utility is ≥ 0."""
+    J, D, _ = mech.bundles.shape
+    total = 0.0
+    for valuation in test:
+        best_u, best_j = -math.inf, None
+        for j in range(J):
+            u = sum(
+                float(mech.alpha[j, d]) * _xor_value(valuation, mech.bundles[j, d].tolist())
+                for d in range(D)
+            ) - float(mech.prices[j])
+            if u > best_u:
+                best_u, best_j = u, j
+        if best_u >= 0:
+            total += float(mech.prices[best_j])
+    return total / test.shape[0]
+
+
+def _best_single_price(train: torch.Tensor) -> float:
+    """argmax_P P·#{v ≥ P} over the observed grand-bundle values (highest among ties)."""
+    values = sorted(train[..., -1].amax(dim=1).tolist())
+    best_price, best_rev = 0.0, -1.0
+    for p in values:
+        rev = p * sum(v >= p for v in values)
+        if rev > best_rev or (rev == best_rev and p > best_price):
+            best_price, best_rev = p, rev
+    return best_price
+
+
+# --------------------------------------------------------------------------- Stage 1
+
+
+def test_stage1_smoke_loss_is_finite_and_falls():
+    config = load_config("default", parse_set(TINY))
+    records = []
+    field, noise, summary = train_stage1(
+        M,
+        config.flow,
+        config.stage1,
+        torch.device("cpu"),
+        metrics=lambda **r: records.append(r),
+        show_progress=False,
+    )
+    assert summary["steps"] == 20
+    assert math.isfinite(summary["loss_first"]) and math.isfinite(summary["loss_last"])
+    assert summary["loss_last"] < summary["loss_first"]
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert not any(p.requires_grad for p in field.parameters())  # returned frozen, on the CPU
+    assert noise.means.shape == (3, M)
+
+
+def test_get_flow_caches_by_content(env):
+    config = load_config("default", parse_set([*TINY, "stage1.steps=3", "stage1.batch_size=32"]))
+    cpu = torch.device("cpu")
+    first, info = get_flow(M, config.flow, config.stage1, cpu, show_progress=False)
+    assert info["cached"] is False and info["steps"] == 3
+    assert Path(info["path"]).parent == env / "cache" / "flows"
+    again, info2 = get_flow(M, config.flow, config.stage1, cpu, show_progress=False)
+    assert info2["cached"] is True and info2["path"] == info["path"]
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # the key is the content: another lr is another flow; log_every is not part of it
+    other_lr = load_config(None, {"stage1": {"lr": 1e-3, "steps": 3}})
+    more_logs = load_config(None, {"stage1": {"log_every": 1, "steps": 3}})
+    base = load_config(None, {"stage1": {"steps": 3}})
+    assert flow_key(M, base.flow, base.stage1) != flow_key(M, other_lr.flow, other_lr.stage1)
+    assert flow_key(M, base.flow, base.stage1) == flow_key(M, more_logs.flow, more_logs.stage1)
+    assert flow_key(M, base.flow, base.stage1) != flow_key(M + 1, base.flow, base.stage1)
+
+
+# --------------------------------------------------------------------------- Stage 2 and the run
+
+
+def test_stage2_smoke_soft_revenue_is_finite_and_rises(trained):
+    soft = [
+        r["soft_revenue"] for r in _records(trained) if r.get("stage") == 2 and "soft_revenue" in r
+    ]
+    assert len(soft) == 4  # steps 5, 10, 15, 20
+    assert all(math.isfinite(x) for x in soft)
+    # prices start near 0 (U[0, 1/750) normalised): 20 Adam steps must raise revenue a lot
+    assert soft[-1] > 2 * soft[0] > 0
+    val = [r for r in _records(trained) if "val_revenue" in r]
+    assert [r["step"] for r in val] == [10, 20]
+    assert all(math.isfinite(r["val_revenue"]) for r in val)
+
+
+def test_run_directory_records_config_versions_and_data(trained, env):
+    names = {p.name for p in trained.iterdir()}
+    expected = {"config.yaml", "run.json", "metrics.jsonl", "mechanism.safetensors"}
+    assert names >= expected | {"report.json", "report.md", "train.log", "flow.json", "best"}
+    config = load_config(None, yaml.safe_load((trained / "config.yaml").read_text()))
+    assert config == load_config("default", parse_set([*TINY, "device=cpu"]))
+    info = json.loads((trained / "run.json").read_text())
+    assert info["package_version"] == __version__
+    assert info["build"]["torch"] == torch.__version__
+    assert info["build"]["cuda"] == torch.version.cuda
+    data_file = Path(info["data"]["path"])
+    assert data_file.parent == env / "cache" / "data"
+    assert info["data"]["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
+    assert info["data"]["sizes"] == {"train": 360, "val": 20, "test": 20}
+    assert info["device"] == "cpu"
+    flow = json.loads((trained / "flow.json").read_text())
+    assert Path(flow["path"]).parent == env / "cache" / "flows"
+    # every checkpoint carries the config and the versions too
+    _, manifest = read_checkpoint(trained / "best")
+    assert manifest["config"]["menu"]["size"] == 32
+    assert manifest["package_version"] == __version__
+    assert manifest["build"]["torch"] == torch.__version__
+
+
+def test_report_matches_a_brute_force_evaluation(trained):
+    report = json.loads((trained / "report.json").read_text())
+    info = json.loads((trained / "run.json").read_text())
+    dataset = load_dataset(info["data"]["path"], n_items=M)
+    test, train = dataset.part("test"), dataset.part("train")
+    mech = FrozenMechanism.load(trained / "mechanism.safetensors")
+    assert report["n_test"] == 20 and report["revenue"]["n"] == 20
+    assert report["revenue"]["mean"] == pytest.approx(_brute_force_revenue(mech, test), rel=1e-5)
+    lo, hi = report["revenue"]["ci95"]
+    assert lo <= report["revenue"]["mean"] <= hi
+    upper = float(test[..., -1].amax(dim=1).double().mean())
+    assert report["expected_max_value"] == pytest.approx(upper, rel=1e-9)
+    assert report["fraction_of_max_value"] == pytest.approx(report["revenue"]["mean"] / upper)
+    price = _best_single_price(train)
+    assert report["grand_bundle"]["price"] == pytest.approx(price, rel=1e-6)
+    grand = [price if v >= price else 0.0 for v in test[..., -1].amax(dim=1).tolist()]
+    assert report["grand_bundle"]["revenue"]["mean"] == pytest.approx(sum(grand) / 20, rel=1e-6)
+    assert report["ir_violations"] == 0
+    assert report["menu_size"] == 32
+    assert 0 <= report["elements_in_use"] <= 20
+    assert report["stage2"]["steps"] == 20 and report["device"] == "cpu"
+
+
+def test_best_checkpoint_reloads_to_the_same_utilities(trained):
+    """best/ -> a fresh Menu -> lotteries with the recorded noise == the saved mechanism."""
+    config = load_config(None, yaml.safe_load((trained / "config.yaml").read_text()))
+    components, manifest = read_checkpoint(trained / "best")
+    flow_path = Path(json.loads((trained / "flow.json").read_text())["path"])
+    field, _, _ = load_flow(flow_path)
+    menu = Menu(
+        M,
+        config.menu.size,
+        config.menu.support,
+        price_scale=5.0,
+        generator=torch.Generator().manual_seed(999),  # not the training initialisation
+    )
+    assert not torch.equal(menu.prices, components["menu"]["prices"])
+    menu.load_state_dict(components["menu"])
+    eps = eval_noise(menu, config.eval.seed)
+    with torch.no_grad():
+        lot = menu.lotteries(field, manifest["extra"]["mix_temp"], eps=eps)
+    mech = FrozenMechanism.load(trained / "mechanism.safetensors")
+    assert mech.meta["best_step"] == manifest["step"]
+    assert torch.equal(mech.eps, eps)
+    assert torch.equal(mech.bundles, lot.bundles.to(torch.uint8))
+    assert torch.equal(mech.alpha, lot.alpha)
+    assert torch.equal(mech.prices, menu.prices.detach() * mech.money_scale)
+    info = json.loads((trained / "run.json").read_text())
+    test = load_dataset(info["data"]["path"], n_items=M).part("test")
+    from_menu = lottery_utilities(
+        lot.bundles, lot.alpha, menu.prices.detach() * mech.money_scale, test
+    )
+    assert torch.equal(mech.utilities(test), from_menu)
+
+
+def test_menu_round_trip_through_a_checkpoint_gives_identical_utilities(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    field = VelocityField(M, hidden=16).requires_grad_(False)
+    saved = Menu(M, 5, 3, price_scale=2.0, generator=gen)
+    write_checkpoint(tmp_path / "c", {"menu": dict(saved.state_dict())}, step=1)
+    components, _ = read_checkpoint(tmp_path / "c")
+    loaded = Menu(M, 5, 3, generator=torch.Generator().manual_seed(4))
+    loaded.load_state_dict(components["menu"])
+    assert torch.equal(loaded.std, saved.std)  # σ is persistent state, not re-drawn
+    eps = saved.draw_noise(torch.Generator().manual_seed(5))
+    values = torch.zeros(7, 2, M + 1)
+    values[:, 0, :M] = (torch.rand(7, M, generator=gen) < 0.5).float()
+    values[:, 0, M] = torch.rand(7, generator=gen) * 3
+    with torch.no_grad():
+        a = saved.utilities(saved.lotteries(field, 0.5, eps=eps), values)
+        b = loaded.utilities(loaded.lotteries(field, 0.5, eps=eps), values)
+    assert torch.equal(a, b)
+
+
+def test_final_checkpoint_on_a_checkpoint_step(env):
+    """A run whose last step is a multiple of stage2.checkpoint_every must not crash."""
+    runs = env / "runs-ckpt-step"
+    items = [*TINY, "stage2.steps=10", "stage2.checkpoint_every=5"]
+    assert main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets(items)]) == 0
+    run = _only_run(runs)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-000000005",
+        "step-000000010",
+    ]
+
+
+# --------------------------------------------------------------------------- evaluate, menu show
+
+
+def _two_item_mechanism() -> FrozenMechanism:
+    """Element 0: item 0 for 3; element 1: both items for 5 (deterministic lotteries)."""
+    return FrozenMechanism(
+        bundles=torch.tensor([[[1, 0]], [[1, 1]]], dtype=torch.uint8),
+        alpha=torch.ones(2, 1),
+        prices=torch.tensor([3.0, 5.0]),
+        eps=torch.zeros(2, 1, 2),
+        mix_temp=1.0,
+    )
+
+
+def _xor(*atoms: tuple[tuple[int, int], float]) -> torch.Tensor:
+    out = torch.zeros(2, 3)
+    for k, (items, value) in enumerate(atoms):
+        out[k, :2] = torch.tensor(items, dtype=torch.float32)
+        out[k, 2] = value
+    return out
+
+
+def test_evaluate_mechanism_on_a_hand_computed_instance():
+    test = torch.stack(
+        [
+            _xor(((1, 0), 4.0), ((1, 1), 6.0)),  # u = (1, 1): tie -> element 0, pays 3
+            _xor(((0, 1), 10.0)),  # u = (-3, 5): pays 5
+            _xor(((1, 0), 2.0)),  # u = (-1, -3): walks away
+            _xor(((1, 1), 5.0)),  # u = (-3, 0): buys at zero utility, pays 5
+        ]
+    )
+    report = evaluate_mechanism(_two_item_mechanism(), test, test, batch_size=3)
+    assert report["revenue"]["mean"] == pytest.approx(13 / 4)
+    # payments 3, 5, 0, 5: sample std sqrt(16.75 / 3)
+    half = 1.959963984540054 * math.sqrt(16.75 / 3) / 2
+    assert report["revenue"]["ci95"] == pytest.approx([13 / 4 - half, 13 / 4 + half])
+    assert report["expected_max_value"] == pytest.approx(23 / 4)  # max values 6, 10, 2, 5
+    assert report["fraction_of_max_value"] == pytest.approx(13 / 23)
+    # grand bundle on values {10, 6, 5, 2}: k·v_(k) = 10, 12, 15, 8 -> price 5, sells 3 of 4
+    assert report["grand_bundle"]["price"] == 5.0
+    assert report["grand_bundle"]["revenue"]["mean"] == pytest.approx(15 / 4)
+    assert report["ratio_to_grand_bundle"] == pytest.approx(13 / 15)
+    assert report["buy_rate"] == 0.75 and report["elements_in_use"] == 2
+    assert report["ir_violations"] == 0 and report["negative_price_purchases"] == 0
+    assert report["n_test"] == 4
+
+
+def test_report_json_has_no_nan_or_infinity():
+    """One test valuation (no CI) and a grand bundle that sells nothing (ratio 1/0)."""
+    test = _xor(((0, 1), 10.0))[None]
+    train = _xor(((1, 1), 100.0))[None]
+    report = evaluate_mechanism(_two_item_mechanism(), test, train)
+    assert report["revenue"]["mean"] == 5.0 and report["grand_bundle"]["revenue"]["mean"] == 0
+    assert math.isinf(report["ratio_to_grand_bundle"])
+    safe = json_safe(report)
+    text = json.dumps(safe, allow_nan=False)  # strict JSON
+    assert json.loads(text)["ratio_to_grand_bundle"] is None
+    assert safe["revenue"]["ci95"] == [None, None] and safe["revenue"]["mean"] == 5.0
+
+
+def test_evaluate_json_prints_one_object(trained, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(trained), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    result = json.loads(out)
+    saved = json.loads((trained / "report.json").read_text())
+    assert result["n_test"] == 20
+    assert result["revenue"]["mean"] == pytest.approx(saved["revenue"]["mean"], rel=1e-12)
+    assert result["fraction_of_max_value"] == pytest.approx(saved["fraction_of_max_value"])
+    assert result["grand_bundle"]["revenue"]["mean"] == saved["grand_bundle"]["revenue"]["mean"]
+    assert "fraction_of_max_value" in result["grand_bundle"]
+
+
+def test_menu_show_json(trained, capsys):
+    capsys.readouterr()
+    assert main(["menu", "show", str(trained), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    shown = json.loads(out)
+    mech = FrozenMechanism.load(trained / "mechanism.safetensors")
+    assert (shown["menu_size"], shown["support"], shown["n_items"]) == (32, 8, M)
+    assert len(shown["elements"]) == 32
+    for element in shown["elements"]:
+        j = element["element"]
+        assert element["price"] == pytest.approx(float(mech.prices[j]))
+        probs = [p["prob"] for p in element["lottery"]]
+        assert 1 - 8e-3 <= sum(probs) <= 1 + 1e-5  # points below 1e-3 are not listed
+        for point in element["lottery"]:
+            d = next(
+                d
+                for d in range(8)
+                if float(mech.alpha[j, d]) == point["prob"]
+                and [i for i in range(M) if mech.bundles[j, d, i]] == point["bundle"]
+            )
+            assert d is not None
+    assert main(["menu", "show", str(trained)]) == 0
+    assert "frozen menu: 32 elements" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- --flow-ckpt
+
+
+@pytest.fixture
+def flow_ckpt(tmp_path):
+    """A flow checkpoint directory (no training needed to test where it is found)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    field = VelocityField(M, hidden=8)
+    noise = MixtureNoise(M, generator=gen)
+    path = save_flow(tmp_path / "somewhere" / "flowdir", field, noise, {"steps": 0, "key": "k"})
+    return path, field
+
+
+def _same_weights(a: VelocityField, b: VelocityField) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_flow_ckpt_absolute_path(flow_ckpt, monkeypatch):
+    path, field = flow_ckpt
+    monkeypatch.delenv("BUNDLEFLOW_HOME", raising=False)
+    assert resolve_flow_ckpt(str(path)) == path
+    loaded, info = load_flow_ckpt(str(path), M)
+    assert _same_weights(loaded, field) and info["key"] == "k"
+
+
+def test_flow_ckpt_relative_to_cwd_wins_over_home(flow_ckpt, tmp_path, monkeypatch):
+    path, _ = flow_ckpt
+    home = tmp_path / "home"
+    shutil.copytree(path, home / "somewhere" / "flowdir")
+    monkeypatch.setenv("BUNDLEFLOW_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_flow_ckpt("somewhere/flowdir") == tmp_path / "somewhere" / "flowdir"
+
+
+def test_flow_ckpt_relative_to_bundleflow_home(flow_ckpt, tmp_path, monkeypatch):
+    path, _ = flow_ckpt
+    home = tmp_path / "home"
+    shutil.copytree(path, home / "flows" / "mine")
+    shutil.copytree(path, home / "runs" / "r1")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("BUNDLEFLOW_HOME", str(home))
+    assert resolve_flow_ckpt("flows/mine") == home / "flows" / "mine"
+    assert resolve_flow_ckpt("r1") == home / "runs" / "r1"  # a run name under $HOME/runs
+
+
+def test_flow_ckpt_run_directory_follows_flow_json(flow_ckpt, tmp_path, monkeypatch):
+    path, field = flow_ckpt
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "flow.json").write_text(json.dumps({"path": str(path), "key": "k"}))
+    monkeypatch.delenv("BUNDLEFLOW_HOME", raising=False)
+    assert resolve_flow_ckpt(str(run)) == path
+    assert _same_weights(load_flow_ckpt(str(run), M)[0], field)
+
+
+def test_flow_ckpt_reference_pth(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    reference = VelocityField(M, hidden=12, hidden2=10)
+    torch.save(reference.state_dict(), tmp_path / "flow_m6.pth")  # the public code's layout
+    monkeypatch.chdir(tmp_path)
+    assert resolve_flow_ckpt("flow_m6.pth") == tmp_path / "flow_m6.pth"
+    loaded, info = load_flow_ckpt("flow_m6.pth", M)
+    assert _same_weights(loaded, reference)
+    assert (loaded.fc1.out_features, loaded.fc2.out_features) == (12, 10)
+    with pytest.raises(BundleflowError, match="m=6"):
+        load_flow_ckpt("flow_m6.pth", M + 1)
+    run = tmp_path / "run"  # a run that used this .pth: its flow.json points at the file
+    run.mkdir()
+    (run / "flow.json").write_text(json.dumps({"path": str(tmp_path / "flow_m6.pth")}))
+    assert resolve_flow_ckpt("run") == tmp_path / "flow_m6.pth"
+
+
+def test_flow_ckpt_for_another_m_is_refused(flow_ckpt):
+    path, _ = flow_ckpt
+    with pytest.raises(BundleflowError, match="m=6.*m=7"):
+        load_flow_ckpt(str(path), M + 1)
+
+
+def test_flow_ckpt_miss_lists_every_place_tried(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("BUNDLEFLOW_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BundleflowError) as exc:
+        resolve_flow_ckpt("flows/missing")
+    message = str(exc.value)
+    for place in (tmp_path / "flows/missing", home / "flows/missing", home / "runs/flows/missing"):
+        assert str(place) in message
+    monkeypatch.delenv("BUNDLEFLOW_HOME")
+    with pytest.raises(BundleflowError, match="BUNDLEFLOW_HOME is not set"):
+        resolve_flow_ckpt("flows/missing")
+
+
+def test_train_stage2_with_flow_ckpt_of_a_run(trained, env, capsys):
+    runs = env / "runs-stage2"
+    items = [*TINY, "stage2.steps=3", "stage2.eval_every=3"]
+    argv = ["train-stage2", *CPU_ARGS, "--runs-dir", str(runs), "--flow-ckpt", str(trained)]
+    assert main([*argv, *_sets(items)]) == 0
+    run = _only_run(runs)
+    assert (
+        json.loads((run / "flow.json").read_text())["path"]
+        == json.loads((trained / "flow.json").read_text())["path"]
+    )
+    assert not any(r.get("stage") == 1 for r in _records(run))  # no Stage-1 training
+    capsys.readouterr()
+    missing = ["train-stage2", *CPU_ARGS, "--runs-dir", str(runs), "--flow-ckpt", "nope"]
+    assert main([*missing, *_sets(items)]) == 2
+    assert "'nope' not found; tried:" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_device_cuda_without_cuda_exits_2_naming_the_build(tmp_path):
+    """CUDA_VISIBLE_DEVICES='' makes this hold on GPU machines too."""
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "BUNDLEFLOW_HOME": str(tmp_path / "home"),
+        "BUNDLEFLOW_CACHE": str(tmp_path / "cache"),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "bundleflow", "train", "--device", "cuda", "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "--device cuda" in lines[0]
+    assert f"torch {torch.__version__}" in lines[0] and "CUDA build" in lines[0]
+    assert not (tmp_path / "home").exists()  # refused before any run directory exists
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_continues_from_the_last_checkpoint(trained, env):
+    """20 steps + resume to 30 == 30 steps in one go (same menu, bit for bit)."""
+    copy = env / "resumed" / trained.name
+    shutil.copytree(trained, copy)
+    assert main(["train", "--resume", str(copy), "--max-steps", "30", "--no-progress"]) == 0
+    records = [r for r in _records(copy) if r.get("stage") == 2]
+    steps = [r["step"] for r in records if "soft_revenue" in r]
+    assert steps == [5, 10, 15, 20, 25, 30]  # continued, not restarted
+    assert [r["step"] for r in records if "val_revenue" in r] == [10, 20, 30]
+    report = json.loads((copy / "report.json").read_text())
+    assert report["stage2"]["steps"] == 30
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir())[-1] == "step-000000030"
+
+    runs = env / "runs-30"
+    assert (
+        main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets([*TINY, "stage2.steps=30"])]) == 0
+    )
+    straight = _only_run(runs)
+    a = FrozenMechanism.load(copy / "mechanism.safetensors")
+    b = FrozenMechanism.load(straight / "mechanism.safetensors")
+    assert a.meta["best_step"] == b.meta["best_step"]
+    assert torch.equal(a.prices, b.prices) and torch.equal(a.alpha, b.alpha)
+    soft_straight = [r["soft_revenue"] for r in _records(straight) if "soft_revenue" in r]
+    assert [r["soft_revenue"] for r in records if "soft_revenue" in r] == soft_straight
+
+
+def test_resume_keeps_the_flow_the_run_was_trained_with(env, tmp_path):
+    """A run started with --flow-ckpt resumes with that flow, not the config's cached one."""
+    torch.manual_seed(2)
+    torch.save(VelocityField(M, hidden=8).state_dict(), tmp_path / "ref.pth")
+    runs = env / "runs-pth"
+    items = [*TINY, "stage2.steps=10", "stage2.eval_every=5"]
+    argv = ["train-stage2", *CPU_ARGS, "--runs-dir", str(runs), "--flow-ckpt"]
+    assert main([*argv, str(tmp_path / "ref.pth"), *_sets(items)]) == 0
+    run = _only_run(runs)
+    assert main(["train", "--resume", str(run), "--max-steps", "14", "--no-progress"]) == 0
+    assert json.loads((run / "flow.json").read_text())["path"] == str(tmp_path / "ref.pth")
+    assert json.loads((run / "run.json").read_text())["flow"]["path"] == str(tmp_path / "ref.pth")
+    assert not any(r.get("stage") == 1 for r in _records(run))
+    assert json.loads((run / "report.json").read_text())["stage2"]["steps"] == 14
