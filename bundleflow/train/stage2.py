@@ -141,6 +141,8 @@ def train_stage2(
         }, opt_rest
 
     def save_resumable() -> None:
+        if (ckpt_dir / f"step-{state['step']:09d}").exists():
+            return  # this step is already on disk
         components, opt_rest = checkpoint_components()
         extra = {"schedule": schedule.state_dict(), "optimizer": opt_rest, "loop": state}
         write_checkpoint(
@@ -271,8 +273,6 @@ def train_stage2(
     bar.close()
     state["wall_before"] += time.monotonic() - start
     start = time.monotonic()
-    if state["best_step"] < state["step"] and stop_reason != "patience":
-        pass  # the final step was evaluated above when it hit total_steps
     if state["best_step"] == 0:  # stopped before any evaluation: evaluate now
         val = validate()
         state.update(
