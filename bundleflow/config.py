@@ -105,6 +105,9 @@ class MenuConfig:
     """b in μ = a + b·sigmoid(10M) (additive: 0.1)."""
     price_init: float = 1.0 / REFERENCE_MONEY_SCALE
     """Prices start U[0, price_init) (normalised money)."""
+    grand_bundle_element: bool = False
+    """bundleflow extension (not in the reference): element 0 starts as the grand bundle at
+    the grand-bundle price fitted on the training split, so the menu can keep that option."""
 
 
 @dataclass(frozen=True)

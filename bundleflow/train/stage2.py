@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from bundleflow.baselines import fit_grand_bundle_price
 from bundleflow.checkpoint import (
     latest,
     load_optimizer_tensors,
@@ -45,11 +46,17 @@ class Stage2Result:
     mechanism: FrozenMechanism
 
 
-def build_menu(cfg: Config, n_items: int) -> Menu:
+# M for a support point that sits on the corner 1: μ = a + b·sigmoid(10·3) ≈ a + b.
+CORNER_LOGIT = 3.0
+
+
+def build_menu(cfg: Config, data: RunData) -> Menu:
+    """The initial menu; with ``menu.grand_bundle_element`` element 0 is the grand bundle
+    at the grand-bundle price fitted on the training split (normalised money)."""
     gen = torch.Generator().manual_seed(cfg.stage2.seed)
     m = cfg.menu
-    return Menu(
-        n_items,
+    menu = Menu(
+        data.n_items,
         m.size,
         m.support,
         loc_offset=m.loc_offset,
@@ -57,6 +64,15 @@ def build_menu(cfg: Config, n_items: int) -> Menu:
         price_scale=m.price_init,
         generator=gen,
     )
+    if m.grand_bundle_element:
+        price = fit_grand_bundle_price(data.train_user) / data.scale
+        with torch.no_grad():
+            menu.means[0].fill_(CORNER_LOGIT)
+            menu.prices[0] = price
+        logger.info(
+            "menu: element 0 starts as the grand bundle at price {:.4g}", price * data.scale
+        )
+    return menu
 
 
 def build_optimizer(menu: Menu, cfg: Config, device: torch.device) -> torch.optim.Adam:
@@ -111,7 +127,7 @@ def train_stage2(
     max_time = max_time if max_time is not None else s2.max_time
     mix_factor = s2.inv_temp.mixture_factor
     flow = freeze_flow(flow).to(device)
-    menu = build_menu(cfg, data.n_items).to(device)
+    menu = build_menu(cfg, data).to(device)
     optimizer = build_optimizer(menu, cfg, device)
     schedule = build_schedule(cfg)
     batch_gen = torch.Generator().manual_seed(s2.seed + 1)
