@@ -226,6 +226,9 @@ def test_run_directory_records_config_versions_and_data(trained, env):
     assert manifest["config"]["menu"]["size"] == 32
     assert manifest["package_version"] == __version__
     assert manifest["build"]["torch"] == torch.__version__
+    assert manifest["extra"]["data"]["sha256"] == info["data"]["sha256"]
+    resumable = sorted((trained / "checkpoints").iterdir())[-1]
+    assert read_checkpoint(resumable)[1]["extra"]["data"]["sha256"] == info["data"]["sha256"]
 
 
 def test_report_matches_a_brute_force_evaluation(trained):

@@ -142,6 +142,7 @@ def train_stage2(
         "best_mix_temp": schedule.value * mix_factor,
     }
     ckpt_dir = run.dir / CHECKPOINTS
+    data_record = {k: data.info.get(k) for k in ("path", "sha256", "money_scale", "kind")}
     if resume:
         _restore(ckpt_dir, menu, optimizer, schedule, batch_gen, noise_gen, state, device)
     if accelerator is not None:
@@ -160,7 +161,12 @@ def train_stage2(
         if (ckpt_dir / f"step-{state['step']:09d}").exists():
             return  # this step is already on disk
         components, opt_rest = checkpoint_components()
-        extra = {"schedule": schedule.state_dict(), "optimizer": opt_rest, "loop": state}
+        extra = {
+            "schedule": schedule.state_dict(),
+            "optimizer": opt_rest,
+            "loop": state,
+            "data": data_record,
+        }
         write_checkpoint(
             ckpt_dir / f"step-{state['step']:09d}",
             components,
@@ -169,6 +175,22 @@ def train_stage2(
             extra=extra,
         )
         prune(ckpt_dir, s2.keep_checkpoints)
+
+    def save_best(val: float) -> None:
+        """The menu with the best validation revenue so far, with the λ it was frozen at."""
+        extra = {
+            "mix_temp": state["best_mix_temp"],
+            "inv_temp": schedule.value,
+            "val_revenue": val,
+            "data": data_record,
+        }
+        replace_checkpoint(
+            run.dir / BEST,
+            {"menu": dict(net.state_dict())},
+            step=state["step"],
+            config=to_dict(cfg),
+            extra=extra,
+        )
 
     def validate() -> float:
         mix_temp = schedule.value * mix_factor
@@ -240,17 +262,7 @@ def train_stage2(
                         since_best=0,
                         best_mix_temp=schedule.value * mix_factor,
                     )
-                    replace_checkpoint(
-                        run.dir / BEST,
-                        {"menu": dict(net.state_dict())},
-                        step=step,
-                        config=to_dict(cfg),
-                        extra={
-                            "mix_temp": state["best_mix_temp"],
-                            "inv_temp": schedule.value,
-                            "val_revenue": val,
-                        },
-                    )
+                    save_best(val)
                 else:
                     state["since_best"] += 1
                 run.metrics(
@@ -294,13 +306,7 @@ def train_stage2(
         state.update(
             best_val=val, best_step=state["step"], best_mix_temp=schedule.value * mix_factor
         )
-        replace_checkpoint(
-            run.dir / BEST,
-            {"menu": dict(net.state_dict())},
-            step=state["step"],
-            config=to_dict(cfg),
-            extra={"mix_temp": state["best_mix_temp"], "val_revenue": val},
-        )
+        save_best(val)
     save_resumable()
     best_components, best_manifest = read_checkpoint(run.dir / BEST, device=device)
     net.load_state_dict(best_components["menu"])
