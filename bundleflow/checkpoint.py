@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from bundleflow import __version__
-from bundleflow.atomic import atomic_write_bytes
+from bundleflow.atomic import atomic_write_bytes, fsync_dir
 from bundleflow.errors import BundleflowError
 
 CHECKPOINT_FORMAT = 1
@@ -49,14 +49,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint(
@@ -94,9 +86,9 @@ def write_checkpoint(
             "files": files,
         }
         atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -172,7 +164,7 @@ def replace_checkpoint(
     if target.exists():
         os.rename(target, old)
     os.rename(staged, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(old)
     return target

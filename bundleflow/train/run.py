@@ -108,3 +108,13 @@ def open_run(
             run_dir / LOG_FILE, level="DEBUG", format="{time:YYYY-MM-DD HH:mm:ss} {level} {message}"
         )
     return run
+
+
+def optimizer_step(loss, optimizer, accelerator=None) -> None:
+    """zero_grad, backward (through Accelerate when there is one), step."""
+    optimizer.zero_grad(set_to_none=True)
+    if accelerator is not None:
+        accelerator.backward(loss)
+    else:
+        loss.backward()
+    optimizer.step()

@@ -25,6 +25,7 @@ from bundleflow.flow import (
     rectified_flow_loss,
 )
 from bundleflow.progress import ProgressBar
+from bundleflow.train.run import optimizer_step
 from bundleflow.valuations.io import default_cache_dir
 
 FLOW_FILE = "flow.json"  # in a run directory: which flow the run used
@@ -71,12 +72,7 @@ def train_stage1(
         t = torch.rand(cfg.batch_size, 1, generator=gen)
         z0, z1, t = (x.to(device, non_blocking=True) for x in (z0, z1, t))
         loss = rectified_flow_loss(net, z0, z1, t)
-        optimizer.zero_grad(set_to_none=True)
-        if accelerator is not None:
-            accelerator.backward(loss)
-        else:
-            loss.backward()
-        optimizer.step()
+        optimizer_step(loss, optimizer, accelerator)
         losses.append(loss.detach())
         if step % cfg.log_every == 0 or step == cfg.steps:
             value = float(torch.stack(losses[-cfg.log_every :]).mean())

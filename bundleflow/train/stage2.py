@@ -29,7 +29,7 @@ from bundleflow.progress import ProgressBar
 from bundleflow.revenue import soft_revenue
 from bundleflow.schedule import InvTempSchedule
 from bundleflow.train.data import RunData
-from bundleflow.train.run import Run
+from bundleflow.train.run import Run, optimizer_step
 
 MECHANISM_FILE = "mechanism.safetensors"
 CHECKPOINTS = "checkpoints"
@@ -225,12 +225,7 @@ def train_stage2(
                 )
                 utilities = net.utilities(lot, batch)
                 loss = -soft_revenue(utilities, net.prices, schedule.value)
-            optimizer.zero_grad(set_to_none=True)
-            if accelerator is not None:
-                accelerator.backward(loss)
-            else:
-                loss.backward()
-            optimizer.step()
+            optimizer_step(loss, optimizer, accelerator)
             recent_loss.append(loss.detach())
             schedule.update(step, lambda: net.mean_support_location(schedule.value * mix_factor))
             elapsed = state["wall_before"] + time.monotonic() - start

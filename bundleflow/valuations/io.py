@@ -27,7 +27,6 @@ import os
 import pickle
 import shlex
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from loguru import logger
 from torch import Tensor
 
 from bundleflow import __version__
+from bundleflow.atomic import atomic_open
 from bundleflow.errors import BundleflowError
 from bundleflow.valuations import cats
 
@@ -283,27 +283,8 @@ def _safetensors_header(t: Tensor, metadata: dict[str, str]) -> bytes:
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write via a temporary file in the same directory, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    with atomic_open(path) as f:
+        write(f)
 
 
 def save_dataset(path: str | os.PathLike, valuations: Tensor, metadata: dict) -> Path:
