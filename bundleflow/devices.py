@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 
+from bundleflow.doctor import FAIL, Facts, check_arch, diagnose, gather, gpu_visible
 from bundleflow.errors import BundleflowError
 
 
@@ -19,21 +18,10 @@ class DeviceChoice:
 
 def nvml_gpu_count() -> int | None:
     """NVIDIA GPUs the driver sees (NVML), or None when there is no driver/NVML."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...
-        return None
-    try:
-        return int(pynvml.nvmlDeviceGetCount())
-    except Exception:  # noqa: BLE001
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
+    from bundleflow.doctor import probe_nvml
+
+    nvml = probe_nvml()
+    return len(nvml.gpus) if nvml.ok else None
 
 
 def torch_build_summary() -> str:
@@ -44,28 +32,25 @@ def torch_build_summary() -> str:
     )
 
 
+def doctor_finding(facts: Facts | None = None) -> str | None:
+    """The doctor's verdict on why torch cannot use CUDA here (with its fix), or None."""
+    facts = facts or gather(launcher=False)
+    finding = diagnose(facts)
+    if finding is None:
+        return None
+    return f"doctor: FAIL {finding.check}: {finding.cause}; fix: {finding.fix}"
+
+
 def cuda_unusable_cause() -> str:
-    """The most likely reason torch cannot use CUDA here, with the fix."""
-    if torch.version.cuda is None:
-        return (
-            f"torch {torch.__version__} is a CPU-only build; reinstall a CUDA build, e.g. "
-            "pip install torch==2.5.1 --index-url https://download.pytorch.org/whl/cu121"
-        )
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU; unset or fix it"
-    count = nvml_gpu_count()
-    if count is None:
-        return (
-            "no NVIDIA driver is visible (NVML not found); in a container start it with GPUs "
-            "(--gpus all / the compose device reservation)"
-        )
-    if count == 0:
-        return "the NVIDIA driver sees no GPU"
-    return (
-        f"NVML sees {count} GPU(s) but CUDA does not initialise (driver older than the wheel's "
-        f"CUDA {torch.version.cuda}, or a container without the compute capability)"
-    )
+    """The most likely reason torch cannot use CUDA here, with the fix (the doctor's words)."""
+    return doctor_finding() or "torch.cuda.is_available() is False for an unknown reason"
+
+
+def _arch_problem(facts: Facts) -> str | None:
+    verdict = check_arch(facts)
+    if verdict.status != FAIL:
+        return None
+    return f"doctor: FAIL arch: {verdict.value}; fix: {verdict.fix}"
 
 
 def resolve_device(request: str) -> DeviceChoice:
@@ -74,10 +59,11 @@ def resolve_device(request: str) -> DeviceChoice:
         return DeviceChoice(torch.device("cpu"), "requested --device cpu")
     if request == "cuda":
         if torch.cuda.is_available():
+            _refuse_missing_arch("--device cuda")
             return DeviceChoice(torch.device("cuda"), f"requested: {torch.cuda.get_device_name()}")
         raise BundleflowError(
             f"--device cuda, but no usable CUDA GPU: {cuda_unusable_cause()} "
-            f"[{torch_build_summary()}]"
+            f"[{torch_build_summary()}]; details: bundleflow doctor"
         )
     if request == "mps":
         if torch.backends.mps.is_available():
@@ -86,17 +72,27 @@ def resolve_device(request: str) -> DeviceChoice:
     if request != "auto":
         raise BundleflowError(f"--device {request!r}: use auto, cuda, mps or cpu")
     if torch.cuda.is_available():
+        _refuse_missing_arch("--device auto")
         name = torch.cuda.get_device_name()
         return DeviceChoice(torch.device("cuda"), f"auto: CUDA is available ({name})")
-    gpus = nvml_gpu_count()
-    if gpus:
+    facts = gather(launcher=False)
+    if gpu_visible(facts):
+        gpus = len(facts.nvml.gpus) or "an"
         raise BundleflowError(
             f"--device auto: the driver sees {gpus} NVIDIA GPU(s) but torch cannot use them: "
-            f"{cuda_unusable_cause()} [{torch_build_summary()}]; pass --device cpu to run on "
-            "the CPU anyway"
+            f"{doctor_finding(facts)} [{torch_build_summary()}]; pass --device cpu to run on "
+            "the CPU anyway; details: bundleflow doctor"
         )
     if torch.backends.mps.is_available():
         return DeviceChoice(torch.device("mps"), "auto: no CUDA GPU; Apple MPS is available")
     return DeviceChoice(
         torch.device("cpu"), f"auto: no NVIDIA GPU visible and no MPS [{torch_build_summary()}]"
     )
+
+
+def _refuse_missing_arch(flag: str) -> None:
+    """CUDA initialises, but the wheel has no kernels for this GPU: the first kernel would
+    fail with "no kernel image is available", so stop now with the doctor's finding."""
+    problem = _arch_problem(gather(launcher=False))
+    if problem:
+        raise BundleflowError(f"{flag}: {problem} [{torch_build_summary()}]")
