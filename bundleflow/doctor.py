@@ -331,9 +331,12 @@ def probe_launcher(world_size: str | None) -> LauncherFacts:
     except ValueError:
         return LauncherFacts(world_size=None, error=f"WORLD_SIZE={world_size!r} is not a number")
     try:
+        import torch
         from accelerate import PartialState
 
-        state = PartialState()
+        # As the trainer's Accelerator(cpu=...): without CUDA the run is a CPU one, and only
+        # cpu=True makes accelerate join the launcher's processes over gloo.
+        state = PartialState(cpu=not torch.cuda.is_available())
         return LauncherFacts(
             world_size=size,
             num_processes=int(state.num_processes),
