@@ -1,4 +1,4 @@
-"""`bundleflow doctor`."""
+"""`bundleflow doctor` and `bundleflow profile`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_doctor)
 
+    doc = "time Stage-2 (and Stage-1) steps under torch.profiler: trace, top operators, memory"
+    p = sub.add_parser("profile", help=doc, description=doc)
+    p.add_argument("--preset", default="default", help="preset name in configs/ or a YAML path")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one config key (dotted, YAML value); repeatable",
+    )
+    p.add_argument("--data", help="a data file instead of the preset's data")
+    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="default: auto")
+    p.add_argument("--steps", type=int, default=20, help="profiled Stage-2 steps (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="unprofiled warm-up steps (default 5)")
+    p.add_argument(
+        "--stage1-steps",
+        type=int,
+        default=0,
+        help="also profile N Stage-1 steps; their flow is the one Stage 2 uses "
+        "(default 0: a randomly initialised flow)",
+    )
+    p.add_argument("--top", type=int, default=25, help="operators per table (default 25)")
+    p.add_argument("--out", help="output directory (default $BUNDLEFLOW_HOME/runs/profile-TIME)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.set_defaults(func=cmd_profile)
+
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from bundleflow import doctor
@@ -31,3 +57,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(doctor.format_report(checks) + "\n")
     return doctor.exit_code(checks)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from bundleflow.profiling import profile_command
+
+    return profile_command(args)
