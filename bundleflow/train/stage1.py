@@ -14,6 +14,7 @@ from loguru import logger
 
 from bundleflow.checkpoint import read_checkpoint, write_checkpoint
 from bundleflow.config import FlowConfig, Stage1Config
+from bundleflow.doctor import gpu_status_line
 from bundleflow.errors import BundleflowError
 from bundleflow.flow import (
     MixtureNoise,
@@ -80,6 +81,9 @@ def train_stage1(
             if metrics is not None:
                 metrics(stage=1, step=step, loss=value, wall_time=elapsed)
             logger.debug("stage 1 step {} loss {:.5f}", step, value)
+            gpu = gpu_status_line(device)  # None off CUDA
+            if gpu is not None:
+                logger.info("stage 1 step {}: {}", step, gpu)
         bar(step)
         if max_time is not None and time.monotonic() - start > max_time:
             logger.info("stage 1: --max-time reached after {} steps", step)

@@ -21,6 +21,7 @@ from bundleflow.checkpoint import (
     write_checkpoint,
 )
 from bundleflow.config import Config, to_dict
+from bundleflow.doctor import gpu_status_line
 from bundleflow.errors import BundleflowError
 from bundleflow.flow import VelocityField
 from bundleflow.mechanism import FrozenMechanism
@@ -247,6 +248,9 @@ def train_stage2(
                 logger.debug(
                     "stage 2 step {} soft revenue {:.4g} λ {:.4g}", step, soft, schedule.value
                 )
+                gpu = gpu_status_line(device)  # None off CUDA
+                if gpu is not None and run.main_process:
+                    logger.info("stage 2 step {}: {}", step, gpu)
             if step % s2.eval_every == 0 or step == total_steps:
                 val = validate()
                 improved = val > state["best_val"]
