@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from bundleflow.config import Config, load_config, parse_set, read_yaml_mapping
+from bundleflow.config import Config, load_config, parse_set
 from bundleflow.devices import resolve_device
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluate import evaluate_mechanism, json_safe
@@ -83,9 +83,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         saved = Path(args.resume) / CONFIG_FILE
         if not saved.is_file():
             raise BundleflowError(f"--resume {args.resume}: no {CONFIG_FILE}; not a run directory")
-        from bundleflow.config import _deep_merge, from_dict
-
-        return from_dict(_deep_merge(read_yaml_mapping(saved), overrides))
+        return load_config(str(saved), overrides)  # the run's own resolved config
     return load_config(args.preset, overrides)
 
 
@@ -229,9 +227,7 @@ def _run_config(run_dir: Path) -> Config:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise BundleflowError(f"{run_dir}: not a bundleflow run directory (no {CONFIG_FILE})")
-    from bundleflow.config import from_dict
-
-    return from_dict(read_yaml_mapping(path))
+    return load_config(str(path))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
