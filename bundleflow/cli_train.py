@@ -168,7 +168,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace, stage1: bool = True) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     config, accelerator, run = _setup(args)
     started = time.monotonic()
     try:
@@ -212,7 +212,7 @@ def cmd_train(args: argparse.Namespace, stage1: bool = True) -> int:
 
 
 def cmd_train_stage2(args: argparse.Namespace) -> int:
-    return cmd_train(args, stage1=False)
+    return cmd_train(args)  # the flow: --flow-ckpt, else the cache, else trained now
 
 
 def _eval_batch(config: Config, kind: str) -> int:
