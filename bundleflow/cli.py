@@ -27,11 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Each command module registers its own sub-parser and sets `func` (args -> exit code).
-    from bundleflow import cli_data, cli_doctor, cli_train
+    from bundleflow import cli_bench, cli_data, cli_doctor, cli_train
 
     cli_train.register(sub)
     cli_data.register(sub)
     cli_doctor.register(sub)
+    cli_bench.register(sub)
     return parser
 
 
