@@ -19,8 +19,9 @@ from torch import Tensor
 
 # Elements of the (B·K, A) inclusion matrix materialised per chunk. On CPU a chunk that
 # stays in cache (2**20 fp32 = 4 MiB) is as fast as one big pass or faster, with a small
-# peak (scripts/bench_core.py prints both); on a GPU big chunks keep kernels few, and 2**27
-# elements (512 MiB fp32) is small next to its memory.
+# peak (measured with scripts/bench_core.py, since replaced by `bundleflow bench`); on a
+# GPU big chunks keep kernels few, and 2**27 elements (512 MiB fp32) is small next to its
+# memory.
 CPU_CHUNK_ELEMENTS = 2**20
 GPU_CHUNK_ELEMENTS = 2**27
 
