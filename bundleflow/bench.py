@@ -295,6 +295,7 @@ def format_text(report: dict) -> str:
         lines.append(
             f"  {name:9s} {med}; {e['precision']}"
             + (f"; mode {e['mode']}" if "mode" in e else "")
+            + (f" (fell back to eager: {e['fallback']})" if "fallback" in e else "")
             + f"; parity {'ok' if p['ok'] else 'FAILED'} (loss rel {p['loss_rel_diff']:.1e}, "
             f"grad rel {p['grad_max_rel_diff']:.1e}, bundles differing "
             f"{p['bundles_differing']}/{p['bundle_entries']})"

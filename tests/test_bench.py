@@ -123,3 +123,19 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     assert torch.isfinite(loss)
     assert "no compiler here" in step.fallback_reason
     assert step(1e-3, 1e-3).shape == ()
+
+
+def test_bench_reports_a_compile_fallback(capsys, monkeypatch):
+    def failing_compile(fn, **kwargs):
+        def compiled(*a, **k):
+            raise RuntimeError("no compiler here")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    code, report = run_json(capsys, "--compile")
+    assert code == 0
+    assert report["fast"]["mode"] == "compile"
+    assert "no compiler here" in report["fast"]["fallback"]
+    assert main(["bench", *TINY, "--compile"]) == 0
+    assert "fell back to eager" in capsys.readouterr().out
