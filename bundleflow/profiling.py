@@ -324,42 +324,16 @@ def stage1_step(cfg: Config, n_items: int, device: torch.device, accelerator):
 
 
 def stage2_step(cfg: Config, flow, data, device: torch.device, accelerator):
-    """The body of the Stage-2 loop (bundleflow.train.stage2.train_stage2), one step."""
-    from bundleflow.menu import freeze_flow
-    from bundleflow.revenue import soft_revenue
-    from bundleflow.train.stage2 import build_menu, build_optimizer, build_schedule
+    """One Stage-2 step of the trainer (bundleflow.train.stage2.train_step), as a closure."""
+    from bundleflow.train.stage2 import setup_stage2, train_step
 
-    s2 = cfg.stage2
-    mix_factor = s2.inv_temp.mixture_factor
-    flow = freeze_flow(flow).to(device)
-    menu = build_menu(cfg, data).to(device)
-    optimizer = build_optimizer(menu, cfg, device)
-    schedule = build_schedule(cfg)
-    batch_gen = torch.Generator().manual_seed(s2.seed + 1)
-    noise_gen = torch.Generator(device=device).manual_seed(s2.seed + 2)
-    menu, optimizer = accelerator.prepare(menu, optimizer)
-    net = menu.module if hasattr(menu, "module") else menu
+    parts = setup_stage2(cfg, flow, data, device)
+    parts.menu, parts.optimizer = accelerator.prepare(parts.menu, parts.optimizer)
     counter = {"step": 0}
 
     def step() -> None:
         counter["step"] += 1
-        batch = data.batch(s2.batch_size, batch_gen, device)
-        with accelerator.autocast():
-            lot = net.lotteries(
-                flow,
-                schedule.value * mix_factor,
-                n_steps=cfg.flow.euler_steps,
-                path=s2.path,
-                generator=noise_gen,
-                exact_density_grad=s2.exact_density_grad,
-            )
-            loss = -soft_revenue(net.utilities(lot, batch), net.prices, schedule.value)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        schedule.update(
-            counter["step"], lambda: net.mean_support_location(schedule.value * mix_factor)
-        )
+        train_step(parts, cfg, data, counter["step"], accelerator)
 
     return step
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -23,11 +24,11 @@ from bundleflow.checkpoint import (
 from bundleflow.config import Config, to_dict
 from bundleflow.doctor import gpu_status_line
 from bundleflow.errors import BundleflowError
+from bundleflow.fast_step import stage2_loss
 from bundleflow.flow import VelocityField
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow
 from bundleflow.progress import ProgressBar
-from bundleflow.revenue import soft_revenue
 from bundleflow.schedule import InvTempSchedule
 from bundleflow.train.data import RunData
 from bundleflow.train.run import Run, optimizer_step
@@ -109,6 +110,66 @@ def _gen_state(gen: torch.Generator) -> torch.Tensor:
     return gen.get_state().clone()
 
 
+@dataclass
+class Stage2Parts:
+    """Everything one Stage-2 step touches, built once per run (and by the profiler)."""
+
+    flow: VelocityField
+    menu: Menu
+    optimizer: torch.optim.Optimizer
+    schedule: InvTempSchedule
+    batch_gen: torch.Generator
+    noise_gen: torch.Generator
+    mix_factor: float
+
+    @property
+    def net(self) -> Menu:
+        """The menu itself, also when Accelerate wrapped it."""
+        return self.menu.module if hasattr(self.menu, "module") else self.menu
+
+    def mix_temp(self) -> float:
+        return self.schedule.value * self.mix_factor
+
+
+def setup_stage2(
+    cfg: Config, flow: VelocityField, data: RunData, device: torch.device
+) -> Stage2Parts:
+    """Frozen flow, initial menu, its optimizer, λ schedule and the two seeded generators."""
+    menu = build_menu(cfg, data).to(device)
+    return Stage2Parts(
+        flow=freeze_flow(flow).to(device),
+        menu=menu,
+        optimizer=build_optimizer(menu, cfg, device),
+        schedule=build_schedule(cfg),
+        batch_gen=torch.Generator().manual_seed(cfg.stage2.seed + 1),
+        noise_gen=torch.Generator(device=device).manual_seed(cfg.stage2.seed + 2),
+        mix_factor=cfg.stage2.inv_temp.mixture_factor,
+    )
+
+
+def train_step(parts: Stage2Parts, cfg: Config, data: RunData, step: int, accelerator=None):
+    """One Stage-2 step (fresh batch and ε, loss, backward, optimizer, λ update): the loss."""
+    s2, net = cfg.stage2, parts.net
+    device = net.means.device
+    batch = data.batch(s2.batch_size, parts.batch_gen, device)
+    ctx = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    with ctx:
+        loss, _ = stage2_loss(
+            net,
+            parts.flow,
+            batch,
+            parts.schedule.value,
+            parts.mix_temp(),
+            net.draw_noise(parts.noise_gen),
+            n_steps=cfg.flow.euler_steps,
+            path=s2.path,
+            exact_density_grad=s2.exact_density_grad,
+        )
+    optimizer_step(loss, parts.optimizer, accelerator)
+    parts.schedule.update(step, lambda: net.mean_support_location(parts.mix_temp()))
+    return loss.detach()
+
+
 def train_stage2(
     cfg: Config,
     flow: VelocityField,
@@ -126,13 +187,9 @@ def train_stage2(
     s2 = cfg.stage2
     total_steps = max_steps or s2.steps
     max_time = max_time if max_time is not None else s2.max_time
-    mix_factor = s2.inv_temp.mixture_factor
-    flow = freeze_flow(flow).to(device)
-    menu = build_menu(cfg, data).to(device)
-    optimizer = build_optimizer(menu, cfg, device)
-    schedule = build_schedule(cfg)
-    batch_gen = torch.Generator().manual_seed(s2.seed + 1)
-    noise_gen = torch.Generator(device=device).manual_seed(s2.seed + 2)
+    parts = setup_stage2(cfg, flow, data, device)
+    flow, menu, optimizer, schedule = parts.flow, parts.menu, parts.optimizer, parts.schedule
+    batch_gen, noise_gen, mix_factor = parts.batch_gen, parts.noise_gen, parts.mix_factor
     eps_eval = eval_noise(menu, cfg.eval.seed).to(device)
     state = {
         "step": 0,
@@ -147,8 +204,9 @@ def train_stage2(
     if resume:
         _restore(ckpt_dir, menu, optimizer, schedule, batch_gen, noise_gen, state, device)
     if accelerator is not None:
-        menu, optimizer = accelerator.prepare(menu, optimizer)
-    net: Menu = menu.module if hasattr(menu, "module") else menu
+        parts.menu, parts.optimizer = accelerator.prepare(menu, optimizer)
+        menu, optimizer = parts.menu, parts.optimizer
+    net: Menu = parts.net
 
     def checkpoint_components() -> dict:
         opt_tensors, opt_rest = optimizer_tensors(optimizer)
@@ -208,27 +266,7 @@ def train_stage2(
         while state["step"] < total_steps:
             state["step"] += 1
             step = state["step"]
-            batch = data.batch(s2.batch_size, batch_gen, device)
-            mix_temp = schedule.value * mix_factor
-            ctx = (
-                accelerator.autocast()
-                if accelerator is not None
-                else torch.autocast("cpu", enabled=False)
-            )
-            with ctx:
-                lot = net.lotteries(
-                    flow,
-                    mix_temp,
-                    n_steps=cfg.flow.euler_steps,
-                    path=s2.path,
-                    generator=noise_gen,
-                    exact_density_grad=s2.exact_density_grad,
-                )
-                utilities = net.utilities(lot, batch)
-                loss = -soft_revenue(utilities, net.prices, schedule.value)
-            optimizer_step(loss, optimizer, accelerator)
-            recent_loss.append(loss.detach())
-            schedule.update(step, lambda: net.mean_support_location(schedule.value * mix_factor))
+            recent_loss.append(train_step(parts, cfg, data, step, accelerator))
             elapsed = state["wall_before"] + time.monotonic() - start
             if step % s2.log_every == 0:
                 soft = -float(torch.stack(recent_loss).mean()) * data.scale
