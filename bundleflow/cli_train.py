@@ -18,7 +18,7 @@ from bundleflow.evaluate import evaluate_mechanism, json_safe
 from bundleflow.train.data import load_run_data
 from bundleflow.train.run import CONFIG_FILE, Run, open_run, runs_root
 from bundleflow.train.stage1 import FLOW_FILE, get_flow, load_flow_ckpt
-from bundleflow.train.stage2 import read_mechanism, train_stage2
+from bundleflow.train.stage2 import graph_unavailable, read_mechanism, train_stage2
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -101,6 +101,11 @@ def _setup(args: argparse.Namespace):
     choice = resolve_device(config.device)
     logger.info("device: {} ({})", choice.device, choice.reason)
     accelerator = make_accelerator(config, choice.device)
+    if config.stage2.step_mode == "graph":  # refuse before anything is written
+        has_pool = config.data.kind != "additive" or getattr(args, "data", None) is not None
+        reason = graph_unavailable(choice.device, has_pool, accelerator)
+        if reason is not None:
+            raise BundleflowError(f"config key 'stage2.step_mode': graph is unavailable: {reason}")
     resume = Path(args.resume) if args.resume else None
     run = open_run(
         runs_root(args.runs_dir), config, main_process=accelerator.is_main_process, resume=resume

@@ -601,3 +601,33 @@ def test_resume_keeps_the_flow_the_run_was_trained_with(env, tmp_path):
     assert json.loads((run / "run.json").read_text())["flow"]["path"] == str(tmp_path / "ref.pth")
     assert not any(r.get("stage") == 1 for r in _records(run))
     assert json.loads((run / "report.json").read_text())["stage2"]["steps"] == 14
+
+
+def test_graph_step_mode_needs_cuda(env, capsys):
+    """stage2.step_mode=graph off CUDA: exit 2 naming the key and the reason, no run left."""
+    runs = env / "runs-graph-cpu"
+    code = main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets(TINY),
+                 "--set", "stage2.step_mode=graph"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "stage2.step_mode" in err and "not CUDA" in err
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_graph_step_mode_trains_and_resumes_on_cuda(env):
+    """The captured step trains (finite, rising soft revenue), checkpoints and resumes."""
+    runs = env / "runs-graph"
+    sets = _sets([*TINY, "stage2.step_mode=graph", "stage2.steps=40"])
+    assert main(["train", "--device", "cuda", "--no-progress", "--runs-dir", str(runs),
+                 *sets, "--max-steps", "30"]) == 0  # fmt: skip
+    run = _only_run(runs)
+    soft = [r["soft_revenue"] for r in _records(run) if "soft_revenue" in r]
+    assert all(math.isfinite(x) for x in soft) and soft[-1] > soft[0]
+    assert main(["train", "--device", "cuda", "--no-progress", "--resume", str(run),
+                 *sets, "--max-steps", "40"]) == 0  # fmt: skip
+    steps = [r["step"] for r in _records(run) if "soft_revenue" in r]
+    assert steps[-1] == 40
+    rng = read_checkpoint(sorted((run / "checkpoints").iterdir())[-1])[0]["rng"]
+    assert "cuda" in rng

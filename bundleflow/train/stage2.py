@@ -24,7 +24,7 @@ from bundleflow.checkpoint import (
 from bundleflow.config import Config, to_dict
 from bundleflow.doctor import gpu_status_line
 from bundleflow.errors import BundleflowError
-from bundleflow.fast_step import stage2_loss
+from bundleflow.fast_step import Stage2Step, stage2_loss
 from bundleflow.flow import VelocityField
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow
@@ -77,14 +77,31 @@ def build_menu(cfg: Config, data: RunData) -> Menu:
     return menu
 
 
-def build_optimizer(menu: Menu, cfg: Config, device: torch.device) -> torch.optim.Adam:
-    """Adam: lr for M and w, a separate (normalised-money) lr for the prices."""
+def build_optimizer(
+    menu: Menu, cfg: Config, device: torch.device, *, capturable: bool = False
+) -> torch.optim.Adam:
+    """Adam: lr for M and w, a separate (normalised-money) lr for the prices. On CUDA it is
+    fused (one kernel, no host sync) and, for the graph step, capturable."""
     groups = [
         {"params": [menu.means, menu.logits], "lr": cfg.stage2.lr},
         {"params": [menu.prices], "lr": cfg.stage2.price_lr},
     ]
-    fused = device.type == "cuda"  # one kernel for all parameters, no host sync
-    return torch.optim.Adam(groups, fused=fused) if fused else torch.optim.Adam(groups)
+    if device.type != "cuda":
+        return torch.optim.Adam(groups)
+    return torch.optim.Adam(groups, fused=True, capturable=capturable)
+
+
+def graph_unavailable(device: torch.device, has_pool: bool, accelerator) -> str | None:
+    """Why the CUDA-graph step cannot run here, or None when it can."""
+    if device.type != "cuda":
+        return f"the device is {device.type}, not CUDA"
+    if not has_pool:
+        return "additive runs draw fresh valuations (no device-resident pool)"
+    if accelerator is not None and accelerator.num_processes > 1:
+        return "several processes (use eager under accelerate launch)"
+    if accelerator is not None and accelerator.mixed_precision not in (None, "no"):
+        return f"mixed precision {accelerator.mixed_precision} (the graph step is fp32)"
+    return None
 
 
 def build_schedule(cfg: Config) -> InvTempSchedule:
@@ -132,14 +149,14 @@ class Stage2Parts:
 
 
 def setup_stage2(
-    cfg: Config, flow: VelocityField, data: RunData, device: torch.device
+    cfg: Config, flow: VelocityField, data: RunData, device: torch.device, *, capturable=False
 ) -> Stage2Parts:
     """Frozen flow, initial menu, its optimizer, λ schedule and the two seeded generators."""
     menu = build_menu(cfg, data).to(device)
     return Stage2Parts(
         flow=freeze_flow(flow).to(device),
         menu=menu,
-        optimizer=build_optimizer(menu, cfg, device),
+        optimizer=build_optimizer(menu, cfg, device, capturable=capturable),
         schedule=build_schedule(cfg),
         batch_gen=torch.Generator().manual_seed(cfg.stage2.seed + 1),
         noise_gen=torch.Generator(device=device).manual_seed(cfg.stage2.seed + 2),
@@ -187,7 +204,14 @@ def train_stage2(
     s2 = cfg.stage2
     total_steps = max_steps or s2.steps
     max_time = max_time if max_time is not None else s2.max_time
-    parts = setup_stage2(cfg, flow, data, device)
+    use_graph = False
+    if s2.step_mode == "graph":
+        reason = graph_unavailable(device, data.train is not None, accelerator)
+        if reason is not None:
+            raise BundleflowError(f"config key 'stage2.step_mode': graph is unavailable: {reason}")
+        use_graph = True
+        torch.cuda.manual_seed(s2.seed + 2)  # the graph draws batches and ε from this generator
+    parts = setup_stage2(cfg, flow, data, device, capturable=use_graph)
     flow, menu, optimizer, schedule = parts.flow, parts.menu, parts.optimizer, parts.schedule
     batch_gen, noise_gen, mix_factor = parts.batch_gen, parts.noise_gen, parts.mix_factor
     eps_eval = eval_noise(menu, cfg.eval.seed).to(device)
@@ -202,18 +226,39 @@ def train_stage2(
     ckpt_dir = run.dir / CHECKPOINTS
     data_record = {k: data.info.get(k) for k in ("path", "sha256", "money_scale", "kind")}
     if resume:
-        _restore(ckpt_dir, menu, optimizer, schedule, batch_gen, noise_gen, state, device)
+        rng = _restore(ckpt_dir, menu, optimizer, schedule, batch_gen, noise_gen, state, device)
+        if use_graph and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
     if accelerator is not None:
         parts.menu, parts.optimizer = accelerator.prepare(menu, optimizer)
         menu, optimizer = parts.menu, parts.optimizer
     net: Menu = parts.net
+    stepper = None
+    if use_graph:
+        raw_optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap Accelerate's
+        stepper = Stage2Step(
+            net,
+            flow,
+            raw_optimizer,
+            data.train,
+            s2.batch_size,
+            n_steps=cfg.flow.euler_steps,
+            path=s2.path,
+            mode="graph",
+            exact_density_grad=s2.exact_density_grad,
+        )
+        logger.info("stage 2: CUDA-graph step (captured after {} eager steps)", stepper.warmup)
 
     def checkpoint_components() -> dict:
         opt_tensors, opt_rest = optimizer_tensors(optimizer)
         return {
             "menu": dict(net.state_dict()),
             "optimizer": opt_tensors,
-            "rng": {"batch": _gen_state(batch_gen), "noise": _gen_state(noise_gen).cpu()},
+            "rng": {
+                "batch": _gen_state(batch_gen),
+                "noise": _gen_state(noise_gen).cpu(),
+                **({"cuda": torch.cuda.get_rng_state(device)} if use_graph else {}),
+            },
         }, opt_rest
 
     def save_resumable() -> None:
@@ -266,7 +311,11 @@ def train_stage2(
         while state["step"] < total_steps:
             state["step"] += 1
             step = state["step"]
-            recent_loss.append(train_step(parts, cfg, data, step, accelerator))
+            if stepper is None:
+                recent_loss.append(train_step(parts, cfg, data, step, accelerator))
+            else:
+                recent_loss.append(stepper(schedule.value, parts.mix_temp()))
+                schedule.update(step, lambda: net.mean_support_location(parts.mix_temp()))
             elapsed = state["wall_before"] + time.monotonic() - start
             if step % s2.log_every == 0:
                 soft = -float(torch.stack(recent_loss).mean()) * data.scale
@@ -382,7 +431,7 @@ def train_stage2(
 
 def _restore(
     ckpt_dir: Path, menu, optimizer, schedule, batch_gen, noise_gen, state, device
-) -> None:
+) -> dict:
     found = latest(ckpt_dir)
     if found is None:
         raise BundleflowError(f"{ckpt_dir}: no checkpoint to resume from")
@@ -402,6 +451,7 @@ def _restore(
     )
     state.update(manifest["extra"]["loop"])
     logger.info("resumed from {} (step {})", found, state["step"])
+    return components["rng"]
 
 
 def read_mechanism(run_dir: Path) -> FrozenMechanism:
