@@ -204,13 +204,14 @@ def train_stage2(
     s2 = cfg.stage2
     total_steps = max_steps or s2.steps
     max_time = max_time if max_time is not None else s2.max_time
-    use_graph = False
-    if s2.step_mode == "graph":
-        reason = graph_unavailable(device, data.train is not None, accelerator)
-        if reason is not None:
-            raise BundleflowError(f"config key 'stage2.step_mode': graph is unavailable: {reason}")
-        use_graph = True
+    reason = graph_unavailable(device, data.train is not None, accelerator)
+    if s2.step_mode == "graph" and reason is not None:
+        raise BundleflowError(f"config key 'stage2.step_mode': graph is unavailable: {reason}")
+    use_graph = s2.step_mode != "eager" and reason is None
+    if use_graph:
         torch.cuda.manual_seed(s2.seed + 2)  # the graph draws batches and ε from this generator
+    elif s2.step_mode == "auto" and device.type == "cuda":
+        logger.info("stage 2: eager steps ({})", reason)
     parts = setup_stage2(cfg, flow, data, device, capturable=use_graph)
     flow, menu, optimizer, schedule = parts.flow, parts.menu, parts.optimizer, parts.schedule
     batch_gen, noise_gen, mix_factor = parts.batch_gen, parts.noise_gen, parts.mix_factor
