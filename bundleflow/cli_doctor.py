@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from bundleflow.cli_train import add_config_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     doc = "check why a GPU is (not) used: one line per check with its fix"
@@ -20,16 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     doc = "time Stage-2 (and Stage-1) steps under torch.profiler: trace, top operators, memory"
     p = sub.add_parser("profile", help=doc, description=doc)
-    p.add_argument("--preset", default="default", help="preset name in configs/ or a YAML path")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override one config key (dotted, YAML value); repeatable",
-    )
-    p.add_argument("--data", help="a data file instead of the preset's data")
-    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="default: auto")
+    add_config_args(p)
     p.add_argument("--steps", type=int, default=20, help="profiled Stage-2 steps (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="unprofiled warm-up steps (default 5)")
     p.add_argument(

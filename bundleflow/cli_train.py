@@ -24,7 +24,8 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """--preset, --set, --data, --device: what every command that builds a config takes."""
     p.add_argument("--preset", default="default", help="preset name in configs/ or a YAML path")
     p.add_argument(
         "--set",
@@ -35,6 +36,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--data", help="a data file (ours, reference .pt/zip, CATS text)")
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="default: auto")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
     p.add_argument("--runs-dir", help="root of run directories (default $BUNDLEFLOW_HOME/runs)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--max-steps", type=int, help="stop this stage after N steps")
