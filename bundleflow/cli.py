@@ -7,7 +7,9 @@ Exit codes (the contract in the CLI spec): 0 success, 1 a check failed, 2 a user
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from bundleflow import __version__
@@ -64,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
+    previous = _terminate_as_interrupt()
     try:
         return int(args.func(args) or EXIT_OK)
     except BundleflowError as err:
@@ -72,6 +75,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("bundleflow: interrupted\n")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (a pre-empted job, `docker stop`) behaves like Ctrl-C: the Stage-2 loop writes a
+    checkpoint and the run can be resumed. Returns the previous handler (None off the main
+    thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

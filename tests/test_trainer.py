@@ -631,3 +631,33 @@ def test_graph_step_mode_trains_and_resumes_on_cuda(env):
     assert steps[-1] == 40
     rng = read_checkpoint(sorted((run / "checkpoints").iterdir())[-1])[0]["rng"]
     assert "cuda" in rng
+
+
+def test_sigterm_checkpoints_and_the_run_resumes(env):
+    """A terminated job (pre-emption, `docker stop`) writes a checkpoint at the step it was
+    at, exits 130 with one line, and `--resume` continues from that step."""
+    import signal
+    import time
+
+    runs = env / "runs-sigterm"
+    sets = _sets([t for t in TINY if not t.startswith("stage2.steps")] + ["stage2.steps=100000"])
+    cmd = [sys.executable, "-m", "bundleflow", "train", *CPU_ARGS, "--runs-dir", str(runs), *sets]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until Stage 2 has written a checkpoint
+        if runs.exists() and list(runs.glob("*/checkpoints/step-*/manifest.json")):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    run = _only_run(runs)
+    last = sorted((run / "checkpoints").iterdir())[-1]
+    stopped = read_checkpoint(last)[1]["step"]
+    assert stopped >= 7 and not (run / "mechanism.safetensors").exists()
+    resumed = [*CPU_ARGS, "--resume", str(run), *sets, "--max-steps", str(stopped + 10)]
+    assert main(["train", *resumed]) == 0
+    steps = [r["step"] for r in _records(run) if r.get("stage") == 2]
+    assert max(steps) == stopped + 10
+    assert (run / "mechanism.safetensors").exists()
