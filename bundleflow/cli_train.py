@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,7 +20,13 @@ from bundleflow.evaluate import evaluate_mechanism, json_safe
 from bundleflow.train.data import load_run_data
 from bundleflow.train.run import CONFIG_FILE, Run, open_run, runs_root
 from bundleflow.train.stage1 import FLOW_FILE, get_flow, load_flow_ckpt
-from bundleflow.train.stage2 import graph_unavailable, read_mechanism, train_stage2
+from bundleflow.train.stage2 import (
+    BEST,
+    CHECKPOINTS,
+    graph_unavailable,
+    read_mechanism,
+    train_stage2,
+)
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -152,9 +160,25 @@ def _flow_for(config: Config, args, accelerator, run: Run, n_items: int):
 # --------------------------------------------------------------------------- commands
 
 
+@contextlib.contextmanager
+def _guarded(run: Run, *, resumed: bool):
+    """Close the run; on a user error before anything was trained, remove the new run
+    directory so no half-written run is left behind (checkpoints and flows are kept)."""
+    try:
+        yield
+    except BundleflowError:
+        run.close()
+        produced = any((run.dir / name).exists() for name in (CHECKPOINTS, BEST, FLOW_FILE))
+        if not resumed and run.main_process and not produced:
+            shutil.rmtree(run.dir, ignore_errors=True)
+        raise
+    finally:
+        run.close()
+
+
 def cmd_train_stage1(args: argparse.Namespace) -> int:
     config, accelerator, run = _setup(args)
-    try:
+    with _guarded(run, resumed=args.resume is not None):
         if args.max_steps:
             from bundleflow.config import replace
 
@@ -173,15 +197,13 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
         run.write_json(FLOW_FILE, info)
         run.update_info(stage1={**info, "wall_time": time.monotonic() - started})
         logger.info("flow: {} (use it with --flow-ckpt {})", info["path"], run.dir)
-    finally:
-        run.close()
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     config, accelerator, run = _setup(args)
     started = time.monotonic()
-    try:
+    with _guarded(run, resumed=args.resume is not None):
         data = load_run_data(config.data, accelerator.device, data_file=args.data)
         run.update_info(data=data.info)
         field, flow_info = _flow_for(config, args, accelerator, run, data.n_items)
@@ -216,8 +238,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         write_report(run, report)
         sys.stderr.write(format_summary(report) + "\n")
-    finally:
-        run.close()
     return 0
 
 

@@ -661,3 +661,15 @@ def test_sigterm_checkpoints_and_the_run_resumes(env):
     steps = [r["step"] for r in _records(run) if r.get("stage") == 2]
     assert max(steps) == stopped + 10
     assert (run / "mechanism.safetensors").exists()
+
+
+def test_bad_data_file_leaves_no_run_directory(env, tmp_path, capsys):
+    """A malformed --data file: exit 2, one line naming the file, and no half-written run."""
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a tensor file")
+    runs = env / "runs-bad-data"
+    code = main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets(TINY), "--data", str(bad)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(str(bad) in line for line in err) and not any("Traceback" in x for x in err)
+    assert not runs.exists() or not any(runs.iterdir())
