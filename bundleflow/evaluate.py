@@ -10,7 +10,7 @@ from torch import Tensor
 
 from bundleflow.baselines import fit_grand_bundle_price, grand_bundle_payments, grand_bundle_values
 from bundleflow.mechanism import FrozenMechanism
-from bundleflow.revenue import WALK_AWAY, hard_outcome
+from bundleflow.revenue import WALK_AWAY
 
 Z95 = 1.959963984540054
 
@@ -46,18 +46,7 @@ def evaluate_mechanism(
     the utilities actually realised: a buyer whose chosen element has negative utility is
     a violation (must be 0 by construction).
     """
-    choices, payments, chosen_utility = [], [], []
-    for start in range(0, test.shape[0], batch_size):  # batches bound memory
-        batch = test[start : start + batch_size].to(mech.prices.device)
-        u = mech.utilities(batch)
-        choice, payment = hard_outcome(u, mech.prices)
-        choices.append(choice.cpu())
-        payments.append(payment.cpu())
-        buyer_u = u.gather(1, choice.clamp(min=0)[:, None]).squeeze(1)
-        chosen_utility.append(torch.where(choice >= 0, buyer_u, 0.0).cpu())
-    choice = torch.cat(choices)
-    payment = torch.cat(payments)
-    realised_u = torch.cat(chosen_utility)
+    choice, payment, realised_u = (x.cpu() for x in mech.play(test, batch_size=batch_size))
     buys = choice != WALK_AWAY
     upper = float(grand_bundle_values(test).double().mean())
     revenue = mean_ci(payment)

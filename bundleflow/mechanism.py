@@ -114,18 +114,29 @@ class FrozenMechanism:
         return lottery_utilities(bundles, self.alpha, self.prices, valuations, **oracle_kw)
 
     @torch.no_grad()
-    def outcome(self, valuations: Tensor, *, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
-        """``choice [N]`` (−1 = walks away) and ``payment [N]``, in batches of ``batch_size``."""
-        choices, payments = [], []
+    def play(self, valuations: Tensor, *, batch_size: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
+        """What each bidder does, in batches of ``batch_size`` (results on the mechanism's device).
+
+        Returns ``choice [N]`` (−1 = walks away), ``payment [N]`` and the utility the bidder
+        realises ``[N]`` (0 for a walk-away; negative would be an IR violation).
+        """
+        choices, payments, realised = [], [], []
         for start in range(0, valuations.shape[0], batch_size):  # batches bound memory
-            u = self.utilities(valuations[start : start + batch_size])
+            u = self.utilities(valuations[start : start + batch_size].to(self.prices.device))
             choice, payment = hard_outcome(u, self.prices)
+            chosen_u = u.gather(1, choice.clamp(min=0)[:, None]).squeeze(1)
             choices.append(choice)
             payments.append(payment)
+            realised.append(torch.where(choice >= 0, chosen_u, 0.0))
         if not choices:
             empty = self.prices.new_zeros(0)
-            return empty.long(), empty
-        return torch.cat(choices), torch.cat(payments)
+            return empty.long(), empty, empty
+        return torch.cat(choices), torch.cat(payments), torch.cat(realised)
+
+    def outcome(self, valuations: Tensor, *, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
+        """``choice [N]`` (−1 = walks away) and ``payment [N]`` (see :meth:`play`)."""
+        choice, payment, _ = self.play(valuations, batch_size=batch_size)
+        return choice, payment
 
     def revenue(self, valuations: Tensor, *, batch_size: int = 1024) -> float:
         """Hard revenue: mean payment over ``valuations``."""
