@@ -168,6 +168,17 @@ class Stage2Config:
     """``graph``: the whole step captured once in a CUDA graph and replayed (CUDA, XOR data,
     one process, no mixed precision; 6.5x faster Stage 2 for ``default`` on an H100);
     ``eager``; ``auto``: graph where it can run, else eager."""
+    parallel: str = "shard"
+    """Under several processes: ``shard`` (each rank owns J/N menu elements, their flow
+    evaluations and utilities for the whole batch; the softmax over elements needs only
+    all-reduces of [B]-sized vectors) or ``replicate`` (plain data parallelism: every rank
+    holds the whole menu and a slice of the batch; gradients averaged). Same results either
+    way up to float summation order; see BENCHMARKS.md for the scaling of each."""
+    sync_every: int = 10
+    """Steps between the ranks' agreement on stop signals (SIGTERM/SIGINT, --max-time) and
+    the non-finite check; one host synchronisation per check."""
+    tf32: bool = False
+    """TF32 tensor cores for the flow network's fp32 matrix products (CUDA)."""
     inv_temp: InvTempConfig = field(default_factory=InvTempConfig)
 
 
@@ -190,7 +201,10 @@ class Config:
     device: str = "auto"
     """``auto``, ``cuda``, ``mps`` or ``cpu``."""
     mixed_precision: str | None = None
-    """``no``, ``fp16`` or ``bf16``; ``null``: accelerate's setting, else ``no``."""
+    """Precision of the flow network's matrix products (Stage 1 training, Stage 2 Q
+    evaluation): ``no``, ``fp16`` or ``bf16``. Log-densities, bundles, utilities, softmax,
+    prices and Adam always stay in fp32. ``null``: accelerate's setting (``accelerate launch
+    --mixed_precision`` or its config file), else ``no``."""
     data: DataConfig = field(default_factory=DataConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -208,6 +222,7 @@ CHOICES = {
     "data.mode": ("fresh", "fixed"),
     "stage2.path": ("fast", "reference"),
     "stage2.step_mode": ("auto", "eager", "graph"),
+    "stage2.parallel": ("shard", "replicate"),
 }
 
 
@@ -300,6 +315,7 @@ def _check_choices(config: Config) -> None:
         "stage2.eval_every",
         "stage2.log_every",
         "stage2.checkpoint_every",
+        "stage2.sync_every",
         "stage2.inv_temp.interval",
         "stage2.inv_temp.reset_interval",
         "eval.batch_size",
