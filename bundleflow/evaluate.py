@@ -8,11 +8,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bundleflow.baselines import fit_grand_bundle_price, grand_bundle_payments, grand_bundle_values
+from bundleflow.baselines import (
+    FittedBaselines,
+    fit_baselines,
+    fit_grand_bundle_price,
+    grand_bundle_payments,
+    grand_bundle_values,
+)
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.revenue import WALK_AWAY
 
 Z95 = 1.959963984540054
+BASELINES = ("grand_bundle", "uniform_item_price", "item_pricing", "bundle_size_pricing")
+"""The posted-price baselines, in report order (the upper bound is reported apart)."""
+RATIO_METHOD = "delta method on paired per-valuation payments (same test valuations)"
 
 
 def mean_ci(samples: Tensor) -> dict:
@@ -22,6 +31,61 @@ def mean_ci(samples: Tensor) -> dict:
     mean = float(x.mean())
     half = Z95 * float(x.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
+
+
+def paired_ratio_ci(numerator: Tensor, denominator: Tensor) -> dict:
+    """Ratio of means R = ā / b̄ of paired per-valuation payments with a 95% delta-method CI.
+
+    With d_i = a_i − R·b_i, Var(R̂) ≈ Var(d) / (n·b̄²); pairing (both mechanisms scored on
+    the same valuations) removes the common valuation noise from the interval.
+    """
+    a, b = numerator.double(), denominator.double()
+    n = a.numel()
+    mean_b = float(b.mean())
+    if n < 2 or mean_b <= 0:
+        ratio = float(a.mean()) / mean_b if mean_b > 0 else float("inf")
+        return {"ratio": ratio, "ci95": [float("nan"), float("nan")], "method": RATIO_METHOD}
+    ratio = float(a.mean()) / mean_b
+    half = Z95 * float((a - ratio * b).std(unbiased=True)) / (math.sqrt(n) * mean_b)
+    return {"ratio": ratio, "ci95": [ratio - half, ratio + half], "method": RATIO_METHOD}
+
+
+def score_baselines(fitted: FittedBaselines, test: Tensor) -> tuple[dict, dict[str, Tensor]]:
+    """Every baseline's test revenue (mean, 95% CI, fraction of E[max value], parameters)
+    and the per-valuation payments ``[N]`` (for paired comparisons)."""
+    payments = fitted.payments(test)
+    upper = float(payments["upper_bound"].mean())
+    params = fitted.params()
+    out = {}
+    for name in (*BASELINES, "upper_bound"):
+        revenue = mean_ci(payments[name])
+        out[name] = {
+            "revenue": revenue,
+            "fraction_of_max_value": revenue["mean"] / upper if upper > 0 else float("nan"),
+            "n_test": revenue["n"],
+            **params.get(name, {}),
+        }
+    return out, payments
+
+
+def best_baseline(scored: dict) -> str:
+    """The baseline of highest test revenue (first in :data:`BASELINES` order on ties)."""
+    return max(BASELINES, key=lambda name: scored[name]["revenue"]["mean"])
+
+
+def baselines_report(train: Tensor, test: Tensor) -> dict:
+    """Fit every baseline on ``train``, score on ``test``: what `bundleflow baselines` prints."""
+    scored, payments = score_baselines(fit_baselines(train), test)
+    best = best_baseline(scored)
+    for name in BASELINES:
+        scored[name]["ratio_to_best_baseline"] = paired_ratio_ci(payments[name], payments[best])
+    return {
+        "n_train": int(train.shape[0]),
+        "n_test": int(test.shape[0]),
+        "expected_max_value": scored["upper_bound"]["revenue"]["mean"],
+        "best_baseline": best,
+        "mechanisms": scored,
+    }
 
 
 def json_safe(value: Any) -> Any:
@@ -40,11 +104,12 @@ def json_safe(value: Any) -> Any:
 def evaluate_mechanism(
     mech: FrozenMechanism, test: Tensor, train: Tensor, *, batch_size: int = 1024
 ) -> dict:
-    """Hard revenue of ``mech`` on ``test`` (user units) and the grand-bundle baseline.
+    """Hard revenue of ``mech`` on ``test`` (user units) beside every baseline.
 
-    The grand-bundle price is fitted on ``train`` and scored on ``test``. IR is checked on
-    the utilities actually realised: a buyer whose chosen element has negative utility is
-    a violation (must be 0 by construction).
+    Baselines are fitted on ``train`` and scored on ``test``; ``baselines`` holds each one's
+    test revenue and ``ratio_to_best_baseline`` the menu's revenue over the best one's with
+    a paired CI. IR is checked on the utilities actually realised: a buyer whose chosen
+    element has negative utility is a violation (must be 0 by construction).
     """
     choice, payment, realised_u = (x.cpu() for x in mech.play(test, batch_size=batch_size))
     buys = choice != WALK_AWAY
@@ -53,6 +118,11 @@ def evaluate_mechanism(
     gb_price = fit_grand_bundle_price(train)
     gb = mean_ci(grand_bundle_payments(test, gb_price))
     prices = mech.prices.cpu()
+    scored, base_pay = score_baselines(fit_baselines(train), test)
+    best = best_baseline(scored)
+    for name in BASELINES:
+        scored[name]["ratio_to_best_baseline"] = paired_ratio_ci(base_pay[name], base_pay[best])
+    used = choice[buys]
     return {
         "n_test": int(test.shape[0]),
         "revenue": revenue,
@@ -69,4 +139,8 @@ def evaluate_mechanism(
         "elements_in_use": int(torch.unique(choice[buys]).numel()),
         "menu_size": mech.menu_size,
         "negative_price_purchases": int((buys & (prices[choice.clamp(min=0)] < 0)).sum()),
+        "baselines": scored,
+        "best_baseline": best,
+        "ratio_to_best_baseline": paired_ratio_ci(payment, base_pay[best]),
+        "element_counts": torch.bincount(used, minlength=mech.menu_size).tolist(),
     }
