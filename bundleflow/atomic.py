@@ -1,16 +1,67 @@
 """Atomic file writes: a temp file in the same directory, fsync, rename, fsync the directory.
 
-A reader sees the old file or the complete new one, never a partial write.
+A reader sees the old file or the complete new one, never a partial write. A write that
+fails (full disk, file-size limit, read-only or unwritable directory) removes its temporary
+file and raises one :class:`~bundleflow.errors.BundleflowError` naming the file and the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from safetensors import SafetensorError
+
+from bundleflow.errors import BundleflowError
+
+_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_error(path: str | Path, err: BaseException) -> BundleflowError:
+    """The one-line user error for a failed write of ``path`` (``err``: OSError or a
+    safetensors I/O error)."""
+    code = getattr(err, "errno", None)
+    if code is None:  # safetensors wraps the OS error in its message: "... (os error 28)"
+        found = re.search(r"os error (\d+)", str(err))
+        code = int(found.group(1)) if found else None
+    reason = os.strerror(code) if code else (str(err).splitlines() or [type(err).__name__])[0]
+    if code in _FULL:
+        fix = (
+            "free disk space (or raise the file-size limit, `ulimit -f`), then resume the run "
+            "with --resume; the last complete checkpoint is intact"
+        )
+    elif code in _DENIED:
+        fix = "make the directory writable or pass a writable --runs-dir"
+    else:
+        fix = "check the disk and the directory's permissions"
+    return BundleflowError(f"{path}: cannot write ({reason}); {fix}")
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """An OSError, or a safetensors error that wraps one (not a bad tensor)."""
+    return isinstance(err, OSError) or (
+        isinstance(err, SafetensorError) and "I/O error" in str(err)
+    )
+
+
+def file_mode() -> int:
+    """0o666 less the process umask: what ``open()`` would have created (mkstemp uses 0o600)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it the old way
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def fsync_dir(path: Path) -> None:
@@ -31,21 +82,30 @@ def fsync_dir(path: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
 
-    On an exception the temporary file is removed and ``path`` is untouched.
+    On an exception the temporary file is removed and ``path`` is untouched; a failed write
+    (OSError, or a safetensors I/O error) becomes a :class:`BundleflowError`.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    except OSError as err:
+        raise write_error(target, err) from None
     tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, target)
         fsync_dir(target.parent)
+    except (OSError, SafetensorError) as err:
+        if is_write_failure(err):
+            raise write_error(target, err) from None
+        raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -14,7 +15,7 @@ import yaml
 from loguru import logger
 
 from bundleflow import __version__
-from bundleflow.atomic import atomic_write_bytes
+from bundleflow.atomic import atomic_write_bytes, write_error
 from bundleflow.checkpoint import torch_build
 from bundleflow.config import Config, to_dict
 from bundleflow.errors import BundleflowError
@@ -23,6 +24,7 @@ RUN_INFO = "run.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
+_RUN_ID_TRIES = 100
 
 
 def runs_root(flag: str | None = None) -> Path:
@@ -36,17 +38,53 @@ def runs_root(flag: str | None = None) -> Path:
 
 
 def new_run_dir(root: Path, name: str) -> Path:
-    """A fresh, unique run directory ``NAME-YYYYmmdd-HHMMSS-xxxxxx`` (never reused)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    """A fresh, unique run directory ``NAME-YYYYmmdd-HHMMSS-xxxxxx`` (never reused).
+
+    ``mkdir`` without ``exist_ok`` is the claim: two runs started in the same second with
+    the same name get different directories (a collision of the random part is retried).
+    """
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise BundleflowError(f"{root}: cannot create the runs directory ({err.strerror})") from err
+        raise write_error(root, err) from None
     if not os.access(root, os.W_OK):
         raise BundleflowError(f"{root}: runs directory is not writable; pass --runs-dir")
-    path = root / f"{name}-{stamp}-{uuid.uuid4().hex[:6]}"
-    path.mkdir(exist_ok=False)
-    return path
+    for _ in range(_RUN_ID_TRIES):
+        path = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise write_error(root, err) from None
+        return path
+    raise BundleflowError(f"{root}: could not claim a new run directory for {name!r}")
+
+
+class _LogFile:
+    """The run's log file as a loguru sink. A line that cannot be written (full disk) ends
+    the file quietly instead of printing loguru's traceback: the checkpoint or metrics write
+    that follows reports the full disk as one clear error."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._handle = path.open("a")
+        except OSError as err:
+            raise write_error(path, err) from None
+        self._broken = False
+
+    def write(self, message: str) -> None:
+        if self._broken:
+            return
+        try:
+            self._handle.write(message)
+            self._handle.flush()
+        except OSError:
+            self._broken = True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._handle.close()
 
 
 @dataclass
@@ -58,6 +96,7 @@ class Run:
     main_process: bool = True
     info: dict[str, Any] = field(default_factory=dict)
     _log_sink: int | None = None
+    _log_file: _LogFile | None = None
 
     def write_json(self, name: str, payload: dict) -> Path:
         path = self.dir / name
@@ -69,8 +108,12 @@ class Run:
         """Append one JSON line to ``metrics.jsonl``."""
         if not self.main_process:
             return
-        with (self.dir / METRICS_FILE).open("a") as handle:
-            handle.write(json.dumps(record, default=float) + "\n")
+        line = json.dumps(record, default=float) + "\n"
+        try:
+            with (self.dir / METRICS_FILE).open("a") as handle:
+                handle.write(line)
+        except OSError as err:
+            raise write_error(self.dir / METRICS_FILE, err) from None
 
     def update_info(self, **items: Any) -> None:
         self.info.update(items)
@@ -80,6 +123,9 @@ class Run:
         if self._log_sink is not None:
             logger.remove(self._log_sink)
             self._log_sink = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
 
 
 def open_run(
@@ -90,7 +136,14 @@ def open_run(
         if not (resume / RUN_INFO).is_file():
             raise BundleflowError(f"{resume}: not a bundleflow run directory (no {RUN_INFO})")
         run_dir = resume
-        info = json.loads((resume / RUN_INFO).read_text())
+        try:
+            info = json.loads((resume / RUN_INFO).read_bytes())
+        except (ValueError, OSError) as err:
+            raise BundleflowError(
+                f"{resume / RUN_INFO}: unreadable ({err}); is this a bundleflow run directory?"
+            ) from None
+        if not isinstance(info, dict):
+            raise BundleflowError(f"{resume / RUN_INFO}: not a JSON object; the run is damaged")
     else:
         run_dir = new_run_dir(root, config.name) if main_process else root
         info = {
@@ -104,8 +157,11 @@ def open_run(
             run_dir / CONFIG_FILE, yaml.safe_dump(to_dict(config), sort_keys=False).encode()
         )
         run.update_info(config=to_dict(config))
+        run._log_file = _LogFile(run_dir / LOG_FILE)
         run._log_sink = logger.add(
-            run_dir / LOG_FILE, level="DEBUG", format="{time:YYYY-MM-DD HH:mm:ss} {level} {message}"
+            run._log_file.write,
+            level="DEBUG",
+            format="{time:YYYY-MM-DD HH:mm:ss} {level} {message}",
         )
     return run
 
