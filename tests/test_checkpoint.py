@@ -115,7 +115,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
         return real_save(tensors, filename)
 
     monkeypatch.setattr(checkpoint, "save_file", save_then_fail)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(BundleflowError, match=r"No space left on device\); free disk space"):
         write_checkpoint(tmp_path / "ckpt", _components(), step=1)
     assert len(calls) == 2
     assert list(tmp_path.iterdir()) == []

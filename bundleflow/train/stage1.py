@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +15,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from bundleflow.checkpoint import read_checkpoint, write_checkpoint
+from bundleflow.checkpoint import clean_stale, read_checkpoint, write_checkpoint
 from bundleflow.config import FlowConfig, Stage1Config
 from bundleflow.doctor import gpu_status_line
 from bundleflow.errors import BundleflowError
@@ -61,9 +64,18 @@ def train_stage1(
     noise = MixtureNoise(n_items, flow_cfg.n_components, flow_cfg.log_std, generator=gen)
     optimizer = torch.optim.Adam(field.parameters(), lr=cfg.lr)
     field.to(device)
+    rank, world = 0, 1
     if accelerator is not None:
+        # Mixed precision: the prepared model's forward runs under autocast and
+        # accelerator.backward scales fp16 losses. Several processes: DDP averages the
+        # gradients of each rank's slice of the (same, seeded) global batch.
         field, optimizer = accelerator.prepare(field, optimizer)
+        rank, world = accelerator.process_index, accelerator.num_processes
+    if world > 1 and max_time is not None:
+        logger.warning("stage 1: --max-time is ignored under several processes")
+        max_time = None
     net = field.module if hasattr(field, "module") else field
+    part = cfg.batch_size // world
     start = time.monotonic()
     bar = ProgressBar(cfg.steps, "stage 1", enabled=None if show_progress else False)
     losses = []
@@ -71,8 +83,9 @@ def train_stage1(
     for step in range(1, cfg.steps + 1):
         z0, z1 = flow_pairs(noise, cfg.batch_size, target_std=flow_cfg.target_std, generator=gen)
         t = torch.rand(cfg.batch_size, 1, generator=gen)
+        z0, z1, t = (x[rank * part : (rank + 1) * part] for x in (z0, z1, t))
         z0, z1, t = (x.to(device, non_blocking=True) for x in (z0, z1, t))
-        loss = rectified_flow_loss(net, z0, z1, t)
+        loss = rectified_flow_loss(field, z0, z1, t)
         optimizer_step(loss, optimizer, accelerator)
         losses.append(loss.detach())
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -121,6 +134,48 @@ def load_flow(directory: Path) -> tuple[VelocityField, MixtureNoise, dict]:
     return field.eval().requires_grad_(False), noise, manifest
 
 
+@contextlib.contextmanager
+def _cache_lock(directory: Path):
+    """An exclusive ``flock`` on ``<cache>/flows/<key>.lock`` for as long as the block runs.
+
+    Two runs that need the same flow take turns: the second waits while the first trains
+    and then finds the cached flow. The lock is released when the holder exits, killed
+    included (the kernel drops it with the file descriptor).
+    """
+    lock_path = directory.with_name(f"{directory.name}.lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = lock_path.open("a")
+    except OSError as err:  # a read-only cache: no sharing, but the run can still train
+        logger.warning("cannot lock the flow cache {} ({}); not sharing it", lock_path, err)
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("stage 1: another process is training this flow; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield True
+    finally:
+        handle.close()  # releases the lock
+
+
+def _cached(directory: Path, key: str, *, locked: bool) -> tuple[VelocityField, dict] | None:
+    if not directory.exists():
+        return None
+    try:
+        field, _, manifest = load_flow(directory)
+    except BundleflowError as err:
+        if locked:  # only the lock holder may remove it; nobody else reads it meanwhile
+            logger.warning("cached flow unusable ({}); training again", err)
+            shutil.rmtree(directory, ignore_errors=True)
+        return None
+    logger.info("stage 1: using cached flow {}", directory)
+    summary = manifest["extra"].get("summary", {})
+    return field, {"key": key, "path": str(directory), "cached": True, **summary}
+
+
 def get_flow(
     n_items: int,
     flow_cfg: FlowConfig,
@@ -128,29 +183,29 @@ def get_flow(
     device: torch.device,
     **train_kw,
 ) -> tuple[VelocityField, dict]:
-    """The cached flow for this (m, flow config, Stage-1 config), trained on a miss."""
+    """The cached flow for this (m, flow config, Stage-1 config), trained on a miss.
+
+    The cache entry is locked while it is looked up, trained and written, so concurrent
+    runs never train the same flow twice nor see a half-written one.
+    """
     key = flow_key(n_items, flow_cfg, cfg)
     directory = flow_cache_dir(key)
-    if directory.exists():
-        try:
-            field, _, manifest = load_flow(directory)
-            logger.info("stage 1: using cached flow {}", directory)
-            return field, {
-                "key": key,
-                "path": str(directory),
-                "cached": True,
-                **manifest["extra"].get("summary", {}),
-            }
-        except BundleflowError as err:
-            logger.warning("cached flow unusable ({}); training again", err)
-    field, noise, summary = train_stage1(n_items, flow_cfg, cfg, device, **train_kw)
-    if summary["steps"] == cfg.steps:  # only complete flows enter the shared cache
-        try:
-            save_flow(directory, field, noise, {"summary": summary, "key": key})
-        except FileExistsError:
-            logger.info("another run cached this flow first; keeping theirs")
-        except OSError as err:
-            logger.warning("could not cache the flow in {}: {}", directory, err)
+    hit = _cached(directory, key, locked=False)  # fast path, no lock
+    if hit is not None:
+        return hit
+    with _cache_lock(directory) as locked:
+        hit = _cached(directory, key, locked=locked)
+        if hit is not None:
+            return hit
+        clean_stale(directory.parent)
+        field, noise, summary = train_stage1(n_items, flow_cfg, cfg, device, **train_kw)
+        if summary["steps"] == cfg.steps:  # only complete flows enter the shared cache
+            try:
+                save_flow(directory, field, noise, {"summary": summary, "key": key})
+            except FileExistsError:
+                logger.info("another run cached this flow first; keeping theirs")
+            except BundleflowError as err:
+                logger.warning("could not cache the flow: {}", err)
     return field, {"key": key, "path": str(directory), "cached": False, **summary}
 
 
