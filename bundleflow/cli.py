@@ -7,6 +7,7 @@ Exit codes (the contract in the CLI spec): 0 success, 1 a check failed, 2 a user
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -29,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Each command module registers its own sub-parser and sets `func` (args -> exit code).
-    from bundleflow import cli_bench, cli_data, cli_doctor, cli_train
+    from bundleflow import cli_bench, cli_data, cli_doctor, cli_eval, cli_train
 
     cli_train.register(sub)
+    cli_eval.register(sub)
     cli_data.register(sub)
     cli_doctor.register(sub)
     cli_bench.register(sub)
@@ -44,11 +46,20 @@ def setup_logging(verbose: bool = False) -> None:
 
     logger.remove()
     logger.enable("bundleflow")
-    logger.add(
-        sys.stderr,
-        level="DEBUG" if verbose else "INFO",
-        format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}",
-    )
+    rank = os.environ.get("RANK", "0")  # set by accelerate launch / torchrun
+    if rank == "0":
+        logger.add(
+            sys.stderr,
+            level="DEBUG" if verbose else "INFO",
+            format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}",
+        )
+    else:  # under several processes only the main one logs events; the others only problems
+        logger.add(
+            sys.stderr,
+            level="WARNING",
+            format=f"<green>{{time:HH:mm:ss}}</green> <level>{{level: <7}}</level> [rank {rank}] "
+            "{message}",
+        )
 
 
 def load_env() -> None:

@@ -1,4 +1,4 @@
-"""`bundleflow train | train-stage1 | train-stage2 | evaluate | menu show`."""
+"""`bundleflow train | train-stage1 | train-stage2` (evaluate and menu: cli_eval)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from loguru import logger
 from bundleflow.config import Config, load_config, parse_set
 from bundleflow.devices import resolve_device
 from bundleflow.errors import BundleflowError
-from bundleflow.evaluate import evaluate_mechanism, json_safe
+from bundleflow.evaluate import evaluate_mechanism
+from bundleflow.report import format_summary, write_run_report
 from bundleflow.train.data import load_run_data
 from bundleflow.train.run import CONFIG_FILE, Run, open_run, runs_root
 from bundleflow.train.stage1 import FLOW_FILE, get_flow, load_flow_ckpt
@@ -24,12 +25,8 @@ from bundleflow.train.stage2 import (
     BEST,
     CHECKPOINTS,
     graph_unavailable,
-    read_mechanism,
     train_stage2,
 )
-
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -67,19 +64,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "train-stage2":
             p.add_argument("--flow-ckpt", help="flow checkpoint dir, run dir, or reference .pth")
         p.set_defaults(func=func)
-    ev = sub.add_parser("evaluate", help="hard revenue of a trained run on its test split")
-    ev.add_argument("--run", required=True, metavar="RUN_DIR")
-    ev.add_argument("--data", help="evaluate on this file's test split instead")
-    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ev.set_defaults(func=cmd_evaluate)
-    menu = sub.add_parser("menu", help="inspect a trained menu")
-    menu_sub = menu.add_subparsers(dest="menu_command", metavar="ACTION")
-    show = menu_sub.add_parser("show", help="the frozen mechanism: bundles, lotteries, prices")
-    show.add_argument("run", metavar="RUN_DIR")
-    show.add_argument("--json", action="store_true")
-    show.add_argument("--top", type=int, default=20, help="elements to list (by purchases)")
-    show.set_defaults(func=cmd_menu_show)
-    menu.set_defaults(func=lambda args: menu.print_help(sys.stderr) or 2)
 
 
 # --------------------------------------------------------------------------- config & setup
@@ -253,97 +237,9 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def _run_config(run_dir: Path) -> Config:
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise BundleflowError(f"{run_dir}: not a bundleflow run directory (no {CONFIG_FILE})")
-    return load_config(str(path))
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run)
-    config = _run_config(run_dir)
-    mech = read_mechanism(run_dir)
-    data = load_run_data(config.data, torch.device("cpu"), data_file=args.data)
-    report = evaluate_mechanism(
-        mech, data.test, data.train_user, batch_size=_eval_batch(config, data.kind)
-    )
-    report["run"] = str(run_dir)
-    if args.data is None:
-        run = Run(dir=run_dir, config=config)
-        write_report(run, report)
-    if args.json:
-        sys.stdout.write(json.dumps(json_safe(report), allow_nan=False) + "\n")
-    else:
-        sys.stdout.write(format_summary(report) + "\n")
-    return 0
-
-
-def cmd_menu_show(args: argparse.Namespace) -> int:
-    mech = read_mechanism(Path(args.run))
-    J, D, m = mech.bundles.shape
-    elements = []
-    for j in range(J):  # presentation only, not a training path
-        support = [
-            {
-                "bundle": [i for i in range(m) if mech.bundles[j, d, i]],
-                "prob": float(mech.alpha[j, d]),
-            }
-            for d in range(D)
-            if float(mech.alpha[j, d]) >= 1e-3
-        ]
-        elements.append({"element": j, "price": float(mech.prices[j]), "lottery": support})
-    if args.json:
-        payload = {
-            "menu_size": J,
-            "support": D,
-            "n_items": m,
-            "money_scale": mech.money_scale,
-            "mix_temp": mech.mix_temp,
-            "elements": elements,
-        }
-        sys.stdout.write(json.dumps(payload) + "\n")
-        return 0
-    order = sorted(elements, key=lambda e: -e["price"])[: args.top]
-    lines = [
-        f"frozen menu: {J} elements × {D} support points, {m} items (top {len(order)} by price)"
-    ]
-    for e in order:
-        lot = "; ".join(
-            f"{p['prob']:.3f}:{{{','.join(map(str, p['bundle']))}}}" for p in e["lottery"]
-        )
-        lines.append(f"  #{e['element']:<5} price {e['price']:10.4g}  {lot}")
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0
-
-
 # --------------------------------------------------------------------------- reports
 
 
-def format_summary(r: dict) -> str:
-    rev, gb = r["revenue"], r["grand_bundle"]["revenue"]
-    lines = [
-        f"test revenue (hard, {rev['n']} valuations): {rev['mean']:.5g} "
-        f"[95% CI {rev['ci95'][0]:.5g}, {rev['ci95'][1]:.5g}]",
-        f"  fraction of E[max value] ({r['expected_max_value']:.5g}): "
-        f"{r['fraction_of_max_value']:.4f}",
-        f"  grand bundle (price {r['grand_bundle']['price']:.5g} fitted on train): "
-        f"{gb['mean']:.5g} [{gb['ci95'][0]:.5g}, {gb['ci95'][1]:.5g}]; menu / grand bundle = "
-        f"{r['ratio_to_grand_bundle']:.3f}",
-        f"  IR violations: {r['ir_violations']}; elements in use: {r['elements_in_use']} of "
-        f"{r['menu_size']}; buy rate {r['buy_rate']:.3f}; negative-price purchases: "
-        f"{r['negative_price_purchases']}",
-    ]
-    if "wall_time" in r:
-        lines.append(f"  wall time {r['wall_time']:.1f} s on {r.get('device_name', r['device'])}")
-    return "\n".join(lines)
-
-
 def write_report(run: Run, report: dict) -> None:
-    run.write_json(REPORT_JSON, json_safe(report))
-    from bundleflow.atomic import atomic_write_bytes
-
-    if run.main_process:
-        atomic_write_bytes(
-            run.dir / REPORT_MD, ("# Report\n\n```\n" + format_summary(report) + "\n```\n").encode()
-        )
+    """report.json, report.md and the plots (bundleflow.report)."""
+    write_run_report(run.dir, report, main_process=run.main_process)

@@ -142,5 +142,29 @@ def evaluate_mechanism(
         "baselines": scored,
         "best_baseline": best,
         "ratio_to_best_baseline": paired_ratio_ci(payment, base_pay[best]),
-        "element_counts": torch.bincount(used, minlength=mech.menu_size).tolist(),
+        "menu": menu_statistics(mech, torch.bincount(used, minlength=mech.menu_size)),
+    }
+
+
+LOTTERY_MIN_PROB = 1e-3
+"""Support points below this probability are left out of lottery sizes and listings."""
+
+
+def menu_statistics(mech: FrozenMechanism, counts: Tensor) -> dict:
+    """Per element ``[J]``: price, expected bundle size Σ_d α_jd·|S_jd|, distinct bundles in
+    the lottery with probability ≥ :data:`LOTTERY_MIN_PROB`, and test purchases ``counts``."""
+    bundles = mech.bundles.cpu().bool()  # (J, D, m)
+    alpha = mech.alpha.cpu().double()  # (J, D)
+    expected_size = (alpha * bundles.sum(dim=-1)).sum(dim=-1)  # (J,)
+    # (J, D, 1, m) == (J, 1, D, m) -> (J, D, D): support points holding the same bundle
+    same = (bundles[:, :, None, :] == bundles[:, None, :, :]).all(dim=-1)
+    significant = alpha >= LOTTERY_MIN_PROB
+    earlier = torch.ones_like(same[0]).tril(diagonal=-1)  # (D, D): d' < d
+    repeated = (same & earlier & significant[:, None, :]).any(dim=-1)  # (J, D)
+    distinct = (significant & ~repeated).sum(dim=-1)
+    return {
+        "prices": mech.prices.cpu().double().tolist(),
+        "expected_bundle_size": expected_size.tolist(),
+        "lottery_size": distinct.tolist(),
+        "purchases": counts.tolist(),
     }

@@ -1,0 +1,256 @@
+"""`bundleflow evaluate | baselines | menu show | menu query`: reading trained runs and data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from bundleflow.config import Config, load_config
+from bundleflow.errors import BundleflowError
+from bundleflow.evaluate import baselines_report, evaluate_mechanism, json_safe
+from bundleflow.mechanism import FrozenMechanism
+from bundleflow.report import format_baselines, format_summary, write_run_report
+from bundleflow.revenue import WALK_AWAY
+from bundleflow.train.data import load_run_data
+from bundleflow.train.run import CONFIG_FILE
+from bundleflow.train.stage2 import read_mechanism
+from bundleflow.valuations import io as data_io
+
+ADDITIVE_EVAL_BATCH = 65536
+"""Additive valuations are [N, m]: far smaller per bidder than XOR, so bigger batches."""
+PARTS = ("test", "train", "val", "all")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser(
+        "evaluate",
+        help="hard revenue of a trained run and every baseline on its test split",
+        description="Hard revenue of a trained run's frozen menu beside every baseline "
+        "(fitted on the training split) on the test split; writes report.md, report.json "
+        "and plots into the run directory (not with --data).",
+    )
+    ev.add_argument("--run", required=True, metavar="RUN_DIR")
+    ev.add_argument("--data", help="evaluate on this file's split instead (no report written)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ev.set_defaults(func=cmd_evaluate)
+
+    base = sub.add_parser(
+        "baselines",
+        help="fit every baseline on a data file's training split, score on its test split",
+        description="Grand bundle, uniform item price, item pricing and bundle-size pricing "
+        "fitted on the file's training split and scored on its test split (the file's own "
+        "split, else the reference split: first 95%% train, last 5%% test), with the upper "
+        "bound E[max value].",
+    )
+    base.add_argument("--data", required=True, help="a data file (ours, reference .pt/zip, CATS)")
+    base.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    base.set_defaults(func=cmd_baselines)
+
+    menu = sub.add_parser("menu", help="inspect a trained menu")
+    menu_sub = menu.add_subparsers(dest="menu_command", metavar="ACTION")
+    show = menu_sub.add_parser("show", help="the frozen mechanism: bundles, lotteries, prices")
+    show.add_argument("run", metavar="RUN_DIR")
+    show.add_argument("--json", action="store_true")
+    show.add_argument("--top", type=int, default=20, help="elements to list (by price)")
+    show.set_defaults(func=cmd_menu_show)
+    query = menu_sub.add_parser(
+        "query",
+        help="what each valuation buys and pays",
+        description="Plays the run's frozen menu against a data file's valuations: the element "
+        "each one buys (or walk-away), its lottery, the payment and the utility.",
+    )
+    query.add_argument("run", metavar="RUN_DIR")
+    query.add_argument("--data", help="a data file (default: the run's own data)")
+    query.add_argument(
+        "--split", choices=PARTS, default="test", help="which part of the file (default: test)"
+    )
+    query.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    query.add_argument("--limit", type=int, default=20, help="valuations listed in the text")
+    query.set_defaults(func=cmd_menu_query)
+    menu.set_defaults(func=lambda args: menu.print_help(sys.stderr) or 2)
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _run_config(run_dir: Path) -> Config:
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise BundleflowError(f"{run_dir}: not a bundleflow run directory (no {CONFIG_FILE})")
+    return load_config(str(path))
+
+
+def eval_batch(config: Config, kind: str) -> int:
+    return ADDITIVE_EVAL_BATCH if kind == "additive" else config.eval.batch_size
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    config = _run_config(run_dir)
+    mech = read_mechanism(run_dir)
+    data = load_run_data(config.data, torch.device("cpu"), data_file=args.data)
+    report = evaluate_mechanism(
+        mech, data.test, data.train_user, batch_size=eval_batch(config, data.kind)
+    )
+    report["run"] = str(run_dir)
+    if args.data is None:
+        previous = run_dir / "report.json"
+        if previous.is_file():  # keep what training recorded (wall time, device, stage 2)
+            saved = json.loads(previous.read_text())
+            keep = ("device", "device_name", "wall_time", "stage2")
+            report.update({k: saved[k] for k in keep if k in saved})
+        write_run_report(run_dir, report)
+    if args.json:
+        _write_stdout(json.dumps(json_safe(report), allow_nan=False))
+    else:
+        _write_stdout(format_summary(report))
+    return 0
+
+
+def cmd_baselines(args: argparse.Namespace) -> int:
+    dataset = data_io.load_dataset(args.data)
+    train, test = dataset.part("train"), dataset.part("test")
+    if train.shape[0] == 0 or test.shape[0] == 0:
+        raise BundleflowError(
+            f"{args.data}: split sizes {dataset.split.sizes()} leave the training or test part "
+            "empty; use more samples or re-create the file with another --split"
+        )
+    report = baselines_report(train, test)
+    report.update(data=str(args.data), split=dataset.split.sizes(), n_items=dataset.n_items)
+    if args.json:
+        _write_stdout(json.dumps(json_safe(report), allow_nan=False))
+    else:
+        _write_stdout(format_baselines(report))
+    return 0
+
+
+def lottery(mech: FrozenMechanism, element: int, min_prob: float = 1e-3) -> list[dict]:
+    """Element ``element``'s lottery: bundles (item lists) with probability ≥ ``min_prob``."""
+    bundles, alpha = mech.bundles[element].cpu(), mech.alpha[element].cpu()
+    return [
+        {"bundle": bundles[d].nonzero().squeeze(1).tolist(), "prob": float(alpha[d])}
+        for d in range(bundles.shape[0])  # D support points: presentation only
+        if float(alpha[d]) >= min_prob
+    ]
+
+
+def cmd_menu_show(args: argparse.Namespace) -> int:
+    mech = read_mechanism(Path(args.run))
+    J, D, m = mech.bundles.shape
+    elements = [
+        {"element": j, "price": float(mech.prices[j]), "lottery": lottery(mech, j)}
+        for j in range(J)  # presentation only, not a training path
+    ]
+    if args.json:
+        payload = {
+            "menu_size": J,
+            "support": D,
+            "n_items": m,
+            "money_scale": mech.money_scale,
+            "mix_temp": mech.mix_temp,
+            "elements": elements,
+        }
+        _write_stdout(json.dumps(payload))
+        return 0
+    order = sorted(elements, key=lambda e: -e["price"])[: args.top]
+    lines = [
+        f"frozen menu: {J} elements × {D} support points, {m} items (top {len(order)} by price)"
+    ]
+    lines += [f"  #{e['element']:<5} price {e['price']:10.4g}  {_lottery_text(e)}" for e in order]
+    _write_stdout("\n".join(lines))
+    return 0
+
+
+def _lottery_text(element: dict) -> str:
+    return "; ".join(
+        f"{p['prob']:.3f}:{{{','.join(map(str, p['bundle']))}}}" for p in element["lottery"]
+    )
+
+
+def _query_valuations(args: argparse.Namespace, run_dir: Path) -> tuple[torch.Tensor, int, str]:
+    """The valuations of ``--split`` (user units), the file index of the first, the source."""
+    if args.data is None:
+        config = _run_config(run_dir)
+        if config.data.kind == "additive":
+            data = load_run_data(config.data, torch.device("cpu"))
+            if args.split != "test":
+                raise BundleflowError(
+                    f"{run_dir}: an additive run keeps only its test draws; use --split test "
+                    "or pass --data"
+                )
+            return data.test, 0, "additive test draws"
+        if config.data.kind == "file":
+            path = Path(config.data.path or "")
+        else:
+            path = data_io.cached_dataset(
+                config.data.dist,
+                config.data.n_items,
+                config.data.n_samples,
+                config.data.seed,
+                private_values=config.data.values,
+                mode=config.data.mode,
+                split=config.data.split,
+            )
+    else:
+        path = Path(args.data)
+    dataset = data_io.load_dataset(path)
+    if args.split == "all":
+        return dataset.valuations, 0, str(path)
+    start, _ = getattr(dataset.split, args.split)
+    return dataset.part(args.split), start, str(path)
+
+
+def cmd_menu_query(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    mech = read_mechanism(run_dir)
+    valuations, offset, source = _query_valuations(args, run_dir)
+    if valuations.dim() == 3 and valuations.shape[-1] - 1 != mech.n_items:
+        raise BundleflowError(
+            f"{source}: valuations over {valuations.shape[-1] - 1} items, the menu of {run_dir} "
+            f"sells {mech.n_items}; pass the data the run was trained on"
+        )
+    choice, payment, utility = (x.cpu() for x in mech.play(valuations))
+    bought = sorted(set(choice[choice != WALK_AWAY].tolist()))
+    rows = [
+        {
+            "index": offset + n,
+            "element": int(choice[n]) if int(choice[n]) != WALK_AWAY else None,
+            "payment": float(payment[n]),
+            "utility": float(utility[n]),
+        }
+        for n in range(valuations.shape[0])  # output rows: presentation only
+    ]
+    summary = {
+        "run": str(run_dir),
+        "data": source,
+        "split": args.split,
+        "n": len(rows),
+        "revenue": float(payment.double().mean()) if rows else 0.0,
+        "buy_rate": float((choice != WALK_AWAY).double().mean()) if rows else 0.0,
+    }
+    if args.json:
+        elements = {
+            str(j): {"price": float(mech.prices[j]), "lottery": lottery(mech, j)} for j in bought
+        }
+        _write_stdout(json.dumps(json_safe({**summary, "valuations": rows, "elements": elements})))
+        return 0
+    lines = [
+        f"{source} ({args.split}): {len(rows)} valuations, revenue {summary['revenue']:.5g}, "
+        f"buy rate {summary['buy_rate']:.3f}; first {min(args.limit, len(rows))}:"
+    ]
+    for row in rows[: args.limit]:
+        if row["element"] is None:
+            lines.append(f"  valuation {row['index']:>6}: walks away, pays 0")
+            continue
+        lot = _lottery_text({"lottery": lottery(mech, row["element"])})
+        lines.append(
+            f"  valuation {row['index']:>6}: element #{row['element']} pays "
+            f"{row['payment']:.5g} (utility {row['utility']:.4g})  {lot}"
+        )
+    _write_stdout("\n".join(lines))
+    return 0
