@@ -16,7 +16,7 @@ from bundleflow.mechanism import FrozenMechanism
 from bundleflow.report import format_baselines, format_summary, write_run_report
 from bundleflow.revenue import WALK_AWAY
 from bundleflow.train.data import load_run_data
-from bundleflow.train.run import CONFIG_FILE
+from bundleflow.train.run import CONFIG_FILE, RUN_INFO
 from bundleflow.train.stage2 import read_mechanism
 from bundleflow.valuations import io as data_io
 
@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "each one buys (or walk-away), its lottery, the payment and the utility.",
     )
     query.add_argument("run", metavar="RUN_DIR")
-    query.add_argument("--data", help="a data file (default: the run's own data)")
+    query.add_argument("--data", help="a data file (default: the data the run was trained on)")
     query.add_argument(
         "--split", choices=PARTS, default="test", help="which part of the file (default: test)"
     )
@@ -85,6 +85,16 @@ def _run_config(run_dir: Path) -> Config:
     return load_config(str(path))
 
 
+def run_data_file(run_dir: Path) -> str | None:
+    """The data file a run was trained on with ``--data`` (recorded in ``run.json``), else None
+    (the run's config names its data)."""
+    path = run_dir / RUN_INFO
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text()).get("data") or {}
+    return data.get("path") if data.get("kind") == "file" else None
+
+
 def eval_batch(config: Config, kind: str) -> int:
     return ADDITIVE_EVAL_BATCH if kind == "additive" else config.eval.batch_size
 
@@ -93,7 +103,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     config = _run_config(run_dir)
     mech = read_mechanism(run_dir)
-    data = load_run_data(config.data, torch.device("cpu"), data_file=args.data)
+    data_file = args.data or run_data_file(run_dir)
+    data = load_run_data(config.data, torch.device("cpu"), data_file=data_file)
     report = evaluate_mechanism(
         mech, data.test, data.train_user, batch_size=eval_batch(config, data.kind)
     )
@@ -174,7 +185,8 @@ def _lottery_text(element: dict) -> str:
 
 def _query_valuations(args: argparse.Namespace, run_dir: Path) -> tuple[torch.Tensor, int, str]:
     """The valuations of ``--split`` (user units), the file index of the first, the source."""
-    if args.data is None:
+    data_file = args.data or run_data_file(run_dir)
+    if data_file is None:
         config = _run_config(run_dir)
         if config.data.kind == "additive":
             data = load_run_data(config.data, torch.device("cpu"))
@@ -197,7 +209,7 @@ def _query_valuations(args: argparse.Namespace, run_dir: Path) -> tuple[torch.Te
                 split=config.data.split,
             )
     else:
-        path = Path(args.data)
+        path = Path(data_file)
     dataset = data_io.load_dataset(path)
     if args.split == "all":
         return dataset.valuations, 0, str(path)
