@@ -104,14 +104,35 @@ def _setup(args: argparse.Namespace):
         if reason is not None:
             raise BundleflowError(f"config key 'stage2.step_mode': graph is unavailable: {reason}")
     resume = Path(args.resume) if args.resume else None
-    run = open_run(
-        runs_root(args.runs_dir), config, main_process=accelerator.is_main_process, resume=resume
-    )
+    if accelerator.num_processes > 1:
+        logger.info(
+            "process {} of {} on {}",
+            accelerator.process_index,
+            accelerator.num_processes,
+            accelerator.device,
+        )
+    run = _open_shared_run(args, config, accelerator, resume)
     run.update_info(
         device=str(accelerator.device), device_reason=choice.reason, command=" ".join(sys.argv)
     )
     logger.info("run directory: {}", run.dir)
     return config, accelerator, run
+
+
+def _open_shared_run(args, config: Config, accelerator, resume: Path | None) -> Run:
+    """The main process creates (or reopens) the run directory; the others learn its path."""
+    main = accelerator.is_main_process
+    run = None
+    if main:
+        run = open_run(runs_root(args.runs_dir), config, main_process=True, resume=resume)
+    if accelerator.num_processes == 1:
+        return run
+    from accelerate.utils import broadcast_object_list
+
+    shared = broadcast_object_list([str(run.dir) if main else None], from_process=0)
+    if main:
+        return run
+    return Run(dir=Path(shared[0]), config=config, main_process=False)
 
 
 def _flow_for(config: Config, args, accelerator, run: Run, n_items: int):
@@ -126,6 +147,8 @@ def _flow_for(config: Config, args, accelerator, run: Run, n_items: int):
             flow_ckpt = str(run.dir)
     if flow_ckpt:
         field, info = load_flow_ckpt(flow_ckpt, n_items)
+    elif accelerator.num_processes > 1:
+        field, info = _shared_flow(config, args, accelerator, run, n_items)
     else:
         stage1 = config.stage1
         field, info = get_flow(
@@ -139,6 +162,37 @@ def _flow_for(config: Config, args, accelerator, run: Run, n_items: int):
         )
     run.write_json(FLOW_FILE, info)
     return field, info
+
+
+def _shared_flow(config: Config, args, accelerator, run: Run, n_items: int):
+    """Several processes: the main process looks in the cache; on a miss every rank trains
+    Stage 1 together (DDP) and only the main process writes the cache entry."""
+    from accelerate.utils import broadcast_object_list
+
+    from bundleflow.train.stage1 import flow_cache_dir, flow_key, load_flow, save_flow, train_stage1
+
+    key = flow_key(n_items, config.flow, config.stage1)
+    directory = flow_cache_dir(key)
+    hit = [directory.exists() if accelerator.is_main_process else None]
+    if broadcast_object_list(hit, from_process=0)[0]:
+        field, _, manifest = load_flow(directory)
+        return field, {"key": key, "path": str(directory), "cached": True}
+    field, noise, summary = train_stage1(
+        n_items,
+        config.flow,
+        config.stage1,
+        accelerator.device,
+        accelerator=accelerator,
+        metrics=run.metrics,
+        show_progress=not args.no_progress and accelerator.is_main_process,
+    )
+    if accelerator.is_main_process:
+        try:
+            save_flow(directory, field, noise, {"summary": summary, "key": key})
+        except (FileExistsError, OSError) as err:
+            logger.warning("flow not cached in {}: {}", directory, err)
+    accelerator.wait_for_everyone()
+    return field, {"key": key, "path": str(directory), "cached": False, **summary}
 
 
 # --------------------------------------------------------------------------- commands
@@ -188,7 +242,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, accelerator, run = _setup(args)
     started = time.monotonic()
     with _guarded(run, resumed=args.resume is not None):
-        data = load_run_data(config.data, accelerator.device, data_file=args.data)
+        with accelerator.main_process_first():  # one process generates the cached data set
+            data = load_run_data(config.data, accelerator.device, data_file=args.data)
         run.update_info(data=data.info)
         field, flow_info = _flow_for(config, args, accelerator, run, data.n_items)
         run.update_info(flow=flow_info)
@@ -204,6 +259,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             resume=args.resume is not None,
             show_progress=not args.no_progress,
         )
+        if result.mechanism is None:  # stopped by a signal (checkpoint written) or not main
+            return 0
         report = evaluate_mechanism(
             result.mechanism, data.test, data.train_user, batch_size=_eval_batch(config, data.kind)
         )

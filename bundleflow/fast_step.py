@@ -52,6 +52,7 @@ def stage2_loss(
     n_steps: int = 5,
     path: IntegratorPath = "fast",
     exact_density_grad: bool = False,
+    q_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The training loss −R̃ and the bundles ``[J, D, m]`` for given noise and valuations."""
     lot = menu.lotteries(
@@ -61,6 +62,7 @@ def stage2_loss(
         n_steps=n_steps,
         path=path,
         exact_density_grad=exact_density_grad,
+        q_dtype=q_dtype,
     )
     loss = -soft_revenue(menu.utilities(lot, valuations), menu.prices, inv_temp)
     return loss, lot.bundles
@@ -130,6 +132,7 @@ class Stage2Step:
         mode: StepMode = "auto",
         tf32: bool = False,
         exact_density_grad: bool = False,
+        q_dtype: torch.dtype | None = None,
         warmup: int = 3,
         generator: torch.Generator | None = None,
     ):
@@ -149,6 +152,7 @@ class Stage2Step:
         self.batch_size, self.n_steps, self.path = batch_size, n_steps, path
         self.tf32 = tf32 and self.device.type == "cuda"
         self.exact_density_grad = exact_density_grad
+        self.q_dtype = q_dtype
         self.warmup = max(1, warmup)
         self.generator = generator
         self.calls = 0
@@ -169,7 +173,10 @@ class Stage2Step:
     @property
     def precision(self) -> str:
         oracle = "bf16 inclusion mask (exact)" if self.device.type == "cuda" else "fp32 oracle"
-        flow = "TF32 matmuls" if self.tf32 else "float32 (TF32 off)"
+        if self.q_dtype in (torch.bfloat16, torch.float16):
+            flow = f"flow network in {str(self.q_dtype).removeprefix('torch.')} (Q cast to fp32)"
+        else:
+            flow = "TF32 matmuls" if self.tf32 else "float32 (TF32 off)"
         return f"{flow}; {oracle}; fp32 softmax/Adam"
 
     # ------------------------------------------------------------------ one step
@@ -193,6 +200,7 @@ class Stage2Step:
                 n_steps=self.n_steps,
                 path=self.path,
                 exact_density_grad=self.exact_density_grad,
+                q_dtype=self.q_dtype,
             )
             loss.backward()
             self.optimizer.step()

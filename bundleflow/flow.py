@@ -135,6 +135,15 @@ def _sigma_grid(field: VelocityField, n_steps: int, like: Tensor) -> list[Tensor
     return [field.sigma(ones * i / n_steps).detach() for i in range(n_steps)]
 
 
+def low_precision_q(field: VelocityField, z0: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """Q(z0) with the network under autocast in ``dtype`` (None: as is), cast to float32."""
+    if dtype is None or dtype == torch.float32:
+        return field.q(z0)
+    with torch.autocast(z0.device.type, dtype=dtype):
+        q = field.q(z0)
+    return q.float()
+
+
 def integrate(
     field: VelocityField,
     z0: Tensor,
@@ -142,6 +151,7 @@ def integrate(
     *,
     path: IntegratorPath = "fast",
     enable_grad: bool = True,
+    q_dtype: torch.dtype | None = None,
 ) -> FlowResult:
     """Push start points through the flow with N Euler steps.
 
@@ -153,6 +163,9 @@ def integrate(
             ``"reference"``: N network calls, as the public code does (its numerics).
         enable_grad: keep the graph from z0 to Q (and so to ``log_det``). Off, nothing
             is differentiable; the end points and bundles never are.
+        q_dtype: ``torch.bfloat16``/``torch.float16``: the network's matrix products run
+            under autocast in that dtype (fast path only) and Q is returned in float32, so
+            the Euler product, the trace term and everything after stay float32.
     """
     if path not in ("fast", "reference"):
         raise ValueError(f"path must be 'fast' or 'reference', got {path!r}")
@@ -163,7 +176,7 @@ def integrate(
             for s in sigmas[1:]:  # N scalars, in the reference's summation order
                 total = total + s
             int_sigma = (total / n_steps).reshape(())
-            q = field.q(z0)  # (P, m): the only network evaluation on the points
+            q = low_precision_q(field, z0, q_dtype)  # (P, m): the only network evaluation
             with torch.no_grad():
                 growth = 1 + q * (sigmas[0].reshape(()) / n_steps)
                 for s in sigmas[1:]:

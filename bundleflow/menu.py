@@ -151,6 +151,7 @@ class Menu(nn.Module):
         path: IntegratorPath = "fast",
         generator: torch.Generator | None = None,
         exact_density_grad: bool = False,
+        q_dtype: torch.dtype | None = None,
     ) -> Lotteries:
         """Push every support point through the flow: bundles and their probabilities.
 
@@ -163,6 +164,8 @@ class Menu(nn.Module):
         the trace-term gradient (≈1.1% of the largest entry of ∂/∂M on the recorded
         fixture). ``True`` differentiates through a detached z0 − μ instead: the same
         forward values and the exact gradient (checked against float64 in the tests).
+
+        ``q_dtype``: the flow network's precision (see :func:`bundleflow.flow.integrate`).
         """
         if eps is None:
             eps = self.draw_noise(generator)
@@ -172,7 +175,7 @@ class Menu(nn.Module):
         diff = (z0 - mu).detach() if exact_density_grad else z0 - mu
         log_p0 = log_normal_of_offset(diff, self.std).sum(dim=-1)  # (J, D)
         log_mix = torch.log(self.mixture_weights(mix_temp) + MIXTURE_EPS)  # (J, D)
-        flowed = integrate(flow, z0.reshape(J * D, m), n_steps, path=path)
+        flowed = integrate(flow, z0.reshape(J * D, m), n_steps, path=path, q_dtype=q_dtype)
         log_det = flowed.log_det.reshape(J, D)
         int_sigma = flowed.int_sigma
         if int_sigma.dim() > 0:

@@ -327,13 +327,12 @@ def stage2_step(cfg: Config, flow, data, device: torch.device, accelerator):
     """One Stage-2 step of the trainer (bundleflow.train.stage2.train_step), as a closure."""
     from bundleflow.train.stage2 import setup_stage2, train_step
 
-    parts = setup_stage2(cfg, flow, data, device)
-    parts.menu, parts.optimizer = accelerator.prepare(parts.menu, parts.optimizer)
+    parts = setup_stage2(cfg, flow, data, device, mixed_precision=accelerator.mixed_precision)
     counter = {"step": 0}
 
     def step() -> None:
         counter["step"] += 1
-        train_step(parts, cfg, data, counter["step"], accelerator)
+        train_step(parts, cfg, data, counter["step"])
 
     return step
 

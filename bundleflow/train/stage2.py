@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from bundleflow.checkpoint import (
     write_checkpoint,
 )
 from bundleflow.config import Config, to_dict
+from bundleflow.distributed import Comm
 from bundleflow.doctor import gpu_status_line
 from bundleflow.errors import BundleflowError
 from bundleflow.fast_step import Stage2Step, stage2_loss
@@ -31,7 +34,7 @@ from bundleflow.menu import Menu, freeze_flow
 from bundleflow.progress import ProgressBar
 from bundleflow.schedule import InvTempSchedule
 from bundleflow.train.data import RunData
-from bundleflow.train.run import Run, optimizer_step
+from bundleflow.train.run import Run
 
 MECHANISM_FILE = "mechanism.safetensors"
 CHECKPOINTS = "checkpoints"
@@ -99,8 +102,8 @@ def graph_unavailable(device: torch.device, has_pool: bool, accelerator) -> str 
         return "additive runs draw fresh valuations (no device-resident pool)"
     if accelerator is not None and accelerator.num_processes > 1:
         return "several processes (use eager under accelerate launch)"
-    if accelerator is not None and accelerator.mixed_precision not in (None, "no"):
-        return f"mixed precision {accelerator.mixed_precision} (the graph step is fp32)"
+    if accelerator is not None and accelerator.mixed_precision == "fp16":
+        return "fp16 needs a gradient scaler (use bf16 or eager)"
     return None
 
 
@@ -123,68 +126,310 @@ def eval_noise(menu: Menu, seed: int) -> torch.Tensor:
     return torch.randn(menu.means.shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _gen_state(gen: torch.Generator) -> torch.Tensor:
-    return gen.get_state().clone()
+def step_seed(seed: int, stream: str, step: int) -> int:
+    """A 63-bit seed for draw ``stream`` at ``step``: the draws are a function of
+    (seed, step), not of a generator's history, so runs with any number of processes or
+    layouts (and resumed runs) see the same batches and noise."""
+    digest = hashlib.blake2b(f"{seed}/{stream}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def flow_dtype(mixed_precision: str | None, device: torch.device) -> torch.dtype | None:
+    """The flow network's autocast dtype for ``--mixed-precision`` (None: float32)."""
+    if mixed_precision in (None, "no"):
+        return None
+    if mixed_precision == "fp16" and device.type == "cpu":
+        logger.warning("mixed precision fp16 has no effect on the CPU; the flow runs in fp32")
+        return None
+    return MIXED_DTYPES[mixed_precision]
 
 
 @dataclass
 class Stage2Parts:
-    """Everything one Stage-2 step touches, built once per run (and by the profiler)."""
+    """Everything one Stage-2 step touches, built once per run (and by the profiler).
+
+    ``parallel``: ``single`` (one process), ``shard`` (this rank owns menu elements
+    ``[lo, hi)`` of ``n_elements`` and the whole batch) or ``replicate`` (the whole menu and
+    ``1/world`` of the batch; gradients averaged).
+    """
 
     flow: VelocityField
     menu: Menu
     optimizer: torch.optim.Optimizer
     schedule: InvTempSchedule
-    batch_gen: torch.Generator
-    noise_gen: torch.Generator
     mix_factor: float
+    seed: int
+    n_elements: int
+    comm: Comm = field(default_factory=Comm)
+    parallel: str = "single"
+    lo: int = 0
+    q_dtype: torch.dtype | None = None
+    scaler: object | None = None
+    _noise_gen: torch.Generator | None = None
+    _batch_gen: torch.Generator = field(default_factory=torch.Generator)
 
     @property
     def net(self) -> Menu:
         """The menu itself, also when Accelerate wrapped it."""
         return self.menu.module if hasattr(self.menu, "module") else self.menu
 
+    @property
+    def hi(self) -> int:
+        return self.lo + self.net.menu_size
+
     def mix_temp(self) -> float:
         return self.schedule.value * self.mix_factor
 
+    # -- the step's draws: functions of (seed, step), the same under any layout
+
+    def noise(self, step: int) -> torch.Tensor:
+        """ε ``[J_local, D, m]``: this rank's rows of the step's ``[J, D, m]`` draw."""
+        net = self.net
+        if self._noise_gen is None:
+            self._noise_gen = torch.Generator(device=net.means.device)
+        self._noise_gen.manual_seed(step_seed(self.seed, "noise", step))
+        shape = (self.n_elements, *net.means.shape[1:])
+        eps = torch.randn(shape, generator=self._noise_gen, device=net.means.device)
+        return eps[self.lo : self.hi] if self.parallel == "shard" else eps
+
+    def batch(self, data: RunData, step: int, size: int) -> torch.Tensor:
+        """This rank's part of the step's global batch of ``size`` valuations."""
+        self._batch_gen.manual_seed(step_seed(self.seed, "batch", step))
+        batch = data.batch(size, self._batch_gen, self.net.means.device)
+        if self.parallel != "replicate":
+            return batch
+        part = size // self.comm.world
+        return batch[self.comm.rank * part : (self.comm.rank + 1) * part]
+
+    # -- whole-menu views (collectives under ``shard``)
+
+    @torch.no_grad()
+    def mean_support_location(self) -> float:
+        """The λ reset statistic over all J elements."""
+        if self.parallel != "shard":
+            return self.net.mean_support_location(self.mix_temp())
+        net = self.net
+        per_point = net.support_locations().mean(dim=-1)
+        local = (net.mixture_weights(self.mix_temp()) * per_point).sum(dim=-1).sum()
+        total = self.comm.all_reduce(local.double().reshape(1))
+        return float(total) / self.n_elements
+
+    @torch.no_grad()
+    def full_menu(self) -> Menu:
+        """All J elements (gathered from every rank under ``shard``; else the menu itself)."""
+        net = self.net
+        if self.parallel != "shard":
+            return net
+        J = self.n_elements
+        gathered = {k: self.comm.all_gather_rows(v, J) for k, v in net.state_dict().items()}
+        return Menu.from_tensors(
+            gathered["means"],
+            gathered["logits"],
+            gathered["std"],
+            gathered["prices"],
+            loc_offset=net.loc_offset,
+            loc_scale=net.loc_scale,
+        )
+
+    def full_state(self) -> tuple[dict, dict, dict]:
+        """(menu state, optimizer tensors, optimizer rest) for all J elements: checkpoints
+        do not depend on the number of processes."""
+        opt_tensors, opt_rest = optimizer_tensors(self.optimizer)
+        menu_state = dict(self.net.state_dict())
+        if self.parallel == "shard":
+            menu_state = dict(self.full_menu().state_dict())
+            opt_tensors = {
+                k: self.comm.all_gather_rows(v, self.n_elements) if v.dim() > 0 else v
+                for k, v in opt_tensors.items()
+            }
+        return menu_state, opt_tensors, opt_rest
+
+    def load_full_state(self, menu_state: dict, opt_tensors: dict, opt_rest: dict) -> None:
+        """Restore this rank's rows of a whole-menu checkpoint."""
+        device = self.net.means.device
+        rows = slice(self.lo, self.hi) if self.parallel == "shard" else slice(None)
+        self.net.load_state_dict({k: v[rows].to(device) for k, v in menu_state.items()})
+        opt = {}
+        for k, v in opt_tensors.items():
+            if v.dim() > 0:
+                v = v[rows]
+            on_device = v.dim() > 0 or getattr(self.optimizer, "defaults", {}).get("fused")
+            opt[k] = v.to(device) if on_device else v
+        load_optimizer_tensors(self.optimizer, opt, opt_rest)
+
 
 def setup_stage2(
-    cfg: Config, flow: VelocityField, data: RunData, device: torch.device, *, capturable=False
+    cfg: Config,
+    flow: VelocityField,
+    data: RunData,
+    device: torch.device,
+    *,
+    capturable: bool = False,
+    comm: Comm | None = None,
+    mixed_precision: str | None = None,
 ) -> Stage2Parts:
-    """Frozen flow, initial menu, its optimizer, λ schedule and the two seeded generators."""
-    menu = build_menu(cfg, data).to(device)
+    """Frozen flow, initial menu (this rank's shard of it), optimizer, λ schedule."""
+    comm = comm or Comm()
+    full = build_menu(cfg, data)  # the same on every rank: one seed
+    parallel = cfg.stage2.parallel if comm.active else "single"
+    lo = 0
+    menu = full
+    if parallel == "shard":
+        lo, hi = comm.shard(cfg.menu.size)
+        if hi == lo:
+            raise BundleflowError(
+                f"config key 'menu.size': {cfg.menu.size} elements cannot be sharded over "
+                f"{comm.world} processes; use fewer processes or stage2.parallel=replicate"
+            )
+        menu = Menu.from_tensors(
+            full.means[lo:hi],
+            full.logits[lo:hi],
+            full.std[lo:hi],
+            full.prices[lo:hi],
+            loc_offset=full.loc_offset,
+            loc_scale=full.loc_scale,
+        )
+    elif parallel == "replicate" and cfg.stage2.batch_size % comm.world:
+        raise BundleflowError(
+            f"config key 'stage2.batch_size': {cfg.stage2.batch_size} is not divisible by "
+            f"{comm.world} processes (stage2.parallel=replicate splits the batch)"
+        )
+    menu = menu.to(device)
+    q_dtype = flow_dtype(mixed_precision, device)
+    scaler = None
+    if q_dtype == torch.float16:
+        scaler = torch.amp.GradScaler(device.type)
     return Stage2Parts(
         flow=freeze_flow(flow).to(device),
         menu=menu,
         optimizer=build_optimizer(menu, cfg, device, capturable=capturable),
         schedule=build_schedule(cfg),
-        batch_gen=torch.Generator().manual_seed(cfg.stage2.seed + 1),
-        noise_gen=torch.Generator(device=device).manual_seed(cfg.stage2.seed + 2),
         mix_factor=cfg.stage2.inv_temp.mixture_factor,
+        seed=cfg.stage2.seed,
+        n_elements=cfg.menu.size,
+        comm=comm,
+        parallel=parallel,
+        lo=lo,
+        q_dtype=q_dtype,
+        scaler=scaler,
     )
 
 
-def train_step(parts: Stage2Parts, cfg: Config, data: RunData, step: int, accelerator=None):
-    """One Stage-2 step (fresh batch and ε, loss, backward, optimizer, λ update): the loss."""
+def sharded_soft_revenue(
+    utilities: torch.Tensor, prices: torch.Tensor, inv_temp: float, comm: Comm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft revenue when each rank holds the utilities ``[B, J_local]`` of its elements.
+
+    With a_bj = λ·u_bj, c_b = max(0, max_j a_bj) over all ranks, n_b = Σ_local e^{a−c}·p,
+    d_b = Σ_local e^{a−c}: N = Σ_ranks n, D = Σ_ranks d + e^{−c} (the walk-away column) and
+    R̃ = mean_b N_b / D_b. Only [B]-sized vectors cross ranks. Returns (surrogate, R̃): the
+    surrogate mean_b (n_b/D_b − N_b·d_b/D_b²), with N and D constants, has exactly the
+    gradient of R̃ with respect to this rank's parameters (the other ranks' terms do not
+    depend on them), so no collective needs a backward pass.
+    """
+    logits = utilities * inv_temp  # (B, J_local)
+    with torch.no_grad():
+        top = logits.amax(dim=1).clamp(min=0)
+        top = comm.all_reduce(top, "max")
+    weights = torch.exp(logits - top[:, None])
+    num = weights @ prices  # (B,)
+    den = weights.sum(dim=1)
+    with torch.no_grad():
+        totals = comm.all_reduce(torch.stack([num, den]).detach())
+        big_n, big_d = totals[0], totals[1] + torch.exp(-top)
+    surrogate = (num / big_d - big_n / big_d**2 * den).mean()
+    return surrogate, (big_n / big_d).mean()
+
+
+def step_loss(parts: Stage2Parts, cfg: Config, batch, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what to differentiate, −R̃ to report) for one step's batch and noise."""
     s2, net = cfg.stage2, parts.net
-    device = net.means.device
-    batch = data.batch(s2.batch_size, parts.batch_gen, device)
-    ctx = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
-    with ctx:
+    if parts.parallel != "shard":
         loss, _ = stage2_loss(
             net,
             parts.flow,
             batch,
             parts.schedule.value,
             parts.mix_temp(),
-            net.draw_noise(parts.noise_gen),
+            eps,
             n_steps=cfg.flow.euler_steps,
             path=s2.path,
             exact_density_grad=s2.exact_density_grad,
+            q_dtype=parts.q_dtype,
         )
-    optimizer_step(loss, parts.optimizer, accelerator)
-    parts.schedule.update(step, lambda: net.mean_support_location(parts.mix_temp()))
-    return loss.detach()
+        return loss, loss
+    lot = net.lotteries(
+        parts.flow,
+        parts.mix_temp(),
+        eps=eps,
+        n_steps=cfg.flow.euler_steps,
+        path=s2.path,
+        exact_density_grad=s2.exact_density_grad,
+        q_dtype=parts.q_dtype,
+    )
+    surrogate, revenue = sharded_soft_revenue(
+        net.utilities(lot, batch), net.prices, parts.schedule.value, parts.comm
+    )
+    return -surrogate, -revenue
+
+
+def train_step(parts: Stage2Parts, cfg: Config, data: RunData, step: int) -> torch.Tensor:
+    """One Stage-2 step (the step's batch and ε, loss, backward, optimizer, λ update).
+
+    Returns −R̃ (over the global batch under ``shard``; this rank's part under ``replicate``).
+    """
+    batch = parts.batch(data, step, cfg.stage2.batch_size)
+    loss, reported = step_loss(parts, cfg, batch, parts.noise(step))
+    optimizer, scaler = parts.optimizer, parts.scaler
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if parts.parallel == "replicate":  # average gradients: one flat all-reduce
+        grads = [p.grad for p in parts.net.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        parts.comm.all_reduce(flat).div_(parts.comm.world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    parts.schedule.update(step, parts.mean_support_location)
+    return reported.detach()
+
+
+class StopRequest:
+    """SIGTERM/SIGINT during the loop set a flag instead of killing the process: the loop
+    finishes its step, the ranks agree, a checkpoint is written and the run exits 0. A second
+    signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning(
+            "{} received: finishing the step and writing a checkpoint (again to abort)",
+            signal.Signals(signum).name,
+        )
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def train_stage2(
@@ -200,8 +445,11 @@ def train_stage2(
     resume: bool = False,
     show_progress: bool = True,
 ) -> Stage2Result:
-    """The Stage-2 loop; a plain function. See the module docstring."""
+    """The Stage-2 loop; a plain function. Under several processes every rank calls it;
+    only the main process logs metrics, evaluates and writes files."""
     s2 = cfg.stage2
+    comm = Comm.from_accelerator(accelerator)
+    mixed = accelerator.mixed_precision if accelerator is not None else None
     total_steps = max_steps or s2.steps
     max_time = max_time if max_time is not None else s2.max_time
     reason = graph_unavailable(device, data.train is not None, accelerator)
@@ -212,10 +460,21 @@ def train_stage2(
         torch.cuda.manual_seed(s2.seed + 2)  # the graph draws batches and ε from this generator
     elif s2.step_mode == "auto" and device.type == "cuda":
         logger.info("stage 2: eager steps ({})", reason)
-    parts = setup_stage2(cfg, flow, data, device, capturable=use_graph)
-    flow, menu, optimizer, schedule = parts.flow, parts.menu, parts.optimizer, parts.schedule
-    batch_gen, noise_gen, mix_factor = parts.batch_gen, parts.noise_gen, parts.mix_factor
-    eps_eval = eval_noise(menu, cfg.eval.seed).to(device)
+    parts = setup_stage2(
+        cfg, flow, data, device, capturable=use_graph, comm=comm, mixed_precision=mixed
+    )
+    if comm.active:
+        logger.info(
+            "stage 2: {} processes, parallel={} (this rank: elements {}..{})",
+            comm.world,
+            parts.parallel,
+            parts.lo,
+            parts.hi - 1,
+        )
+    flow, schedule, mix_factor = parts.flow, parts.schedule, parts.mix_factor
+    J, D, m = cfg.menu.size, cfg.menu.support, data.n_items
+    eps_eval = torch.randn((J, D, m), generator=torch.Generator().manual_seed(cfg.eval.seed))
+    eps_eval = eps_eval.to(device)
     state = {
         "step": 0,
         "best_val": float("-inf"),
@@ -227,50 +486,47 @@ def train_stage2(
     ckpt_dir = run.dir / CHECKPOINTS
     data_record = {k: data.info.get(k) for k in ("path", "sha256", "money_scale", "kind")}
     if resume:
-        rng = _restore(ckpt_dir, menu, optimizer, schedule, batch_gen, noise_gen, state, device)
+        rng = _restore(ckpt_dir, parts, state)
         if use_graph and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)
-    if accelerator is not None:
-        parts.menu, parts.optimizer = accelerator.prepare(menu, optimizer)
-        menu, optimizer = parts.menu, parts.optimizer
     net: Menu = parts.net
     stepper = None
     if use_graph:
-        raw_optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap Accelerate's
         stepper = Stage2Step(
             net,
             flow,
-            raw_optimizer,
+            parts.optimizer,
             data.train,
             s2.batch_size,
             n_steps=cfg.flow.euler_steps,
             path=s2.path,
             mode="graph",
+            tf32=s2.tf32,
             exact_density_grad=s2.exact_density_grad,
+            q_dtype=parts.q_dtype,
         )
         logger.info("stage 2: CUDA-graph step (captured after {} eager steps)", stepper.warmup)
-
-    def checkpoint_components() -> dict:
-        opt_tensors, opt_rest = optimizer_tensors(optimizer)
-        return {
-            "menu": dict(net.state_dict()),
-            "optimizer": opt_tensors,
-            "rng": {
-                "batch": _gen_state(batch_gen),
-                "noise": _gen_state(noise_gen).cpu(),
-                **({"cuda": torch.cuda.get_rng_state(device)} if use_graph else {}),
-            },
-        }, opt_rest
+    saved_step = {"resumable": state["step"] if resume else -1}
+    best_menu: dict = {}
 
     def save_resumable() -> None:
-        if (ckpt_dir / f"step-{state['step']:09d}").exists():
+        if saved_step["resumable"] == state["step"]:
             return  # this step is already on disk
-        components, opt_rest = checkpoint_components()
+        menu_state, opt_tensors, opt_rest = parts.full_state()  # collective under shard
+        saved_step["resumable"] = state["step"]
+        if not run.main_process:
+            return
+        rng = {"cuda": torch.cuda.get_rng_state(device)} if use_graph else {}
+        components = {"menu": menu_state, "optimizer": opt_tensors}
+        if rng:
+            components["rng"] = rng
         extra = {
             "schedule": schedule.state_dict(),
             "optimizer": opt_rest,
             "loop": state,
             "data": data_record,
+            "processes": comm.world,
+            "parallel": parts.parallel,
         }
         write_checkpoint(
             ckpt_dir / f"step-{state['step']:09d}",
@@ -281,8 +537,10 @@ def train_stage2(
         )
         prune(ckpt_dir, s2.keep_checkpoints)
 
-    def save_best(val: float) -> None:
+    def save_best(full: Menu, val: float) -> None:
         """The menu with the best validation revenue so far, with the λ it was frozen at."""
+        if not run.main_process:
+            return
         extra = {
             "mix_temp": state["best_mix_temp"],
             "inv_temp": schedule.value,
@@ -291,128 +549,190 @@ def train_stage2(
         }
         replace_checkpoint(
             run.dir / BEST,
-            {"menu": dict(net.state_dict())},
+            {"menu": dict(full.state_dict())},
             step=state["step"],
             config=to_dict(cfg),
             extra=extra,
         )
-
-    def validate() -> float:
-        mix_temp = schedule.value * mix_factor
-        mech = FrozenMechanism.freeze(
-            net, flow, mix_temp, eps=eps_eval, n_steps=cfg.flow.euler_steps
+        best_menu.clear()
+        best_menu.update(
+            menu={k: v.detach().cpu().clone() for k, v in full.state_dict().items()}, extra=extra
         )
-        return mech.revenue(data.val, batch_size=cfg.eval.batch_size) * data.scale
+
+    def validate() -> tuple[float, Menu]:
+        """Hard validation revenue (main process; broadcast) and the whole menu."""
+        full = parts.full_menu()  # collective under shard
+        val = float("nan")
+        if run.main_process:
+            mech = FrozenMechanism.freeze(
+                full, flow, schedule.value * mix_factor, eps=eps_eval, n_steps=cfg.flow.euler_steps
+            )
+            val = mech.revenue(data.val, batch_size=cfg.eval.batch_size) * data.scale
+        return comm.broadcast_floats([val], device)[0], full
+
+    def evaluate_now(step: int, elapsed: float) -> bool:
+        """Validate, keep the best; True when patience says stop."""
+        val, full = validate()
+        improved = val > state["best_val"]
+        if improved:
+            state.update(
+                best_val=val,
+                best_step=step,
+                since_best=0,
+                best_mix_temp=schedule.value * mix_factor,
+            )
+            save_best(full, val)
+        else:
+            state["since_best"] += 1
+        run.metrics(
+            stage=2,
+            step=step,
+            val_revenue=val,
+            best_val_revenue=state["best_val"],
+            inv_temp=schedule.value,
+            wall_time=elapsed,
+        )
+        logger.info(
+            "stage 2 step {}: validation revenue {:.4g}{} (λ {:.4g}, {:.0f}s)",
+            step,
+            val,
+            " *best*" if improved else "",
+            schedule.value,
+            elapsed,
+        )
+        return s2.patience is not None and state["since_best"] >= s2.patience
+
+    def agree(stop: StopRequest, elapsed: float, step: int) -> tuple[bool, bool]:
+        """(signal, time): the ranks' common decision; one collective every sync_every steps."""
+        out_of_time = max_time is not None and elapsed >= max_time
+        if not comm.active:
+            return stop.requested, out_of_time
+        if step % s2.sync_every:
+            return False, False
+        flags = torch.tensor(
+            [float(stop.requested), float(out_of_time and comm.main)], device=device
+        )
+        signal_flag, time_flag = comm.all_reduce(flags, "max").tolist()
+        return signal_flag > 0, time_flag > 0
 
     start = time.monotonic()
-    bar = ProgressBar(total_steps, "stage 2", enabled=None if show_progress else False)
+    bar = ProgressBar(
+        total_steps, "stage 2", enabled=None if show_progress and run.main_process else False
+    )
     stop_reason = "max-steps"
     recent_loss = []
-    try:
-        while state["step"] < total_steps:
-            state["step"] += 1
-            step = state["step"]
-            if stepper is None:
-                recent_loss.append(train_step(parts, cfg, data, step, accelerator))
-            else:
-                recent_loss.append(stepper(schedule.value, parts.mix_temp()))
-                schedule.update(step, lambda: net.mean_support_location(parts.mix_temp()))
-            elapsed = state["wall_before"] + time.monotonic() - start
-            if step % s2.log_every == 0:
-                soft = -float(torch.stack(recent_loss).mean()) * data.scale
-                recent_loss.clear()
-                if not torch.isfinite(torch.tensor(soft)):
-                    raise BundleflowError(
-                        f"stage 2: soft revenue became non-finite at step {step}; lower "
-                        "stage2.lr / stage2.price_lr or the λ cap"
-                    )
-                run.metrics(
-                    stage=2,
-                    step=step,
-                    soft_revenue=soft,
-                    inv_temp=schedule.value,
-                    wall_time=elapsed,
-                )
-                logger.debug(
-                    "stage 2 step {} soft revenue {:.4g} λ {:.4g}", step, soft, schedule.value
-                )
-                gpu = gpu_status_line(device)  # None off CUDA
-                if gpu is not None and run.main_process:
-                    logger.info("stage 2 step {}: {}", step, gpu)
-            if step % s2.eval_every == 0 or step == total_steps:
-                val = validate()
-                improved = val > state["best_val"]
-                if improved:
-                    state.update(
-                        best_val=val,
-                        best_step=step,
-                        since_best=0,
-                        best_mix_temp=schedule.value * mix_factor,
-                    )
-                    save_best(val)
+    with StopRequest() as stop:
+        try:
+            while state["step"] < total_steps:
+                state["step"] += 1
+                step = state["step"]
+                if stepper is None:
+                    recent_loss.append(train_step(parts, cfg, data, step))
                 else:
-                    state["since_best"] += 1
-                run.metrics(
-                    stage=2,
-                    step=step,
-                    val_revenue=val,
-                    best_val_revenue=state["best_val"],
-                    inv_temp=schedule.value,
-                    wall_time=elapsed,
-                )
-                logger.info(
-                    "stage 2 step {}: validation revenue {:.4g}{} (λ {:.4g}, {:.0f}s)",
-                    step,
-                    val,
-                    " *best*" if improved else "",
-                    schedule.value,
-                    elapsed,
-                )
-                if s2.patience is not None and state["since_best"] >= s2.patience:
+                    recent_loss.append(stepper(schedule.value, parts.mix_temp()))
+                    schedule.update(step, parts.mean_support_location)
+                elapsed = state["wall_before"] + time.monotonic() - start
+                if step % s2.log_every == 0:
+                    mean_loss = torch.stack(recent_loss).mean().reshape(1)
+                    recent_loss.clear()
+                    if parts.parallel == "replicate":
+                        mean_loss = comm.all_reduce(mean_loss) / comm.world
+                    soft = -float(mean_loss) * data.scale
+                    if not torch.isfinite(torch.tensor(soft)):
+                        raise BundleflowError(
+                            f"stage 2: soft revenue became non-finite at step {step}; lower "
+                            "stage2.lr / stage2.price_lr or the λ cap"
+                        )
+                    run.metrics(
+                        stage=2,
+                        step=step,
+                        soft_revenue=soft,
+                        inv_temp=schedule.value,
+                        wall_time=elapsed,
+                    )
+                    logger.debug(
+                        "stage 2 step {} soft revenue {:.4g} λ {:.4g}", step, soft, schedule.value
+                    )
+                    gpu = gpu_status_line(device)  # None off CUDA
+                    if gpu is not None and run.main_process:
+                        logger.info("stage 2 step {}: {}", step, gpu)
+                at_eval = step % s2.eval_every == 0 or step == total_steps
+                if at_eval and evaluate_now(step, elapsed):
                     stop_reason = "patience"
                     break
-            if step % s2.checkpoint_every == 0:
-                state["wall_before"] = elapsed
-                start = time.monotonic()
+                if step % s2.checkpoint_every == 0:
+                    state["wall_before"] = elapsed
+                    start = time.monotonic()
+                    save_resumable()
+                bar(step)
+                by_signal, by_time = agree(stop, elapsed, step)
+                if by_signal:
+                    stop_reason = "signal"
+                    break
+                if by_time:
+                    stop_reason = "max-time"
+                    break
+        except KeyboardInterrupt:  # a second signal: checkpoint what we have (one process)
+            bar.close()
+            state["wall_before"] += time.monotonic() - start
+            if not comm.active:
                 save_resumable()
-            bar(step)
-            if max_time is not None and elapsed >= max_time:
-                stop_reason = "max-time"
-                break
-    except KeyboardInterrupt:
-        bar.close()
-        state["wall_before"] += time.monotonic() - start
-        save_resumable()
-        logger.warning("interrupted at step {}; resume with --resume {}", state["step"], run.dir)
-        raise
+            logger.warning(
+                "interrupted at step {}; resume with --resume {}", state["step"], run.dir
+            )
+            raise
     bar.close()
     state["wall_before"] += time.monotonic() - start
     start = time.monotonic()
-    if state["best_step"] == 0:  # stopped before any evaluation: evaluate now
-        val = validate()
-        state.update(
-            best_val=val, best_step=state["step"], best_mix_temp=schedule.value * mix_factor
+    if stop_reason == "signal":
+        save_resumable()
+        logger.warning(
+            "stopped by a signal at step {}; checkpoint written; resume with --resume {}",
+            state["step"],
+            run.dir,
         )
-        save_best(val)
+        return Stage2Result(
+            steps=state["step"],
+            best_step=state["best_step"],
+            best_val_revenue=state["best_val"],
+            stop_reason=stop_reason,
+            wall_time=state["wall_before"],
+            mechanism=None,
+        )
+    if state["best_step"] == 0:  # stopped before any evaluation: evaluate now
+        evaluate_now(state["step"], state["wall_before"])
     save_resumable()
-    best_components, best_manifest = read_checkpoint(run.dir / BEST, device=device)
-    net.load_state_dict(best_components["menu"])
-    mech = FrozenMechanism.freeze(
-        net,
-        flow,
-        best_manifest["extra"]["mix_temp"],
-        inv_temp=best_manifest["extra"].get("inv_temp"),
-        eps=eps_eval,
-        n_steps=cfg.flow.euler_steps,
-        money_scale=data.scale,
-        meta={
-            "best_step": state["best_step"],
-            "val_revenue": state["best_val"],
-            "eval_seed": cfg.eval.seed,
-        },
-    ).to("cpu")
+    mech = None
     if run.main_process:
+        if best_menu:
+            menu_state, extra = best_menu["menu"], best_menu["extra"]
+        else:  # the best menu is from before a resume
+            components, manifest = read_checkpoint(run.dir / BEST)
+            menu_state, extra = components["menu"], manifest["extra"]
+        best = Menu.from_tensors(
+            menu_state["means"],
+            menu_state["logits"],
+            menu_state["std"],
+            menu_state["prices"],
+            loc_offset=net.loc_offset,
+            loc_scale=net.loc_scale,
+        ).to(device)
+        mech = FrozenMechanism.freeze(
+            best,
+            flow,
+            extra["mix_temp"],
+            inv_temp=extra.get("inv_temp"),
+            eps=eps_eval,
+            n_steps=cfg.flow.euler_steps,
+            money_scale=data.scale,
+            meta={
+                "best_step": state["best_step"],
+                "val_revenue": state["best_val"],
+                "eval_seed": cfg.eval.seed,
+            },
+        ).to("cpu")
         mech.save(run.dir / MECHANISM_FILE)
+    comm.barrier()
     logger.info(
         "stage 2 done: {} steps ({}), best validation revenue {:.4g} at step {}",
         state["step"],
@@ -430,29 +750,17 @@ def train_stage2(
     )
 
 
-def _restore(
-    ckpt_dir: Path, menu, optimizer, schedule, batch_gen, noise_gen, state, device
-) -> dict:
+def _restore(ckpt_dir: Path, parts: Stage2Parts, state: dict) -> dict:
     found = latest(ckpt_dir)
     if found is None:
         raise BundleflowError(f"{ckpt_dir}: no checkpoint to resume from")
     components, manifest = read_checkpoint(found)
-    menu.load_state_dict({k: v.to(device) for k, v in components["menu"].items()})
-    opt = {
-        k: v.to(device) if k.endswith(("exp_avg", "exp_avg_sq")) else v
-        for k, v in components["optimizer"].items()
-    }
-    load_optimizer_tensors(optimizer, opt, manifest["extra"]["optimizer"])
-    schedule.load_state_dict(manifest["extra"]["schedule"])
-    batch_gen.set_state(components["rng"]["batch"])
-    noise_gen.set_state(
-        components["rng"]["noise"].to(noise_gen.device)
-        if noise_gen.device.type != "cuda"
-        else components["rng"]["noise"]
-    )
-    state.update(manifest["extra"]["loop"])
+    extra = manifest["extra"]
+    parts.load_full_state(components["menu"], components["optimizer"], extra["optimizer"])
+    parts.schedule.load_state_dict(extra["schedule"])
+    state.update(extra["loop"])
     logger.info("resumed from {} (step {})", found, state["step"])
-    return components["rng"]
+    return components.get("rng", {})
 
 
 def read_mechanism(run_dir: Path) -> FrozenMechanism:
