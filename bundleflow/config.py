@@ -12,6 +12,7 @@ s ≈ 750: λ_norm = λ_raw·750, price lr = 0.3/750, price init U[0, 1/750).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -263,7 +264,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise BundleflowError(f"config key {key!r}: expected a mapping, got {value!r}")
         return _build(tp, value, prefix=f"{key}.")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise BundleflowError(f"config key {key!r}: {value} is too large") from None
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise BundleflowError(f"config key {key!r}: expected a finite number, got {value!r}")
     if tp is bool and not isinstance(value, bool):
         raise BundleflowError(f"config key {key!r}: expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -278,7 +284,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(str(k) for k in set(values) - known)
     if unknown:
         key = prefix + unknown[0]
         section = prefix.rstrip(".") or "the top level"
@@ -397,13 +403,18 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # safe: a SafeLoader subclass
 
 
+def _one_line(err: BaseException) -> str:
+    """A YAML error (several lines, with a caret drawing) as one line for the CLI."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def read_yaml_mapping(path: Path) -> dict:
     try:
-        data = _yaml_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise BundleflowError(f"{path}: not valid YAML ({err})") from err
+        data = _yaml_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: not UTF-8
+        raise BundleflowError(f"{path}: not valid YAML ({_one_line(err)})") from None
     except OSError as err:
-        raise BundleflowError(f"{path}: cannot read ({err.strerror})") from err
+        raise BundleflowError(f"{path}: cannot read ({err.strerror})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -420,8 +431,10 @@ def parse_set(items: list[str] | None) -> dict:
             raise BundleflowError(f"--set {item!r}: expected KEY=VALUE, e.g. --set menu.size=2000")
         try:
             value = _yaml_load(text)
-        except yaml.YAMLError as err:
-            raise BundleflowError(f"--set {item!r}: value is not valid YAML ({err})") from err
+        except (yaml.YAMLError, ValueError, RecursionError) as err:
+            raise BundleflowError(
+                f"--set {item!r}: value is not valid YAML ({_one_line(err)})"
+            ) from None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

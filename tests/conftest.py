@@ -6,6 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Fuzz tests are derandomised (the same examples on every run, in CI and here) unless
+# HYPOTHESIS_PROFILE=explore asks for fresh random examples.
+settings.register_profile("bundleflow", derandomize=True, deadline=None, database=None)
+settings.register_profile("explore", derandomize=False, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "bundleflow"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BUNDLEFLOW_SHARED", REPO.parent / "shared"))

@@ -99,7 +99,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(BundleflowError, match="disk full"):
         data_io.save_dataset(path, _valuations(seed=2), {})
     assert path.read_bytes() == before, "the old file is untouched"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.safetensors"], "no temp file left"

@@ -340,6 +340,8 @@ def _read_safetensors(f: BinaryIO, size: int, source: str) -> tuple[Tensor, dict
     if not isinstance(header, dict):
         raise BundleflowError(f"{source}: the safetensors header is not a JSON object; {fix}")
     raw_meta = header.pop("__metadata__", None) or {}
+    if not isinstance(raw_meta, dict):
+        raise BundleflowError(f"{source}: the safetensors __metadata__ is not an object; {fix}")
     if TENSOR_NAME in header:
         name = TENSOR_NAME
     elif len(header) == 1:
@@ -354,7 +356,9 @@ def _read_safetensors(f: BinaryIO, size: int, source: str) -> tuple[Tensor, dict
         dtype = _SAFETENSORS_DTYPES[info["dtype"]]
         shape = [int(s) for s in info["shape"]]
         begin, end = (int(o) for o in info["data_offsets"])
-    except (KeyError, TypeError, ValueError) as err:
+        if any(s < 0 for s in shape):
+            raise ValueError(f"negative dimension in shape {shape}")
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise BundleflowError(
             f"{source}: tensor {name!r} has an unsupported or malformed entry ({err!r}); "
             "save the valuations as float32"
@@ -371,10 +375,12 @@ def _read_safetensors(f: BinaryIO, size: int, source: str) -> tuple[Tensor, dict
     if METADATA_KEY in raw_meta:
         try:
             meta = json.loads(raw_meta[METADATA_KEY])
-        except (TypeError, json.JSONDecodeError) as err:
+        except (TypeError, ValueError, RecursionError) as err:
             raise BundleflowError(
                 f"{source}: unreadable bundleflow metadata ({err}); {fix}"
             ) from None
+        if not isinstance(meta, dict):
+            raise BundleflowError(f"{source}: the bundleflow metadata is not an object; {fix}")
     f.seek(data_start + begin)
     data = bytearray(end - begin)
     view = memoryview(data)
@@ -386,15 +392,17 @@ def _read_safetensors(f: BinaryIO, size: int, source: str) -> tuple[Tensor, dict
             raise BundleflowError(f"{source}: truncated while reading the data; {fix}")
         digest.update(view[got : got + n])
         got += n
-    if meta is not None and meta.get("sha256") and meta["sha256"] != digest.hexdigest():
+    recorded = meta.get("sha256") if meta is not None else None
+    if recorded and recorded != digest.hexdigest():
+        regenerate = meta.get("regenerate")
         raise BundleflowError(
             f"{source}: checksum mismatch (the data is corrupt: sha256 {digest.hexdigest()[:12]}… "
-            f"≠ recorded {str(meta['sha256'])[:12]}…); regenerate it"
-            + (f" with `{meta['regenerate']}`" if meta.get("regenerate") else "")
+            f"≠ recorded {str(recorded)[:12]!r}…); regenerate it"
+            + (f" with `{regenerate}`" if isinstance(regenerate, str) and regenerate else "")
         )
     tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
     tensor = tensor.reshape(shape)
-    if meta is not None and "shape" in meta and list(meta["shape"]) != shape:
+    if meta is not None and "shape" in meta and meta["shape"] != shape:
         raise BundleflowError(
             f"{source}: metadata shape {meta['shape']} ≠ tensor shape {shape}; {fix}"
         )
@@ -435,10 +443,11 @@ def _read_torch(f: BinaryIO | str | os.PathLike, source: str) -> Tensor:
                 "(torch.save(tensor, path)) or convert it on a trusted machine with "
                 "`bundleflow data convert`"
             ) from None
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BundleflowError(
-            f"{source}: not a readable torch file ({err}); re-download it"
+            f"{source}: not a readable torch file ({message}); re-download it"
         ) from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - damaged bytes make the unpickler raise anything
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BundleflowError(
             f"{source}: not a readable torch file, truncated or corrupt ({message}); "
@@ -468,9 +477,13 @@ def _read_zip(path: Path, source: str) -> tuple[Tensor, dict | None]:
                     f"{inner or 'none'}; unzip it and pass the data file itself"
                 )
             data = archive.read(inner[0])
-    except zipfile.BadZipFile as err:
+    except BundleflowError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged zip raises BadZipFile, zlib.error,
+        # UnicodeDecodeError (names), NotImplementedError (compression), EOFError, ...
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BundleflowError(
-            f"{source}: not a readable zip, truncated or corrupt ({err}); re-download it"
+            f"{source}: not a readable zip, truncated or corrupt ({message}); re-download it"
         ) from None
     inner_source = f"{source}:{inner[0]}"
     if not data:
