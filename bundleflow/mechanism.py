@@ -170,10 +170,13 @@ class FrozenMechanism:
                 metadata = handle.metadata() or {}
             tensors = load_file(str(path), device=str(device))
             header = json.loads(metadata[_META_KEY])
-        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
+        except (SafetensorError, KeyError, ValueError, RecursionError, OSError) as err:
+            reason = (str(err).splitlines() or [""])[0]
             raise BundleflowError(
-                f"{path}: not a bundleflow mechanism file ({type(err).__name__}: {err})"
-            ) from err
+                f"{path}: not a bundleflow mechanism file ({type(err).__name__}: {reason})"
+            ) from None
+        if not isinstance(header, dict):
+            raise BundleflowError(f"{path}: the mechanism metadata is not a JSON object")
         if header.get("format") != MECHANISM_FORMAT:
             raise BundleflowError(
                 f"{path}: mechanism format {header.get('format')!r}, this bundleflow reads "
@@ -182,19 +185,35 @@ class FrozenMechanism:
         missing = [name for name in _TENSORS if name not in tensors]
         if missing:
             raise BundleflowError(f"{path}: mechanism file lacks tensors {missing}")
-        mech = cls(
-            **{name: tensors[name] for name in _TENSORS},
-            mix_temp=float(header["mix_temp"]),
-            inv_temp=header.get("inv_temp"),
-            n_steps=int(header["n_steps"]),
-            money_scale=float(header["money_scale"]),
-            meta=dict(header.get("meta", {})),
-        )
+        try:
+            inv_temp = header.get("inv_temp")
+            mech = cls(
+                **{name: tensors[name] for name in _TENSORS},
+                mix_temp=float(header["mix_temp"]),
+                inv_temp=None if inv_temp is None else float(inv_temp),
+                n_steps=int(header["n_steps"]),
+                money_scale=float(header["money_scale"]),
+                meta=dict(header.get("meta", {})),
+            )
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            raise BundleflowError(
+                f"{path}: malformed mechanism metadata ({type(err).__name__}: {err}); "
+                "re-export the mechanism from its run"
+            ) from None
         mech.validate(path)
         return mech
 
     def validate(self, source: str | Path = "mechanism") -> None:
         """Shapes agree and numbers are finite; raise :class:`BundleflowError` otherwise."""
+        if self.bundles.dim() != 3:
+            raise BundleflowError(
+                f"{source}: bundles must be [J, D, m], found shape {tuple(self.bundles.shape)}"
+            )
+        for name in ("alpha", "prices", "eps"):
+            if not getattr(self, name).is_floating_point():
+                raise BundleflowError(f"{source}: {name} must be floating point")
+        if not bool(((self.bundles == 0) | (self.bundles == 1)).all()):
+            raise BundleflowError(f"{source}: bundles must hold only 0 and 1")
         J, D, m = self.bundles.shape
         if self.alpha.shape != (J, D) or self.prices.shape != (J,) or self.eps.shape != (J, D, m):
             raise BundleflowError(
