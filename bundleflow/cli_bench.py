@@ -37,7 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--graph", dest="mode", action="store_const", const="graph")
     mode.add_argument("--compile", dest="mode", action="store_const", const="compile")
     mode.add_argument("--eager", dest="mode", action="store_const", const="eager")
-    p.add_argument("--tf32", action="store_true", help="TF32 matmuls in the fast path (CUDA)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "tf32", "bf16"),
+        default="fp32",
+        help="the fast path's flow network: fp32 (default), tf32 (CUDA) or bf16 (held to the "
+        "public code's fp16 tolerance)",
+    )
+    p.add_argument(
+        "--tf32", dest="precision", action="store_const", const="tf32", help="= --precision tf32"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_bench)
@@ -64,7 +73,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=max(1, args.warmup),
         eval_valuations=args.eval_valuations,
         mode=args.mode,
-        tf32=args.tf32,
+        precision=args.precision,
         seed=args.seed,
     )
     report = run_bench(cfg, device)

@@ -1,0 +1,117 @@
+"""Stage-2 throughput (valuations/s) on 1..N processes: the trainer's own step.
+
+    python scripts/bench_scaling.py --items 150 --menu 20000 --batch 1024      # 1 process
+    torchrun --nproc_per_node 2 scripts/bench_scaling.py --items 150 --menu 20000 \
+        --batch 1024 --parallel shard                                          # 2 GPUs
+
+Each process runs ``bundleflow.train.stage2.train_step`` (eager; the batch and ε are
+functions of (seed, step)) on a synthetic CATS-like pool and a random flow of the preset's
+width; the global batch is the same for every process count, so valuations/s = B / step
+time. Prints one JSON line (rank 0) with the median step time and valuations/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bundleflow.bench import synthetic_xor  # noqa: E402
+from bundleflow.config import load_config  # noqa: E402
+from bundleflow.distributed import Comm  # noqa: E402
+from bundleflow.flow import VelocityField, default_hidden_sizes  # noqa: E402
+from bundleflow.train.data import RunData  # noqa: E402
+from bundleflow.train.stage2 import setup_stage2, train_step  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--items", type=int, default=150)
+    p.add_argument("--menu", type=int, default=20000)
+    p.add_argument("--support", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--atoms", type=int, default=6)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--parallel", choices=("shard", "replicate"), default="shard")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    args = p.parse_args()
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    comm = Comm(rank=rank, world=world)
+
+    cfg = load_config(
+        "default",
+        {
+            "data": {"n_items": args.items},
+            "menu": {"size": args.menu, "support": args.support, "grand_bundle_element": False},
+            "stage2": {"batch_size": args.batch, "parallel": args.parallel},
+        },
+    )
+    gen = torch.Generator().manual_seed(0)
+    pool = synthetic_xor(8192, args.atoms, args.items, gen)
+    scale = float(pool[..., -1].amax(dim=1).mean())
+    data = RunData(
+        kind="xor", n_items=args.items, scale=scale, val=pool[:8], test=pool[:8], train_user=pool
+    )
+    data.train = data.normalise(pool).to(device)
+    torch.manual_seed(0)
+    flow = VelocityField(args.items, *default_hidden_sizes(args.items))
+    mixed = None if args.mixed_precision == "no" else args.mixed_precision
+    parts = setup_stage2(cfg, flow, data, device, comm=comm, mixed_precision=mixed)
+    times = []
+    for step in range(1, args.warmup + args.steps + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(parts, cfg, data, step)
+        if cuda:
+            torch.cuda.synchronize()
+        if step > args.warmup:
+            times.append(time.perf_counter() - t0)
+    med = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    comm.all_reduce(med, "max")  # the slowest rank sets the pace
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    if rank == 0:
+        step_ms = float(med) * 1e3
+        out = {
+            "processes": world,
+            "parallel": parts.parallel,
+            "mixed_precision": args.mixed_precision,
+            "shape": {
+                "items": args.items,
+                "menu": args.menu,
+                "support": args.support,
+                "batch": args.batch,
+                "atoms": args.atoms,
+            },  # fmt: skip
+            "median_step_ms": round(step_ms, 3),
+            "valuations_per_s": round(args.batch / (step_ms / 1e3), 1),
+            "peak_memory_gib_rank0": round(peak, 3) if peak is not None else None,
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+        }
+        sys.stdout.write(json.dumps(out) + "\n")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
