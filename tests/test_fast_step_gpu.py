@@ -18,10 +18,10 @@ pytestmark = [
 CFG = bench.BenchConfig(items=50, menu=500, support=8, batch=128, atoms=6, pool=1024)
 
 
-def setup(mode, tf32=False):
+def setup(mode, tf32=False, q_dtype=None):
     flow, menu, pool, _ = bench.build(CFG, torch.device("cuda"))
     opt = make_optimizer(menu, None, mode)
-    step = Stage2Step(menu, flow, opt, pool, CFG.batch, mode=mode, tf32=tf32)
+    step = Stage2Step(menu, flow, opt, pool, CFG.batch, mode=mode, tf32=tf32, q_dtype=q_dtype)
     return flow, menu, step
 
 
@@ -66,6 +66,18 @@ def test_tf32_step_within_tf32_tolerance():
         step(bench.INV_TEMP, bench.MIX_TEMP)
     result = bench.parity_step(step, menu, flow, bench.TOLERANCES["tf32"], 5)
     assert result["ok"], result
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_bf16_flow_step_within_the_public_codes_fp16_tolerance(mode):
+    """Q under bf16 autocast (cast back to fp32): parity with the fp32 reference within the
+    tolerance of the public code's own fp16 numerics, and Q really is computed in bf16."""
+    flow, menu, step = setup(mode, q_dtype=torch.bfloat16)
+    for _ in range(5):
+        step(bench.INV_TEMP, bench.MIX_TEMP)
+    result = bench.parity_step(step, menu, flow, bench.TOLERANCES["bf16"], 5)
+    assert result["ok"], result
+    assert result["loss_rel_diff"] > 0  # not silently fp32
 
 
 def test_bench_cli_on_cuda(capsys):
