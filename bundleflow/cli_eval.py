@@ -150,6 +150,19 @@ def lottery(mech: FrozenMechanism, element: int, min_prob: float = 1e-3) -> list
     ]
 
 
+def fallback_record(mech: FrozenMechanism) -> dict | None:
+    """The fallback's posted prices (user units; ``None`` for a size not for sale)."""
+    fb = mech.fallback
+    if fb is None:
+        return None
+    record: dict = {"option": mech.menu_size, "kind": fb.kind}
+    if fb.item_prices is not None:
+        record["item_prices"] = fb.item_prices.tolist()
+    if fb.size_prices is not None:
+        record["effective_size_prices"] = json_safe(fb.size_prices.tolist()[1:])
+    return record
+
+
 def cmd_menu_show(args: argparse.Namespace) -> int:
     mech = read_mechanism(Path(args.run))
     J, D, m = mech.bundles.shape
@@ -165,6 +178,7 @@ def cmd_menu_show(args: argparse.Namespace) -> int:
             "money_scale": mech.money_scale,
             "mix_temp": mech.mix_temp,
             "elements": elements,
+            "fallback": fallback_record(mech),
         }
         _write_stdout(json.dumps(payload))
         return 0
@@ -173,6 +187,8 @@ def cmd_menu_show(args: argparse.Namespace) -> int:
         f"frozen menu: {J} elements × {D} support points, {m} items (top {len(order)} by price)"
     ]
     lines += [f"  #{e['element']:<5} price {e['price']:10.4g}  {_lottery_text(e)}" for e in order]
+    if mech.fallback is not None:
+        lines.append(f"  #{J:<5} fallback: any atom at the fitted {mech.fallback.kind} prices")
     _write_stdout("\n".join(lines))
     return 0
 
@@ -227,7 +243,8 @@ def cmd_menu_query(args: argparse.Namespace) -> int:
             f"sells {mech.n_items}; pass the data the run was trained on"
         )
     choice, payment, utility = (x.cpu() for x in mech.play(valuations))
-    bought = sorted(set(choice[choice != WALK_AWAY].tolist()))
+    J = mech.menu_size
+    bought = sorted(set(choice[(choice != WALK_AWAY) & (choice < J)].tolist()))
     rows = [
         {
             "index": offset + n,
@@ -245,11 +262,16 @@ def cmd_menu_query(args: argparse.Namespace) -> int:
         "revenue": float(payment.double().mean()) if rows else 0.0,
         "buy_rate": float((choice != WALK_AWAY).double().mean()) if rows else 0.0,
     }
+    if mech.fallback is not None:  # option J: the posted prices
+        summary["fallback_rate"] = float((choice == J).double().mean()) if rows else 0.0
     if args.json:
         elements = {
             str(j): {"price": float(mech.prices[j]), "lottery": lottery(mech, j)} for j in bought
         }
-        _write_stdout(json.dumps(json_safe({**summary, "valuations": rows, "elements": elements})))
+        payload = {**summary, "valuations": rows, "elements": elements}
+        if mech.fallback is not None:
+            payload["fallback"] = fallback_record(mech)
+        _write_stdout(json.dumps(json_safe(payload)))
         return 0
     lines = [
         f"{source} ({args.split}): {len(rows)} valuations, revenue {summary['revenue']:.5g}, "
@@ -258,6 +280,12 @@ def cmd_menu_query(args: argparse.Namespace) -> int:
     for row in rows[: args.limit]:
         if row["element"] is None:
             lines.append(f"  valuation {row['index']:>6}: walks away, pays 0")
+            continue
+        if row["element"] == J:
+            lines.append(
+                f"  valuation {row['index']:>6}: buys at the posted {mech.fallback.kind} prices "
+                f"(option #{J}), pays {row['payment']:.5g} (utility {row['utility']:.4g})"
+            )
             continue
         lot = _lottery_text({"lottery": lottery(mech, row["element"])})
         lines.append(

@@ -109,6 +109,17 @@ class MenuConfig:
     grand_bundle_element: bool = False
     """bundleflow extension (not in the reference): element 0 starts as the grand bundle at
     the grand-bundle price fitted on the training split, so the menu can keep that option."""
+    fallback: str = "none"
+    """bundleflow extension (not in the reference): offer, beside the J learned elements,
+    a posted-price schedule fitted on the training split as one more option (index J; the
+    bidder may buy any atom at those prices; still a menu, so DSIC and IR hold): ``none``
+    (the reference), ``item`` (item pricing), ``size`` (bundle-size pricing) or ``best``
+    (whichever earns more on the training split)."""
+    posted_price_init: bool = False
+    """With a fallback: every learned element starts at the posted price of its initial
+    lottery, Σ_d α_jd·c(S_jd) (recorded noise, initial λ), so it is weakly worse than the
+    fallback for every bidder and the mechanism starts at the fallback's revenue; training
+    moves elements below it where that earns more. False: prices start U[0, price_init)."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +232,7 @@ CHOICES = {
     "data.dist": ("arbitrary", "regions"),
     "data.values": ("upv", "npv"),
     "data.mode": ("fresh", "fixed"),
+    "menu.fallback": ("none", "item", "size", "best"),
     "stage2.path": ("fast", "reference"),
     "stage2.step_mode": ("auto", "eager", "graph"),
     "stage2.parallel": ("shard", "replicate"),
@@ -329,6 +341,11 @@ def _check_choices(config: Config) -> None:
     for key in positive:
         if flat[key] <= 0:
             raise BundleflowError(f"config key {key!r} must be positive, got {flat[key]!r}")
+    if config.menu.posted_price_init and config.menu.fallback == "none":
+        raise BundleflowError(
+            "config key 'menu.posted_price_init' needs a fallback to price against; "
+            "set menu.fallback to item, size or best"
+        )
     if config.data.kind == "file" and not config.data.path:
         raise BundleflowError("config key 'data.path' is required when data.kind is 'file'")
 

@@ -113,6 +113,8 @@ def evaluate_mechanism(
     """
     choice, payment, realised_u = (x.cpu() for x in mech.play(test, batch_size=batch_size))
     buys = choice != WALK_AWAY
+    J = mech.menu_size
+    on_menu = buys & (choice < J)  # choice J: the fallback's posted prices
     upper = float(grand_bundle_values(test).double().mean())
     revenue = mean_ci(payment)
     gb_price = fit_grand_bundle_price(train)
@@ -122,8 +124,8 @@ def evaluate_mechanism(
     best = best_baseline(scored)
     for name in BASELINES:
         scored[name]["ratio_to_best_baseline"] = paired_ratio_ci(base_pay[name], base_pay[best])
-    used = choice[buys]
-    return {
+    used = choice[on_menu]
+    report = {
         "n_test": int(test.shape[0]),
         "revenue": revenue,
         "fraction_of_max_value": revenue["mean"] / upper if upper > 0 else float("nan"),
@@ -136,13 +138,31 @@ def evaluate_mechanism(
         "ratio_to_grand_bundle": revenue["mean"] / gb["mean"] if gb["mean"] > 0 else float("inf"),
         "ir_violations": int(((realised_u < 0) & buys).sum()),
         "buy_rate": float(buys.double().mean()),
-        "elements_in_use": int(torch.unique(choice[buys]).numel()),
-        "menu_size": mech.menu_size,
-        "negative_price_purchases": int((buys & (prices[choice.clamp(min=0)] < 0)).sum()),
+        "elements_in_use": int(torch.unique(used).numel()),
+        "menu_size": J,
+        "negative_price_purchases": int(
+            (on_menu & (prices[choice.clamp(min=0, max=J - 1)] < 0)).sum()
+        ),
         "baselines": scored,
         "best_baseline": best,
         "ratio_to_best_baseline": paired_ratio_ci(payment, base_pay[best]),
-        "menu": menu_statistics(mech, torch.bincount(used, minlength=mech.menu_size)),
+        "menu": menu_statistics(mech, torch.bincount(used, minlength=J)),
+    }
+    if mech.fallback is not None:
+        report["fallback"] = fallback_statistics(mech, choice, payment)
+    return report
+
+
+def fallback_statistics(mech: FrozenMechanism, choice: Tensor, payment: Tensor) -> dict:
+    """How much the fallback (choice J) does: its kind, the fraction of test bidders who buy
+    at the posted prices, and its share of the revenue."""
+    chosen = choice == mech.menu_size
+    total = float(payment.double().sum())
+    from_fallback = float(payment.double()[chosen].sum())
+    return {
+        "kind": mech.fallback.kind,
+        "chosen_fraction": float(chosen.double().mean()) if choice.numel() else 0.0,
+        "revenue_share": from_fallback / total if total > 0 else float("nan"),
     }
 
 

@@ -33,6 +33,7 @@ import torch
 from loguru import logger
 from torch import Tensor
 
+from bundleflow.fallback import PostedPrices
 from bundleflow.flow import IntegratorPath, VelocityField
 from bundleflow.menu import Menu
 from bundleflow.revenue import soft_revenue
@@ -53,8 +54,13 @@ def stage2_loss(
     path: IntegratorPath = "fast",
     exact_density_grad: bool = False,
     q_dtype: torch.dtype | None = None,
+    fallback: PostedPrices | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The training loss −R̃ and the bundles ``[J, D, m]`` for given noise and valuations."""
+    """The training loss −R̃ and the bundles ``[J, D, m]`` for given noise and valuations.
+
+    ``fallback``: posted prices offered as option J (its column is computed from
+    ``valuations`` here, so a captured step sees each replay's batch).
+    """
     lot = menu.lotteries(
         flow,
         mix_temp,
@@ -64,7 +70,8 @@ def stage2_loss(
         exact_density_grad=exact_density_grad,
         q_dtype=q_dtype,
     )
-    loss = -soft_revenue(menu.utilities(lot, valuations), menu.prices, inv_temp)
+    extra = None if fallback is None else fallback.outcome(valuations)
+    loss = -soft_revenue(menu.utilities(lot, valuations), menu.prices, inv_temp, extra)
     return loss, lot.bundles
 
 
@@ -113,6 +120,7 @@ class Stage2Step:
         tf32: TF32 for fp32 matrix products in the step (CUDA only; no effect on CPU).
         generator: a generator on the menu's device for eager/compile modes (``graph``
             uses the default CUDA generator: seed it with ``torch.cuda.manual_seed``).
+        fallback: posted prices offered beside the menu as option J (normalised money).
 
     After a call, ``last_eps``, ``last_batch``, ``last_bundles`` hold the step's inputs and
     bundles, and the parameters' ``.grad`` its gradients (used by the parity check). In
@@ -135,6 +143,7 @@ class Stage2Step:
         q_dtype: torch.dtype | None = None,
         warmup: int = 3,
         generator: torch.Generator | None = None,
+        fallback: PostedPrices | None = None,
     ):
         self.device = menu.means.device
         self.mode = resolve_mode(mode, self.device)
@@ -155,6 +164,7 @@ class Stage2Step:
         self.q_dtype = q_dtype
         self.warmup = max(1, warmup)
         self.generator = generator
+        self.fallback = None if fallback is None else fallback.to(self.device)
         self.calls = 0
         self.fallback_reason: str | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -201,6 +211,7 @@ class Stage2Step:
                 path=self.path,
                 exact_density_grad=self.exact_density_grad,
                 q_dtype=self.q_dtype,
+                fallback=self.fallback,
             )
             loss.backward()
             self.optimizer.step()

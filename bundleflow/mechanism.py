@@ -5,6 +5,10 @@ bundles S_jd, the probabilities α_jd and the prices p_j (in the user's money un
 the noise draw and the temperatures used. The frozen object needs neither the flow nor
 the menu's parameters, saves to one safetensors file with JSON metadata, and gives the
 same lotteries every time (the reference redraws ε for every test batch instead).
+
+With a fallback (``menu.fallback``), the posted prices are option J after the J elements:
+the bidder may buy any atom at them instead (see :mod:`bundleflow.fallback`); they are
+saved in the same file. Files without them load as menus without a fallback.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import Tensor
 from bundleflow import __version__
 from bundleflow.atomic import atomic_path
 from bundleflow.errors import BundleflowError
+from bundleflow.fallback import PostedPrices
 from bundleflow.flow import IntegratorPath, VelocityField
 from bundleflow.menu import Menu, lottery_utilities
 from bundleflow.revenue import hard_outcome
@@ -29,6 +34,8 @@ from bundleflow.revenue import hard_outcome
 MECHANISM_FORMAT = 1
 _META_KEY = "bundleflow.mechanism"
 _TENSORS = ("bundles", "alpha", "prices", "eps")
+_FALLBACK_TENSORS = {"fallback_item_prices": "item_prices", "fallback_size_prices": "size_prices"}
+"""Optional tensors: the fallback's item prices ``[m]`` and effective size prices ``[m+1]``."""
 
 
 @dataclass
@@ -36,7 +43,8 @@ class FrozenMechanism:
     """Bundles ``[J, D, m]`` (uint8 0/1), α ``[J, D]``, prices ``[J]`` and the noise ``[J, D, m]``.
 
     ``prices`` are in the user's money units (``money_scale`` × the menu's normalised
-    prices); utilities and payments are too.
+    prices); utilities and payments are too, and so is ``fallback``, the posted prices
+    offered as option J (None: a plain menu).
     """
 
     bundles: Tensor
@@ -48,6 +56,7 @@ class FrozenMechanism:
     n_steps: int = 5
     money_scale: float = 1.0
     meta: dict[str, Any] = field(default_factory=dict)
+    fallback: PostedPrices | None = None
 
     @classmethod
     @torch.no_grad()
@@ -64,12 +73,14 @@ class FrozenMechanism:
         path: IntegratorPath = "fast",
         money_scale: float = 1.0,
         meta: dict[str, Any] | None = None,
+        fallback: PostedPrices | None = None,
     ) -> FrozenMechanism:
         """Freeze ``menu`` with one noise draw (``eps`` or a fresh one from ``generator``).
 
         ``mix_temp`` is the mixture temperature the probabilities are computed with (the
         final λ of training, in the menu's units); ``inv_temp``, the final money λ, is
-        recorded for the record only: the hard mechanism does not use it.
+        recorded for the record only: the hard mechanism does not use it. ``fallback``:
+        posted prices in the menu's units (scaled by ``money_scale`` like the prices).
         """
         if eps is None:
             eps = menu.draw_noise(generator)
@@ -84,10 +95,14 @@ class FrozenMechanism:
             n_steps=n_steps,
             money_scale=float(money_scale),
             meta=dict(meta or {}),
+            fallback=None
+            if fallback is None
+            else fallback.to(menu.prices.device, menu.prices.dtype).scaled(money_scale),
         )
 
     @property
     def menu_size(self) -> int:
+        """J, the learned elements (a fallback is option J, after them)."""
         return int(self.prices.shape[0])
 
     @property
@@ -105,6 +120,7 @@ class FrozenMechanism:
             n_steps=self.n_steps,
             money_scale=self.money_scale,
             meta=dict(self.meta),
+            fallback=None if self.fallback is None else self.fallback.to(device),
         )
 
     @torch.no_grad()
@@ -117,13 +133,18 @@ class FrozenMechanism:
     def play(self, valuations: Tensor, *, batch_size: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
         """What each bidder does, in batches of ``batch_size`` (results on the mechanism's device).
 
-        Returns ``choice [N]`` (−1 = walks away), ``payment [N]`` and the utility the bidder
-        realises ``[N]`` (0 for a walk-away; negative would be an IR violation).
+        Returns ``choice [N]`` (−1 = walks away, J = the fallback's posted prices),
+        ``payment [N]`` and the utility the bidder realises ``[N]`` (0 for a walk-away;
+        negative would be an IR violation).
         """
         choices, payments, realised = [], [], []
         for start in range(0, valuations.shape[0], batch_size):  # batches bound memory
-            u = self.utilities(valuations[start : start + batch_size].to(self.prices.device))
-            choice, payment = hard_outcome(u, self.prices)
+            batch = valuations[start : start + batch_size].to(self.prices.device)
+            u = self.utilities(batch)
+            extra = None if self.fallback is None else self.fallback.outcome(batch)
+            choice, payment = hard_outcome(u, self.prices, extra)
+            if extra is not None:
+                u = torch.cat([u, extra[0].to(u.dtype)[:, None]], dim=1)  # (B, J+1)
             chosen_u = u.gather(1, choice.clamp(min=0)[:, None]).squeeze(1)
             choices.append(choice)
             payments.append(payment)
@@ -156,6 +177,10 @@ class FrozenMechanism:
             "meta": self.meta,
         }
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
+        for name, attr in _FALLBACK_TENSORS.items():
+            value = None if self.fallback is None else getattr(self.fallback, attr)
+            if value is not None:
+                tensors[name] = value.detach().cpu().contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(header)})
 
@@ -185,6 +210,8 @@ class FrozenMechanism:
         missing = [name for name in _TENSORS if name not in tensors]
         if missing:
             raise BundleflowError(f"{path}: mechanism file lacks tensors {missing}")
+        posted = {attr: tensors.get(name) for name, attr in _FALLBACK_TENSORS.items()}
+        fallback = PostedPrices(**posted) if any(t is not None for t in posted.values()) else None
         try:
             inv_temp = header.get("inv_temp")
             mech = cls(
@@ -194,6 +221,7 @@ class FrozenMechanism:
                 n_steps=int(header["n_steps"]),
                 money_scale=float(header["money_scale"]),
                 meta=dict(header.get("meta", {})),
+                fallback=fallback,
             )
         except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise BundleflowError(
@@ -223,3 +251,27 @@ class FrozenMechanism:
         for name in ("alpha", "prices"):
             if not torch.isfinite(getattr(self, name)).all():
                 raise BundleflowError(f"{source}: {name} has NaN or infinite entries")
+        if self.fallback is not None:
+            self._validate_fallback(source, m)
+
+    def _validate_fallback(self, source: str | Path, m: int) -> None:
+        """Item prices ``[m]`` finite and ≥ 0; effective size prices ``[m+1]`` ≥ 0 (``inf``
+        = not for sale), non-decreasing, 0 at size 0."""
+        item, size = self.fallback.item_prices, self.fallback.size_prices
+        for name, t, n in (("item", item, m), ("size", size, m + 1)):
+            if t is None:
+                continue
+            if t.dim() != 1 or t.shape[0] != n or not t.is_floating_point():
+                raise BundleflowError(
+                    f"{source}: fallback {name} prices must be a float vector of {n}, found "
+                    f"{t.dtype} of shape {tuple(t.shape)}"
+                )
+            if bool(torch.isnan(t).any()) or bool((t < 0).any()):
+                raise BundleflowError(f"{source}: fallback {name} prices must be ≥ 0 (no NaN)")
+        if item is not None and not bool(torch.isfinite(item).all()):
+            raise BundleflowError(f"{source}: fallback item prices must be finite")
+        if size is not None and (float(size[0]) != 0.0 or bool((size.diff() < 0).any())):
+            raise BundleflowError(
+                f"{source}: fallback size prices must be effective prices (0 at size 0, "
+                "non-decreasing)"
+            )

@@ -123,6 +123,13 @@ def format_summary(r: dict, *, table: bool = True) -> str:
         f"{r['menu_size']}; buy rate {r['buy_rate']:.3f}; negative-price purchases: "
         f"{r['negative_price_purchases']}",
     ]
+    if "fallback" in r:
+        fb = r["fallback"]
+        lines.append(
+            f"  fallback ({fb['kind']} pricing, option {r['menu_size']}): chosen by "
+            f"{fb['chosen_fraction']:.3f} of test bidders, {_fmt(fb['revenue_share'], 3)} of "
+            "the revenue"
+        )
     if "best_baseline" in r:
         ratio = r["ratio_to_best_baseline"]
         lines.append(

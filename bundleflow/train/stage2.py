@@ -27,6 +27,7 @@ from bundleflow.config import Config, to_dict
 from bundleflow.distributed import Comm
 from bundleflow.doctor import gpu_status_line
 from bundleflow.errors import BundleflowError
+from bundleflow.fallback import PostedPrices, fit_posted_prices
 from bundleflow.fast_step import Stage2Step, stage2_loss
 from bundleflow.flow import VelocityField
 from bundleflow.mechanism import FrozenMechanism
@@ -78,6 +79,31 @@ def build_menu(cfg: Config, data: RunData) -> Menu:
             "menu: element 0 starts as the grand bundle at price {:.4g}", price * data.scale
         )
     return menu
+
+
+def build_fallback(cfg: Config, data: RunData) -> PostedPrices | None:
+    """``menu.fallback`` fitted on the training split, in normalised money (float32)."""
+    if cfg.menu.fallback == "none":
+        return None
+    posted, record = fit_posted_prices(data.train_user, cfg.menu.fallback)
+    logger.info(
+        "menu: fallback {} pricing (training revenue {})",
+        record["kind"],
+        ", ".join(f"{k} {v:.4g}" for k, v in record["train_revenue"].items()),
+    )
+    return posted.scaled(1.0 / data.scale).to(dtype=torch.float32)
+
+
+@torch.no_grad()
+def price_at_fallback(
+    menu: Menu, flow: VelocityField, fallback: PostedPrices, mix_temp: float, eps: torch.Tensor
+) -> None:
+    """p_j = Σ_d α_jd·c(S_jd): every element weakly worse than the fallback (``eps``: the
+    recorded evaluation noise, so the first validation sees these lotteries)."""
+    device = next(flow.parameters()).device
+    lot = menu.to(device).lotteries(flow, mix_temp, eps=eps.to(device))
+    cost = fallback.to(device).bundle_cost(lot.bundles)  # (J, D, m) -> (J, D)
+    menu.prices.copy_((lot.alpha * cost).sum(dim=-1).to(menu.prices.device))
 
 
 def build_optimizer(
@@ -153,7 +179,8 @@ class Stage2Parts:
 
     ``parallel``: ``single`` (one process), ``shard`` (this rank owns menu elements
     ``[lo, hi)`` of ``n_elements`` and the whole batch) or ``replicate`` (the whole menu and
-    ``1/world`` of the batch; gradients averaged).
+    ``1/world`` of the batch; gradients averaged). ``fallback``: posted prices offered as
+    option J (normalised money, on the device), or None.
     """
 
     flow: VelocityField
@@ -168,6 +195,7 @@ class Stage2Parts:
     lo: int = 0
     q_dtype: torch.dtype | None = None
     scaler: object | None = None
+    fallback: PostedPrices | None = None
     _noise_gen: torch.Generator | None = None
     _batch_gen: torch.Generator = field(default_factory=torch.Generator)
 
@@ -274,6 +302,11 @@ def setup_stage2(
     """Frozen flow, initial menu (this rank's shard of it), optimizer, λ schedule."""
     comm = comm or Comm()
     full = build_menu(cfg, data)  # the same on every rank: one seed
+    fallback = build_fallback(cfg, data)
+    if fallback is not None and cfg.menu.posted_price_init:
+        mix = cfg.stage2.inv_temp.initial * cfg.stage2.inv_temp.mixture_factor
+        price_at_fallback(full, flow, fallback, mix, eval_noise(full, cfg.eval.seed))
+        logger.info("menu: elements start at the fallback's price of their lottery")
     parallel = cfg.stage2.parallel if comm.active else "single"
     lo = 0
     menu = full
@@ -315,11 +348,16 @@ def setup_stage2(
         lo=lo,
         q_dtype=q_dtype,
         scaler=scaler,
+        fallback=None if fallback is None else fallback.to(device),
     )
 
 
 def sharded_soft_revenue(
-    utilities: torch.Tensor, prices: torch.Tensor, inv_temp: float, comm: Comm
+    utilities: torch.Tensor,
+    prices: torch.Tensor,
+    inv_temp: float,
+    comm: Comm,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft revenue when each rank holds the utilities ``[B, J_local]`` of its elements.
 
@@ -329,10 +367,17 @@ def sharded_soft_revenue(
     surrogate mean_b (n_b/D_b − N_b·d_b/D_b²), with N and D constants, has exactly the
     gradient of R̃ with respect to this rank's parameters (the other ranks' terms do not
     depend on them), so no collective needs a backward pass.
+
+    ``extra = (u_x, c_x)`` (e.g. the fallback), the same ``[B]`` on every rank (every rank
+    holds the whole batch), is counted once like the walk-away column: c includes λ·u_x,
+    and after the reduction N += e^{λu_x−c}·c_x, D += e^{λu_x−c}. It has no parameters.
     """
     logits = utilities * inv_temp  # (B, J_local)
     with torch.no_grad():
         top = logits.amax(dim=1).clamp(min=0)
+        if extra is not None:
+            extra_logit = extra[0].to(logits.dtype) * inv_temp  # (B,)
+            top = torch.maximum(top, extra_logit)
         top = comm.all_reduce(top, "max")
     weights = torch.exp(logits - top[:, None])
     num = weights @ prices  # (B,)
@@ -340,6 +385,10 @@ def sharded_soft_revenue(
     with torch.no_grad():
         totals = comm.all_reduce(torch.stack([num, den]).detach())
         big_n, big_d = totals[0], totals[1] + torch.exp(-top)
+        if extra is not None:
+            extra_weight = torch.exp(extra_logit - top)
+            big_n = big_n + extra_weight * extra[1].to(big_n.dtype)
+            big_d = big_d + extra_weight
     surrogate = (num / big_d - big_n / big_d**2 * den).mean()
     return surrogate, (big_n / big_d).mean()
 
@@ -359,6 +408,7 @@ def step_loss(parts: Stage2Parts, cfg: Config, batch, eps) -> tuple[torch.Tensor
             path=s2.path,
             exact_density_grad=s2.exact_density_grad,
             q_dtype=parts.q_dtype,
+            fallback=parts.fallback,
         )
         return loss, loss
     lot = net.lotteries(
@@ -370,8 +420,9 @@ def step_loss(parts: Stage2Parts, cfg: Config, batch, eps) -> tuple[torch.Tensor
         exact_density_grad=s2.exact_density_grad,
         q_dtype=parts.q_dtype,
     )
+    extra = None if parts.fallback is None else parts.fallback.outcome(batch)
     surrogate, revenue = sharded_soft_revenue(
-        net.utilities(lot, batch), net.prices, parts.schedule.value, parts.comm
+        net.utilities(lot, batch), net.prices, parts.schedule.value, parts.comm, extra
     )
     return -surrogate, -revenue
 
@@ -504,6 +555,7 @@ def train_stage2(
             tf32=s2.tf32,
             exact_density_grad=s2.exact_density_grad,
             q_dtype=parts.q_dtype,
+            fallback=parts.fallback,
         )
         logger.info("stage 2: CUDA-graph step (captured after {} eager steps)", stepper.warmup)
     saved_step = {"resumable": state["step"] if resume else -1}
@@ -565,7 +617,12 @@ def train_stage2(
         val = float("nan")
         if run.main_process:
             mech = FrozenMechanism.freeze(
-                full, flow, schedule.value * mix_factor, eps=eps_eval, n_steps=cfg.flow.euler_steps
+                full,
+                flow,
+                schedule.value * mix_factor,
+                eps=eps_eval,
+                n_steps=cfg.flow.euler_steps,
+                fallback=parts.fallback,
             )
             val = mech.revenue(data.val, batch_size=cfg.eval.batch_size) * data.scale
         return comm.broadcast_floats([val], device)[0], full
@@ -621,6 +678,10 @@ def train_stage2(
     )
     stop_reason = "max-steps"
     recent_loss = []
+    if parts.fallback is not None and state["step"] == 0:
+        # The untrained menu beside the fallback is a candidate too: with
+        # menu.posted_price_init it earns the fallback's revenue, a floor for selection.
+        evaluate_now(0, 0.0)
     with StopRequest() as stop:
         try:
             while state["step"] < total_steps:
@@ -699,7 +760,7 @@ def train_stage2(
             wall_time=state["wall_before"],
             mechanism=None,
         )
-    if state["best_step"] == 0:  # stopped before any evaluation: evaluate now
+    if state["best_val"] == float("-inf"):  # stopped before any evaluation: evaluate now
         evaluate_now(state["step"], state["wall_before"])
     save_resumable()
     mech = None
@@ -725,6 +786,7 @@ def train_stage2(
             eps=eps_eval,
             n_steps=cfg.flow.euler_steps,
             money_scale=data.scale,
+            fallback=parts.fallback,
             meta={
                 "best_step": state["best_step"],
                 "val_revenue": state["best_val"],
