@@ -41,7 +41,10 @@ def main() -> None:
         for _ in range(10):
             step(bench.INV_TEMP, bench.MIX_TEMP)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows)
+    try:  # the key's name changed in torch 2.4 (cuda_ -> device_)
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows)
+    except (AttributeError, KeyError, ValueError):
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows)
     sys.stdout.write(table + "\n")
 
 
