@@ -25,6 +25,7 @@ METRICS_FILE = "metrics.jsonl"
 
 LABELS = {
     "menu": "learned menu",
+    "menu_fallback": "learned menu + fallback",
     "grand_bundle": "grand bundle",
     "uniform_item_price": "uniform item price",
     "item_pricing": "item pricing",
@@ -58,7 +59,7 @@ def comparison_rows(report: dict) -> list[dict]:
     if "revenue" in report:
         rows.append(
             {
-                "name": "menu",
+                "name": "menu_fallback" if "fallback" in report else "menu",
                 "revenue": report["revenue"],
                 "fraction": report["fraction_of_max_value"],
                 "ratio": report.get("ratio_to_best_baseline"),
