@@ -332,6 +332,8 @@ def mechanism_files(draw) -> bytes:
         "alpha": (j, d),
         "prices": (j,),
         "eps": (j, d, m),
+        "fallback_item_prices": (m,),  # optional: the posted-price fallback
+        "fallback_size_prices": (m + 1,),
     }
     named = {}
     for name, shape in names.items():
