@@ -248,10 +248,11 @@ def test_stage2_loss_includes_the_fallback_column():
     with torch.no_grad():
         u = menu.utilities(menu.lotteries(flow, 0.1, eps=eps), vals)
     expected = soft_revenue(u, menu.prices.detach(), 0.9, posted.outcome(vals))
-    assert float(loss) == pytest.approx(-float(expected), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(-float(expected), rel=1e-6)
     loss_plain, _ = stage2_loss(menu, flow, vals, 0.9, 0.1, eps)
-    assert float(loss_plain) == pytest.approx(-float(soft_revenue(u, menu.prices, 0.9)), rel=1e-6)
-    assert float(loss) != float(loss_plain)
+    plain_expected = -float(soft_revenue(u, menu.prices.detach(), 0.9))
+    assert float(loss_plain.detach()) == pytest.approx(plain_expected, rel=1e-6)
+    assert float(loss.detach()) != float(loss_plain.detach())
 
 
 # --------------------------------------------------------------------------- the saved mechanism
