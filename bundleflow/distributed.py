@@ -47,9 +47,10 @@ class Comm:
         return lo, lo + sizes[self.rank]
 
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
-        """In place over all ranks (``sum`` or ``max``); returns ``tensor``."""
+        """In place over all ranks (``sum``, ``max`` or ``min``); returns ``tensor``."""
         if self.active:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+            dist.all_reduce(tensor, op=ops[op])
         return tensor
 
     def all_gather_rows(self, tensor: Tensor, n: int) -> Tensor:

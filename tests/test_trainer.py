@@ -712,3 +712,35 @@ def test_bad_data_file_leaves_no_run_directory(env, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert any(str(bad) in line for line in err) and not any("Traceback" in x for x in err)
     assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_non_finite_parameters_stop_the_run_and_keep_the_last_good_checkpoint(
+    env, monkeypatch, capsys
+):
+    """A NaN that appears after step 12 (a checkpoint was written at step 7): the run stops
+    at the next check with exit 2 and one line naming the window of steps and the last good
+    checkpoint; no checkpoint of the diverged state is written and step 7 still loads."""
+    import bundleflow.train.stage2 as stage2
+
+    real_step = stage2.train_step
+
+    def poisoned(parts, cfg, data, step):
+        loss = real_step(parts, cfg, data, step)
+        if step == 12:
+            with torch.no_grad():
+                parts.net.prices[3] = float("nan")
+        return loss
+
+    monkeypatch.setattr(stage2, "train_step", poisoned)
+    runs = env / "runs-nan"
+    items = [t for t in TINY if not t.startswith("stage2.steps")]
+    code = main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets([*items, "stage2.steps=40"])])
+    assert code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1
+    assert "non-finite between step 10 and step" in err[0] and "step-000000007" in err[0]
+    run = _only_run(runs)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step-000000007"]
+    components, manifest = read_checkpoint(run / "checkpoints" / names[0])
+    assert manifest["step"] == 7 and torch.isfinite(components["menu"]["prices"]).all()

@@ -30,6 +30,7 @@ from bundleflow.errors import BundleflowError
 from bundleflow.fallback import PostedPrices, fit_posted_prices
 from bundleflow.fast_step import Stage2Step, stage2_loss
 from bundleflow.flow import VelocityField
+from bundleflow.health import FiniteGuard
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow
 from bundleflow.progress import ProgressBar
@@ -561,9 +562,20 @@ def train_stage2(
     saved_step = {"resumable": state["step"] if resume else -1}
     best_menu: dict = {}
 
+    guard = FiniteGuard(
+        device,
+        stage="stage 2",
+        all_reduce_min=(lambda t: comm.all_reduce(t, "min")) if comm.active else None,
+    )
+
+    def last_good() -> str | None:
+        done = saved_step["resumable"]
+        return str(ckpt_dir / f"step-{done:09d}") if done >= 0 else None
+
     def save_resumable() -> None:
         if saved_step["resumable"] == state["step"]:
             return  # this step is already on disk
+        guard.check(state["step"], last_good=last_good())  # never checkpoint a diverged state
         menu_state, opt_tensors, opt_rest = parts.full_state()  # collective under shard
         saved_step["resumable"] = state["step"]
         if not run.main_process:
@@ -692,18 +704,15 @@ def train_stage2(
                 else:
                     recent_loss.append(stepper(schedule.value, parts.mix_temp()))
                     schedule.update(step, parts.mean_support_location)
+                guard.update(recent_loss[-1], net.parameters())  # on the device, no sync
                 elapsed = state["wall_before"] + time.monotonic() - start
                 if step % s2.log_every == 0:
+                    guard.check(step, last_good=last_good())  # one sync, agreed by the ranks
                     mean_loss = torch.stack(recent_loss).mean().reshape(1)
                     recent_loss.clear()
                     if parts.parallel == "replicate":
                         mean_loss = comm.all_reduce(mean_loss) / comm.world
                     soft = -float(mean_loss) * data.scale
-                    if not torch.isfinite(torch.tensor(soft)):
-                        raise BundleflowError(
-                            f"stage 2: soft revenue became non-finite at step {step}; lower "
-                            "stage2.lr / stage2.price_lr or the λ cap"
-                        )
                     run.metrics(
                         stage=2,
                         step=step,
