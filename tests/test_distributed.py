@@ -201,3 +201,17 @@ def test_shards_cover_the_menu_once():
     ranges = [Comm(rank=r, world=3).shard(10) for r in range(3)]
     assert ranges == [(0, 4), (4, 7), (7, 10)]
     assert Comm().shard(7) == (0, 7) and not Comm().active
+
+
+def test_accelerate_configs_are_valid_launch_configs():
+    """configs/accelerate/*.yaml load as accelerate's own launch configs."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    seen = {}
+    for path in sorted(root.glob("*.yaml")):
+        cfg = load_config_from_file(str(path))
+        seen[path.stem] = (str(cfg.distributed_type), cfg.num_processes, cfg.use_cpu)
+    assert seen["single_gpu"] == ("DistributedType.NO", 1, False)
+    assert seen["multi_gpu"] == ("DistributedType.MULTI_GPU", 2, False)
+    assert seen["cpu_debug"] == ("DistributedType.NO", 1, True)
