@@ -25,6 +25,7 @@ from bundleflow.train.stage2 import (
     BEST,
     CHECKPOINTS,
     graph_unavailable,
+    stage2_precision,
     train_stage2,
 )
 
@@ -100,7 +101,8 @@ def _setup(args: argparse.Namespace):
     accelerator = make_accelerator(config, choice.device)
     if config.stage2.step_mode == "graph":  # refuse before anything is written
         has_pool = config.data.kind != "additive" or getattr(args, "data", None) is not None
-        reason = graph_unavailable(choice.device, has_pool, accelerator)
+        mixed, _ = stage2_precision(config.mixed_precision, choice.device)
+        reason = graph_unavailable(choice.device, has_pool, accelerator, mixed)
         if reason is not None:
             raise BundleflowError(f"config key 'stage2.step_mode': graph is unavailable: {reason}")
     resume = Path(args.resume) if args.resume else None
@@ -247,6 +249,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         run.update_info(data=data.info)
         field, flow_info = _flow_for(config, args, accelerator, run, data.n_items)
         run.update_info(flow=flow_info)
+        precision, source = stage2_precision(config.mixed_precision, accelerator.device)
+        logger.info("stage 2: flow network precision {} ({})", precision, source)
+        run.update_info(stage2_precision={"value": precision, "source": source})
         result = train_stage2(
             config,
             field,
@@ -258,6 +263,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             max_time=args.max_time,
             resume=args.resume is not None,
             show_progress=not args.no_progress,
+            mixed_precision=precision,
         )
         if result.mechanism is None:  # stopped by a signal (checkpoint written) or not main
             return 0

@@ -216,7 +216,8 @@ class Config:
     """Precision of the flow network's matrix products (Stage 1 training, Stage 2 Q
     evaluation): ``no``, ``fp16`` or ``bf16``. Log-densities, bundles, utilities, softmax,
     prices and Adam always stay in fp32. ``null``: accelerate's setting (``accelerate launch
-    --mixed_precision`` or its config file), else ``no``."""
+    --mixed_precision`` or its config file), else the measured default: bf16 for Stage 2's
+    flow network on CUDA, fp32 for everything else (see ``stage2_precision``)."""
     data: DataConfig = field(default_factory=DataConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)

@@ -215,3 +215,16 @@ def test_accelerate_configs_are_valid_launch_configs():
     assert seen["single_gpu"] == ("DistributedType.NO", 1, False)
     assert seen["multi_gpu"] == ("DistributedType.MULTI_GPU", 2, False)
     assert seen["cpu_debug"] == ("DistributedType.NO", 1, True)
+
+
+def test_stage2_precision_precedence(monkeypatch):
+    """bundleflow flag > accelerate's launch setting > the measured default (bf16 on CUDA)."""
+    from bundleflow.train.stage2 import stage2_precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert stage2_precision(None, cuda)[0] == "bf16"
+    assert stage2_precision(None, cpu)[0] == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert stage2_precision(None, cuda) == ("fp16", "accelerate (ACCELERATE_MIXED_PRECISION)")
+    assert stage2_precision("no", cuda) == ("no", "bundleflow mixed_precision")
