@@ -237,6 +237,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
         run.write_json(FLOW_FILE, info)
         run.update_info(stage1={**info, "wall_time": time.monotonic() - started})
         logger.info("flow: {} (use it with --flow-ckpt {})", info["path"], run.dir)
+    _end(accelerator)
     return 0
 
 
@@ -266,6 +267,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             mixed_precision=precision,
         )
         if result.mechanism is None:  # stopped by a signal (checkpoint written) or not main
+            _end(accelerator)
             return 0
         report = evaluate_mechanism(
             result.mechanism, data.test, data.train_user, batch_size=_eval_batch(config, data.kind)
@@ -285,7 +287,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         write_report(run, report)
         sys.stderr.write(format_summary(report) + "\n")
+    _end(accelerator)
     return 0
+
+
+def _end(accelerator) -> None:
+    """Several processes: leave the process group cleanly (NCCL warns otherwise)."""
+    if accelerator.num_processes > 1:
+        accelerator.end_training()
 
 
 def cmd_train_stage2(args: argparse.Namespace) -> int:
