@@ -196,6 +196,19 @@ def flow_dtype(mixed_precision: str | None, device: torch.device) -> torch.dtype
     return MIXED_DTYPES[mixed_precision]
 
 
+def menu_like(menu: Menu, state: dict) -> Menu:
+    """A menu with ``menu``'s location map holding the tensors of ``state`` (a state dict:
+    a shard's rows, all ranks' rows, or a checkpoint's)."""
+    return Menu.from_tensors(
+        state["means"],
+        state["logits"],
+        state["std"],
+        state["prices"],
+        loc_offset=menu.loc_offset,
+        loc_scale=menu.loc_scale,
+    )
+
+
 @dataclass
 class Stage2Parts:
     """Everything one Stage-2 step touches, built once per run (and by the profiler).
@@ -275,14 +288,8 @@ class Stage2Parts:
         if self.parallel != "shard":
             return net
         J = self.n_elements
-        gathered = {k: self.comm.all_gather_rows(v, J) for k, v in net.state_dict().items()}
-        return Menu.from_tensors(
-            gathered["means"],
-            gathered["logits"],
-            gathered["std"],
-            gathered["prices"],
-            loc_offset=net.loc_offset,
-            loc_scale=net.loc_scale,
+        return menu_like(
+            net, {k: self.comm.all_gather_rows(v, J) for k, v in net.state_dict().items()}
         )
 
     def full_state(self) -> tuple[dict, dict, dict]:
@@ -340,14 +347,7 @@ def setup_stage2(
                 f"config key 'menu.size': {cfg.menu.size} elements cannot be sharded over "
                 f"{comm.world} processes; use fewer processes or stage2.parallel=replicate"
             )
-        menu = Menu.from_tensors(
-            full.means[lo:hi],
-            full.logits[lo:hi],
-            full.std[lo:hi],
-            full.prices[lo:hi],
-            loc_offset=full.loc_offset,
-            loc_scale=full.loc_scale,
-        )
+        menu = menu_like(full, {k: v[lo:hi] for k, v in full.state_dict().items()})
     elif parallel == "replicate" and cfg.stage2.batch_size % comm.world:
         raise BundleflowError(
             f"config key 'stage2.batch_size': {cfg.stage2.batch_size} is not divisible by "
@@ -804,14 +804,7 @@ def train_stage2(
         else:  # the best menu is from before a resume
             components, manifest = read_checkpoint(run.dir / BEST)
             menu_state, extra = components["menu"], manifest["extra"]
-        best = Menu.from_tensors(
-            menu_state["means"],
-            menu_state["logits"],
-            menu_state["std"],
-            menu_state["prices"],
-            loc_offset=net.loc_offset,
-            loc_scale=net.loc_scale,
-        ).to(device)
+        best = menu_like(net, menu_state).to(device)
         mech = FrozenMechanism.freeze(
             best,
             flow,
