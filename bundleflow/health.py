@@ -56,14 +56,13 @@ class FiniteGuard:
         """The last step at which a check passed (0: before training)."""
 
     @torch.no_grad()
-    def update(self, loss: Tensor, parameters: Iterable[Tensor] = ()) -> None:
-        """And "``loss`` and every parameter are finite" into the device flag (no host sync)."""
-        flag = torch.isfinite(loss.detach()).all()
-        params = [p.detach() for p in parameters]
-        if params:
-            # one fused reduction per tensor; the stack stays on the device
-            flag = flag & torch.stack([torch.isfinite(p).all() for p in params]).all()
-        self._ok &= flag.to(self.device)
+    def update(self, loss: Tensor | None, parameters: Iterable[Tensor] = ()) -> None:
+        """And "``loss`` (if given) and every parameter are finite" into the device flag (no
+        host sync)."""
+        flags = [] if loss is None else [torch.isfinite(loss.detach()).all()]
+        flags += [torch.isfinite(p.detach()).all() for p in parameters]
+        if flags:  # one reduction per tensor; the stack stays on the device
+            self._ok &= torch.stack(flags).all().to(self.device)
 
     def ok(self) -> bool:
         """Read the flag (agreed across ranks when ``all_reduce_min`` was given): one sync."""

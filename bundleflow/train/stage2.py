@@ -600,6 +600,7 @@ def train_stage2(
     def save_resumable() -> None:
         if saved_step["resumable"] == state["step"]:
             return  # this step is already on disk
+        guard.update(None, parts.net.parameters())
         guard.check(state["step"], last_good=last_good())  # never checkpoint a diverged state
         menu_state, opt_tensors, opt_rest = parts.full_state()  # collective under shard
         saved_step["resumable"] = state["step"]
@@ -729,9 +730,10 @@ def train_stage2(
                 else:
                     recent_loss.append(stepper(schedule.value, parts.mix_temp()))
                     schedule.update(step, parts.mean_support_location)
-                guard.update(recent_loss[-1], net.parameters())  # on the device, no sync
+                guard.update(recent_loss[-1])  # the loss, on the device: no sync
                 elapsed = state["wall_before"] + time.monotonic() - start
                 if step % s2.log_every == 0:
+                    guard.update(recent_loss[-1], net.parameters())
                     guard.check(step, last_good=last_good())  # one sync, agreed by the ranks
                     mean_loss = torch.stack(recent_loss).mean().reshape(1)
                     recent_loss.clear()
