@@ -51,7 +51,7 @@ class Stage2Result:
     best_val_revenue: float
     stop_reason: str
     wall_time: float
-    mechanism: FrozenMechanism
+    mechanism: FrozenMechanism | None  # None: stopped by a signal, or not the main process
 
 
 # M for a support point that sits on the corner 1: μ = a + b·sigmoid(10·3) ≈ a + b.
@@ -781,6 +781,17 @@ def train_stage2(
     bar.close()
     state["wall_before"] += time.monotonic() - start
     start = time.monotonic()
+
+    def finished(mechanism: FrozenMechanism | None) -> Stage2Result:
+        return Stage2Result(
+            steps=state["step"],
+            best_step=state["best_step"],
+            best_val_revenue=state["best_val"],
+            stop_reason=stop_reason,
+            wall_time=state["wall_before"],
+            mechanism=mechanism,
+        )
+
     if stop_reason == "signal":
         save_resumable()
         logger.warning(
@@ -788,14 +799,7 @@ def train_stage2(
             state["step"],
             run.dir,
         )
-        return Stage2Result(
-            steps=state["step"],
-            best_step=state["best_step"],
-            best_val_revenue=state["best_val"],
-            stop_reason=stop_reason,
-            wall_time=state["wall_before"],
-            mechanism=None,
-        )
+        return finished(None)
     if state["best_val"] == float("-inf"):  # stopped before any evaluation: evaluate now
         evaluate_now(state["step"], state["wall_before"])
     save_resumable()
@@ -831,14 +835,7 @@ def train_stage2(
         state["best_val"],
         state["best_step"],
     )
-    return Stage2Result(
-        steps=state["step"],
-        best_step=state["best_step"],
-        best_val_revenue=state["best_val"],
-        stop_reason=stop_reason,
-        wall_time=state["wall_before"],
-        mechanism=mech,
-    )
+    return finished(mech)
 
 
 def _restore(ckpt_dir: Path, parts: Stage2Parts, state: dict) -> dict:
