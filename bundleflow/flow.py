@@ -99,15 +99,34 @@ def load_reference_flow(
         for layer in ("fc1", "fc2", "fc3", "fct1", "fct2")
         for kind in ("weight", "bias")
     }
+    if not isinstance(state, Mapping):
+        raise BundleflowError(f"{name}: holds a {type(state).__name__}, not a flow state dict")
     missing = sorted(keys - set(state))
     if missing:
         raise BundleflowError(f"{name}: missing keys {missing}; expected the reference MLP's")
+    for key in sorted(keys):
+        value = state[key]
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise BundleflowError(f"{name}: {key} is not a floating-point tensor")
+        if not bool(torch.isfinite(value).all()):
+            raise BundleflowError(f"{name}: {key} holds NaN or infinite values")
+    if state["fc1.weight"].dim() != 2 or state["fc2.weight"].dim() != 2:
+        raise BundleflowError(f"{name}: fc1.weight and fc2.weight must be matrices")
     hidden, items = state["fc1.weight"].shape
     hidden2 = state["fc2.weight"].shape[0]
+    if min(hidden, items, hidden2) < 1:
+        raise BundleflowError(f"{name}: empty layers (m={items}, h={hidden}, h'={hidden2})")
     if n_items is not None and items != n_items:
         raise BundleflowError(f"{name}: flow is for m={items} items, the run has m={n_items}")
     field = VelocityField(int(items), int(hidden), int(hidden2))
-    field.load_state_dict({k: state[k] for k in keys})
+    expected = field.state_dict()
+    for key in sorted(keys):
+        if tuple(state[key].shape) != tuple(expected[key].shape):
+            raise BundleflowError(
+                f"{name}: {key} has shape {tuple(state[key].shape)}, the reference MLP for "
+                f"m={items}, h={hidden}, h'={hidden2} needs {tuple(expected[key].shape)}"
+            )
+    field.load_state_dict({k: state[k].float() for k in keys})
     return field
 
 

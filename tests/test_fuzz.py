@@ -442,6 +442,45 @@ def test_fuzz_config_set(items):
     _only_bundleflow_errors("parse_set + load_config", load)
 
 
+# --------------------------------------------------------------------------- reference flow
+
+
+REFERENCE_KEYS = [f"{layer}.{kind}" for layer in ("fc1", "fc2", "fc3", "fct1", "fct2")
+                  for kind in ("weight", "bias")]  # fmt: skip
+
+
+@st.composite
+def flow_state_dicts(draw):
+    """A valid reference flow state dict with keys dropped, tensors replaced by random ones
+    (shapes, dtypes, NaNs), or not a dict at all."""
+    from bundleflow.flow import VelocityField
+
+    m, h = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    state = dict(VelocityField(m, h, h).state_dict())
+    how = draw(st.sampled_from(["keep", "drop", "replace", "not-a-dict"]))
+    if how == "not-a-dict":
+        return draw(tensors())
+    if how == "drop":
+        state.pop(draw(st.sampled_from(REFERENCE_KEYS)))
+    if how == "replace":
+        for key in draw(st.lists(st.sampled_from(REFERENCE_KEYS), min_size=1, max_size=3)):
+            state[key] = draw(tensors(max_rank=3))
+    return state
+
+
+@settings(FUZZ)
+@given(state=flow_state_dicts(), data=st.data())
+def test_fuzz_reference_flow(work, state, data):
+    """The public code's flow .pth (``load_reference_flow``): saved, then perhaps damaged."""
+    from bundleflow.flow import load_reference_flow
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path = work / "flow.pth"
+    path.write_bytes(data.draw(mutated(buffer.getvalue())))
+    _only_bundleflow_errors("reference flow .pth", load_reference_flow, path)
+
+
 def test_fuzz_counts_reach_the_brief():
     """Runs last (file order): every reader saw its 1,000 examples."""
     short = {k: v for k, v in COUNTS.items() if v < EXAMPLES}
