@@ -282,9 +282,21 @@ def _safetensors_header(t: Tensor, metadata: dict[str, str]) -> bytes:
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write via a temporary file in the same directory, fsync, then rename over ``path``."""
-    with atomic_open(path) as f:
-        write(f)
+    """Write via a temporary file in the same directory, fsync, then rename over ``path``.
+
+    ``torch.save`` reports a failed write (full disk, file-size limit) as a RuntimeError from
+    its zip writer ("[enforce fail at inline_container.cc] ... file write failed" or
+    "unexpected pos"), not an OSError: that becomes a user error too."""
+    try:
+        with atomic_open(path) as f:
+            write(f)
+    except RuntimeError as err:
+        if "inline_container" not in str(err):
+            raise
+        raise BundleflowError(
+            f"{path}: cannot write (torch.save: file write failed); free disk space or raise "
+            "the file-size limit (`ulimit -f`)"
+        ) from err
 
 
 def save_dataset(path: str | os.PathLike, valuations: Tensor, metadata: dict) -> Path:
