@@ -86,6 +86,8 @@ class Stage1Config:
     """Fresh pairs per step."""
     lr: float = 5e-3
     """Adam learning rate."""
+    lr_schedule: str = "constant"
+    """``constant`` (the reference) or ``cosine`` (lr decays to 0 over ``steps``)."""
     seed: int = 0
     """Seed of the mixture means and the training draws."""
     log_every: int = 100
@@ -237,6 +239,7 @@ CHOICES = {
     "stage2.path": ("fast", "reference"),
     "stage2.step_mode": ("auto", "eager", "graph"),
     "stage2.parallel": ("shard", "replicate"),
+    "stage1.lr_schedule": ("constant", "cosine"),
 }
 
 

@@ -744,3 +744,28 @@ def test_non_finite_parameters_stop_the_run_and_keep_the_last_good_checkpoint(
     assert names == ["step-000000007"]
     components, manifest = read_checkpoint(run / "checkpoints" / names[0])
     assert manifest["step"] == 7 and torch.isfinite(components["menu"]["prices"]).all()
+
+
+def test_stage1_cosine_schedule_is_its_own_cache_entry_and_decays_the_lr(monkeypatch):
+    """`stage1.lr_schedule=cosine` trains with a learning rate that reaches 0 at the last
+    step and gets its own cache key; `constant` keeps the key flows had before the option
+    (the paper-m50 flow cached on the GPU machines was 8691c6eff4d4394c09fc)."""
+    from bundleflow.train.stage1 import flow_key, train_stage1
+
+    paper = load_config("paper-m50")
+    assert flow_key(50, paper.flow, paper.stage1) == "8691c6eff4d4394c09fc"
+    cosine = load_config("paper-m50", parse_set(["stage1.lr_schedule=cosine"]))
+    assert flow_key(50, cosine.flow, cosine.stage1) != flow_key(50, paper.flow, paper.stage1)
+
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    cfg = load_config("default", parse_set(["stage1.steps=10", "stage1.lr_schedule=cosine"]))
+    train_stage1(M, cfg.flow, cfg.stage1, torch.device("cpu"), show_progress=False)
+    assert seen[0] == pytest.approx(cfg.stage1.lr)
+    assert seen == sorted(seen, reverse=True) and seen[-1] < 0.03 * cfg.stage1.lr

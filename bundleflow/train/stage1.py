@@ -39,6 +39,8 @@ def flow_key(n_items: int, flow: FlowConfig, stage1: Stage1Config) -> str:
     """Content key of a Stage-1 flow: everything that determines its weights."""
     blob = {"n_items": n_items, "flow": asdict(flow), "stage1": asdict(stage1), "format": 1}
     blob["stage1"].pop("log_every")
+    if blob["stage1"]["lr_schedule"] == "constant":  # keys of flows cached before the option
+        blob["stage1"].pop("lr_schedule")
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -76,6 +78,9 @@ def train_stage1(
         max_time = None
     net = field.module if hasattr(field, "module") else field
     part = cfg.batch_size // world
+    schedule = None
+    if cfg.lr_schedule == "cosine":
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
     start = time.monotonic()
     bar = ProgressBar(cfg.steps, "stage 1", enabled=None if show_progress else False)
     losses = []
@@ -87,6 +92,8 @@ def train_stage1(
         z0, z1, t = (x.to(device, non_blocking=True) for x in (z0, z1, t))
         loss = rectified_flow_loss(field, z0, z1, t)
         optimizer_step(loss, optimizer, accelerator)
+        if schedule is not None:
+            schedule.step()
         losses.append(loss.detach())
         if step % cfg.log_every == 0 or step == cfg.steps:
             value = float(torch.stack(losses[-cfg.log_every :]).mean())
