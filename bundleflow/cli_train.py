@@ -292,8 +292,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _end(accelerator) -> None:
-    """Several processes: leave the process group cleanly (NCCL warns otherwise)."""
+    """Several processes: wait until every rank is done (the main one evaluates and writes
+    the report after the others have finished), then leave the process group together (NCCL
+    warns when it is not destroyed; a rank destroying it alone can abort the others)."""
     if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
         accelerator.end_training()
 
 
