@@ -32,3 +32,25 @@ def reference_pass() -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(require_shared(REFERENCE_FIXTURE)))
+
+
+def isolated_bundleflow_home(tmp_path_factory, prefix: str):
+    """Generator for a module fixture: BUNDLEFLOW_HOME / BUNDLEFLOW_CACHE and the working
+    directory in a fresh temporary directory for the module; yields that directory."""
+    root = tmp_path_factory.mktemp(prefix)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BUNDLEFLOW_HOME", str(root / "home"))
+        mp.setenv("BUNDLEFLOW_CACHE", str(root / "cache"))
+        mp.chdir(root)
+        yield root
+
+
+def single_torch_thread():
+    """Generator for a module fixture: one torch thread while the module runs (tiny models
+    are latency-bound; on a busy 2-core machine two threads are far slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -40,6 +40,7 @@ from bundleflow.menu import Menu, freeze_flow, lottery_utilities
 from bundleflow.revenue import WALK_AWAY, hard_outcome, soft_revenue
 from bundleflow.train.stage2 import sharded_soft_revenue
 from bundleflow.valuations.io import load_dataset
+from tests.conftest import isolated_bundleflow_home
 from tests.test_revenue import ALPHA, BUNDLES, PRICES, VALUATIONS
 from tests.test_trainer import CPU_ARGS, TINY, _only_run, _sets, _xor_value
 
@@ -363,12 +364,7 @@ def test_config_keys():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bf-fallback")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BUNDLEFLOW_HOME", str(root / "home"))
-        mp.setenv("BUNDLEFLOW_CACHE", str(root / "cache"))
-        mp.chdir(root)
-        yield root
+    yield from isolated_bundleflow_home(tmp_path_factory, "bf-fallback")
 
 
 def test_train_with_a_fallback_never_falls_below_it(env, capsys):

@@ -32,6 +32,7 @@ from bundleflow.config import load_config, parse_set, to_flat_dict
 from bundleflow.errors import BundleflowError
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.valuations.io import load_dataset, save_dataset
+from tests.conftest import single_torch_thread
 
 EXAMPLES = 1000
 FUZZ = settings(
@@ -47,10 +48,7 @@ COUNTS: dict[str, int] = {}
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny tensors: threads only cost time on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from single_torch_thread()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from bundleflow.config import CONFIG_DIR, load_config
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.valuations import io as data_io
 from bundleflow.valuations.xor import xor_value_bruteforce
+from tests.conftest import isolated_bundleflow_home, single_torch_thread
 
 M = 6
 TINY = [
@@ -36,20 +37,12 @@ def _sets(items: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from single_torch_thread()
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BUNDLEFLOW_HOME", str(root / "home"))
-        mp.setenv("BUNDLEFLOW_CACHE", str(root / "cache"))
-        mp.chdir(root)
-        yield root
+    yield from isolated_bundleflow_home(tmp_path_factory, "report")
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ from bundleflow.train.stage1 import (
 )
 from bundleflow.train.stage2 import eval_noise
 from bundleflow.valuations.io import load_dataset
+from tests.conftest import isolated_bundleflow_home, single_torch_thread
 
 M = 6
 TINY = [
@@ -68,22 +69,13 @@ def _sets(items: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The tiny models are latency-bound; on a busy 2-core machine two threads are far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from single_torch_thread()
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """BUNDLEFLOW_HOME / BUNDLEFLOW_CACHE in a temporary directory for the whole module."""
-    root = tmp_path_factory.mktemp("bf")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BUNDLEFLOW_HOME", str(root / "home"))
-        mp.setenv("BUNDLEFLOW_CACHE", str(root / "cache"))
-        mp.chdir(root)
-        yield root
+    yield from isolated_bundleflow_home(tmp_path_factory, "bf")
 
 
 def _only_run(runs: Path) -> Path:
