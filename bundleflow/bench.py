@@ -28,6 +28,7 @@ from torch import Tensor
 
 from bundleflow.fast_step import Stage2Step, make_optimizer, stage2_loss, tf32_matmul
 from bundleflow.flow import VelocityField, default_hidden_sizes
+from bundleflow.fused import resolve_kernels
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow
 from bundleflow.profiling import environment, synchronize
@@ -65,6 +66,7 @@ class BenchConfig:
     eval_repeats: int = 10
     mode: str = "auto"
     precision: str = "fp32"  # the fast path's flow network: fp32, tf32 or bf16 (CUDA)
+    kernels: str = "auto"  # the fast path's per-point work (stage2.kernels)
     seed: int = 0
 
 
@@ -190,6 +192,7 @@ def make_steps(cfg: BenchConfig, flow, menu: Menu, pool: Tensor) -> dict:
         fast_menu, flow, opt, pool, cfg.batch,
         n_steps=cfg.n_steps, mode=cfg.mode, tf32=cfg.precision == "tf32",
         q_dtype=torch.bfloat16 if cfg.precision == "bf16" else None, warmup=min(3, cfg.warmup),
+        kernels=resolve_kernels(cfg.kernels, pool.device),
     )  # fmt: skip
     ref = ReferenceStep(ref_menu, flow, pool, cfg.batch, cfg.n_steps)
     return {"fast": (fast, fast_menu), "reference": (ref, ref_menu)}
@@ -248,8 +251,13 @@ def run_bench(cfg: BenchConfig, device: torch.device, steps_override: dict | Non
         entry: dict = {"precision": step.precision}
         if name == "fast":
             entry["mode"] = step.mode
+            entry["kernels"] = step.kernel_mode
+        synchronize(device)
+        t0 = time.perf_counter()
         for _ in range(cfg.warmup):
             step(INV_TEMP, MIX_TEMP)
+        synchronize(device)
+        entry["warmup_s"] = round(time.perf_counter() - t0, 3)  # includes any compilation
         key = path_precision_key(name, step, device)
         entry["parity"] = parity_step(step, path_menu, flow, TOLERANCES[key], cfg.n_steps)
         if name == "fast" and getattr(step, "fallback_reason", None):

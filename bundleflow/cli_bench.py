@@ -47,6 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tf32", dest="precision", action="store_const", const="tf32", help="= --precision tf32"
     )
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "plain", "fused", "compiled"),
+        default="auto",
+        help="the fast path's per-point work (default auto: compiled on CUDA, plain on the "
+        "CPU; as the trainer's stage2.kernels)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_bench)
@@ -74,6 +81,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         eval_valuations=args.eval_valuations,
         mode=args.mode,
         precision=args.precision,
+        kernels=args.kernels,
         seed=args.seed,
     )
     report = run_bench(cfg, device)

@@ -17,6 +17,7 @@ from bundleflow.config import Config, load_config, parse_set
 from bundleflow.devices import resolve_device
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluate import evaluate_mechanism
+from bundleflow.fused import resolve_kernels
 from bundleflow.report import format_summary, write_run_report
 from bundleflow.train.data import load_run_data
 from bundleflow.train.run import CONFIG_FILE, Run, open_run, runs_root
@@ -253,6 +254,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         precision, source = stage2_precision(config.mixed_precision, accelerator.device)
         logger.info("stage 2: flow network precision {} ({})", precision, source)
         run.update_info(stage2_precision={"value": precision, "source": source})
+        kernels = resolve_kernels(config.stage2.kernels, accelerator.device)
+        if config.stage2.path == "fast":
+            logger.info("stage 2: {} kernels (stage2.kernels={})", kernels, config.stage2.kernels)
+        run.update_info(stage2_kernels=kernels)
         result = train_stage2(
             config,
             field,

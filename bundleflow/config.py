@@ -193,6 +193,13 @@ class Stage2Config:
     the non-finite check; one host synchronisation per check."""
     tf32: bool = False
     """TF32 tensor cores for the flow network's fp32 matrix products (CUDA)."""
+    kernels: str = "auto"
+    """The fast path's per-point work: ``plain`` (autograd over elementwise operations),
+    ``fused`` (three pointwise functions and a hand-written backward, eager), ``compiled``
+    (those functions through torch.compile: one generated kernel each; falls back to
+    ``fused`` if the compiler fails) or ``auto`` (``compiled`` on CUDA, ``plain`` on the
+    CPU, where the fused form is not faster; see BENCHMARKS.md). The same numbers up to
+    float rounding (bit for bit in fp32 on the CPU for ``fused``)."""
     inv_temp: InvTempConfig = field(default_factory=InvTempConfig)
 
 
@@ -239,6 +246,7 @@ CHOICES = {
     "stage2.path": ("fast", "reference"),
     "stage2.step_mode": ("auto", "eager", "graph"),
     "stage2.parallel": ("shard", "replicate"),
+    "stage2.kernels": ("auto", "plain", "fused", "compiled"),
     "stage1.lr_schedule": ("constant", "cosine"),
 }
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from bundleflow.fallback import PostedPrices
 from bundleflow.flow import IntegratorPath, VelocityField
+from bundleflow.fused import Kernels, fused_lotteries, fused_utilities, kernels_for
 from bundleflow.menu import Menu
 from bundleflow.revenue import soft_revenue
 
@@ -55,12 +56,29 @@ def stage2_loss(
     exact_density_grad: bool = False,
     q_dtype: torch.dtype | None = None,
     fallback: PostedPrices | None = None,
+    kernels: Kernels | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The training loss −R̃ and the bundles ``[J, D, m]`` for given noise and valuations.
 
     ``fallback``: posted prices offered as option J (its column is computed from
     ``valuations`` here, so a captured step sees each replay's batch).
+    ``kernels``: the fused per-point work (:mod:`bundleflow.fused`; fast path only); the
+    second value is then 1 − S ``[J·D, m]`` in the oracle's dtype (see :func:`as_bundles`).
     """
+    extra = None if fallback is None else fallback.outcome(valuations)
+    if kernels is not None and path == "fast":
+        fused = fused_lotteries(
+            menu,
+            flow,
+            mix_temp,
+            eps,
+            n_steps=n_steps,
+            exact_density_grad=exact_density_grad,
+            q_dtype=q_dtype,
+            kernels=kernels,
+        )
+        utilities = fused_utilities(fused, menu.prices, valuations, kernels)
+        return -soft_revenue(utilities, menu.prices, inv_temp, extra), fused.lacks
     lot = menu.lotteries(
         flow,
         mix_temp,
@@ -70,9 +88,15 @@ def stage2_loss(
         exact_density_grad=exact_density_grad,
         q_dtype=q_dtype,
     )
-    extra = None if fallback is None else fallback.outcome(valuations)
     loss = -soft_revenue(menu.utilities(lot, valuations), menu.prices, inv_temp, extra)
     return loss, lot.bundles
+
+
+def as_bundles(second: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """S ``[J, D, m]`` from :func:`stage2_loss`'s second value (bundles, or 1 − S if fused)."""
+    if second.dim() == 3:
+        return second
+    return (1 - second.float()).reshape(shape)
 
 
 @contextlib.contextmanager
@@ -144,6 +168,7 @@ class Stage2Step:
         warmup: int = 3,
         generator: torch.Generator | None = None,
         fallback: PostedPrices | None = None,
+        kernels: str = "plain",
     ):
         self.device = menu.means.device
         self.mode = resolve_mode(mode, self.device)
@@ -165,8 +190,10 @@ class Stage2Step:
         self.warmup = max(1, warmup)
         self.generator = generator
         self.fallback = None if fallback is None else fallback.to(self.device)
+        self.kernel_mode = kernels
+        self.kernels = kernels_for(kernels) if path == "fast" else None
         self.calls = 0
-        self.fallback_reason: str | None = None
+        self._fallback_reason: str | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         # λ and τ as 0-d device tensors in graph/compile modes: no recapture or recompile
@@ -178,7 +205,21 @@ class Stage2Step:
             self._loss_fn = torch.compile(stage2_loss, mode="reduce-overhead")
         self.last_eps: Tensor | None = None
         self.last_batch: Tensor | None = None
-        self.last_bundles: Tensor | None = None
+        self._last_second: Tensor | None = None
+
+    @property
+    def last_bundles(self) -> Tensor | None:
+        """The last step's bundles ``[J, D, m]`` (a new tensor when the kernels are fused)."""
+        if self._last_second is None:
+            return None
+        return as_bundles(self._last_second, self.menu.means.shape)
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why ``compile`` (the step or the fused kernels) runs eagerly, if it does."""
+        if self._fallback_reason is not None:
+            return self._fallback_reason
+        return None if self.kernels is None else self.kernels.fallback_reason
 
     @property
     def precision(self) -> str:
@@ -187,7 +228,8 @@ class Stage2Step:
             flow = f"flow network in {str(self.q_dtype).removeprefix('torch.')} (Q cast to fp32)"
         else:
             flow = "TF32 matmuls" if self.tf32 else "float32 (TF32 off)"
-        return f"{flow}; {oracle}; fp32 softmax/Adam"
+        kernels = "plain kernels" if self.kernels is None else self.kernels.description
+        return f"{flow}; {oracle}; fp32 softmax/Adam; {kernels}"
 
     # ------------------------------------------------------------------ one step
 
@@ -212,6 +254,7 @@ class Stage2Step:
                 exact_density_grad=self.exact_density_grad,
                 q_dtype=self.q_dtype,
                 fallback=self.fallback,
+                kernels=self.kernels,
             )
             loss.backward()
             self.optimizer.step()
@@ -230,7 +273,7 @@ class Stage2Step:
         else:
             out = self._graph_call(inv_temp, mix_temp)
         self.calls += 1
-        loss, self.last_eps, self.last_batch, self.last_bundles = out
+        loss, self.last_eps, self.last_batch, self._last_second = out
         return loss.clone() if self.mode == "graph" else loss
 
     def _compiled_call(self, inv_temp, mix_temp):
@@ -242,8 +285,8 @@ class Stage2Step:
         try:
             return self._body(self._inv, self._mix)
         except Exception as err:  # noqa: BLE001 - any compiler failure: fall back to eager
-            self.fallback_reason = f"torch.compile failed ({type(err).__name__}: {err})"[:300]
-            logger.warning("{}; the step runs eagerly", self.fallback_reason)
+            self._fallback_reason = f"torch.compile failed ({type(err).__name__}: {err})"[:300]
+            logger.warning("{}; the step runs eagerly", self._fallback_reason)
             self._loss_fn = stage2_loss
             self.optimizer.zero_grad(set_to_none=True)
             return self._body(inv_temp, mix_temp)

@@ -114,11 +114,16 @@ def single_run(tmp_path_factory) -> tuple[Path, dict]:
     return _only_run(root / "runs-1"), env
 
 
-@pytest.mark.parametrize("parallel", ["shard", "replicate"])
-def test_two_processes_end_where_one_process_ends(single_run, parallel):
+@pytest.mark.parametrize(
+    ("parallel", "kernels"), [("shard", "plain"), ("replicate", "plain"), ("shard", "fused")]
+)
+def test_two_processes_end_where_one_process_ends(single_run, parallel, kernels):
+    """Against one process with the plain kernels (``fused``: the sharded step with the fused
+    per-point work and its hand-written backward ends in the same place)."""
     one, env = single_run
-    runs = one.parent.parent / f"runs-2-{parallel}"
-    proc = _torchrun(2, runs, _sets([*SETS, f"stage2.parallel={parallel}"]), env, text=True)
+    runs = one.parent.parent / f"runs-2-{parallel}-{kernels}"
+    items = [*SETS, f"stage2.parallel={parallel}", f"stage2.kernels={kernels}"]
+    proc = _torchrun(2, runs, _sets(items), env, text=True)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     two = _only_run(runs)  # one run directory, written by the main process only

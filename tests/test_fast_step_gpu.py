@@ -18,20 +18,53 @@ pytestmark = [
 CFG = bench.BenchConfig(items=50, menu=500, support=8, batch=128, atoms=6, pool=1024)
 
 
-def setup(mode, tf32=False, q_dtype=None):
+def setup(mode, tf32=False, q_dtype=None, kernels="plain"):
     flow, menu, pool, _ = bench.build(CFG, torch.device("cuda"))
     opt = make_optimizer(menu, None, mode)
-    step = Stage2Step(menu, flow, opt, pool, CFG.batch, mode=mode, tf32=tf32, q_dtype=q_dtype)
+    step = Stage2Step(
+        menu, flow, opt, pool, CFG.batch, mode=mode, tf32=tf32, q_dtype=q_dtype, kernels=kernels
+    )
     return flow, menu, step
 
 
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("kernels", ["plain", "fused", "compiled"])
 @pytest.mark.parametrize("mode", ["eager", "graph"])
-def test_fast_step_parity_with_fp32_reference(mode):
-    flow, menu, step = setup(mode)
+def test_fast_step_parity_with_fp32_reference(mode, kernels):
+    flow, menu, step = setup(mode, kernels=kernels)
     for _ in range(5):  # past the warm-up: the graph is captured and replayed
         step(bench.INV_TEMP, bench.MIX_TEMP)
     result = bench.parity_step(step, menu, flow, bench.TOLERANCES["fp32"], 5)
     assert result["ok"], result
+    assert step.fallback_reason is None, step.fallback_reason  # really compiled on CUDA
+
+
+@pytest.mark.parametrize("q_dtype", [None, torch.bfloat16])
+def test_compiled_graph_step_equals_the_plain_computation_on_its_inputs(q_dtype):
+    """The captured step with torch.compile'd fused kernels: the plain autograd loss on the
+    same ε and batch, its bundles, and its gradients within the parity tolerance (the log N
+    cancellation amplifies fused-multiply-add differences in ∂/∂M)."""
+    flow, menu, step = setup("graph", q_dtype=q_dtype, kernels="compiled")
+    for _ in range(4):
+        step(bench.INV_TEMP, bench.MIX_TEMP)
+    tol = bench.TOLERANCES["fp32" if q_dtype is None else "bf16"]
+    for inv in (1e-3, 5e-3):
+        before = copy.deepcopy(menu)
+        loss = step(inv, inv)
+        before.zero_grad(set_to_none=True)
+        ref, bundles = stage2_loss(
+            before, flow, step.last_batch, inv, inv, step.last_eps, q_dtype=q_dtype
+        )
+        ref.backward()
+        assert abs(float(loss) - float(ref)) <= tol["loss_rel"] * abs(float(ref))
+        differing = int((bundles != step.last_bundles).sum())
+        assert differing <= tol["bundle_frac"] * bundles.numel(), differing
+        for a, b in zip(before.parameters(), menu.parameters(), strict=True):
+            assert _rel(b.grad, a.grad) <= tol["grad_rel"]
+    assert step.fallback_reason is None, step.fallback_reason
 
 
 def test_graph_step_equals_eager_computation_on_its_inputs():

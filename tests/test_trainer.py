@@ -595,6 +595,25 @@ def test_resume_keeps_the_flow_the_run_was_trained_with(env, tmp_path):
     assert json.loads((run / "report.json").read_text())["stage2"]["steps"] == 14
 
 
+def test_fused_kernels_train_the_same_menu_bit_for_bit(trained, env):
+    """stage2.kernels=fused on the CPU: the plain run's soft revenues and mechanism exactly
+    (same formulas in the same order, a hand-written backward)."""
+    runs = env / "runs-fused"
+    argv = ["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets([*TINY, "stage2.kernels=fused"])]
+    assert main(argv) == 0
+    fused = _only_run(runs)
+    assert json.loads((fused / "run.json").read_text())["stage2_kernels"] == "fused"
+    assert json.loads((trained / "run.json").read_text())["stage2_kernels"] == "plain"
+    soft = [
+        [r["soft_revenue"] for r in _records(d) if "soft_revenue" in r] for d in (trained, fused)
+    ]
+    assert soft[0] == soft[1] and len(soft[0]) == 4
+    a = FrozenMechanism.load(trained / "mechanism.safetensors")
+    b = FrozenMechanism.load(fused / "mechanism.safetensors")
+    assert torch.equal(a.prices, b.prices) and torch.equal(a.alpha, b.alpha)
+    assert torch.equal(a.bundles, b.bundles)
+
+
 def test_graph_step_mode_needs_cuda(env, capsys):
     """stage2.step_mode=graph off CUDA: exit 2 naming the key and the reason, no run left."""
     runs = env / "runs-graph-cpu"

@@ -31,6 +31,7 @@ from bundleflow.errors import BundleflowError
 from bundleflow.fallback import PostedPrices, fit_posted_prices
 from bundleflow.fast_step import Stage2Step, stage2_loss
 from bundleflow.flow import VelocityField
+from bundleflow.fused import fused_lotteries, fused_utilities, kernels_for, resolve_kernels
 from bundleflow.health import FiniteGuard
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow
@@ -232,6 +233,7 @@ class Stage2Parts:
     q_dtype: torch.dtype | None = None
     scaler: object | None = None
     fallback: PostedPrices | None = None
+    kernel_mode: str = "plain"
     _noise_gen: torch.Generator | None = None
     _batch_gen: torch.Generator = field(default_factory=torch.Generator)
 
@@ -372,6 +374,7 @@ def setup_stage2(
         q_dtype=q_dtype,
         scaler=scaler,
         fallback=None if fallback is None else fallback.to(device),
+        kernel_mode=resolve_kernels(cfg.stage2.kernels, device),
     )
 
 
@@ -419,6 +422,7 @@ def sharded_soft_revenue(
 def step_loss(parts: Stage2Parts, cfg: Config, batch, eps) -> tuple[torch.Tensor, torch.Tensor]:
     """(what to differentiate, −R̃ to report) for one step's batch and noise."""
     s2, net = cfg.stage2, parts.net
+    kernels = kernels_for(parts.kernel_mode) if s2.path == "fast" else None
     if parts.parallel != "shard":
         loss, _ = stage2_loss(
             net,
@@ -432,20 +436,25 @@ def step_loss(parts: Stage2Parts, cfg: Config, batch, eps) -> tuple[torch.Tensor
             exact_density_grad=s2.exact_density_grad,
             q_dtype=parts.q_dtype,
             fallback=parts.fallback,
+            kernels=kernels,
         )
         return loss, loss
-    lot = net.lotteries(
-        parts.flow,
-        parts.mix_temp(),
-        eps=eps,
-        n_steps=cfg.flow.euler_steps,
-        path=s2.path,
-        exact_density_grad=s2.exact_density_grad,
-        q_dtype=parts.q_dtype,
-    )
+    lottery_kw = {
+        "n_steps": cfg.flow.euler_steps,
+        "exact_density_grad": s2.exact_density_grad,
+        "q_dtype": parts.q_dtype,
+    }
+    if kernels is not None:
+        fused = fused_lotteries(
+            net, parts.flow, parts.mix_temp(), eps, kernels=kernels, **lottery_kw
+        )
+        utilities = fused_utilities(fused, net.prices, batch, kernels)
+    else:
+        lot = net.lotteries(parts.flow, parts.mix_temp(), eps=eps, path=s2.path, **lottery_kw)
+        utilities = net.utilities(lot, batch)
     extra = None if parts.fallback is None else parts.fallback.outcome(batch)
     surrogate, revenue = sharded_soft_revenue(
-        net.utilities(lot, batch), net.prices, parts.schedule.value, parts.comm, extra
+        utilities, net.prices, parts.schedule.value, parts.comm, extra
     )
     return -surrogate, -revenue
 
@@ -582,6 +591,7 @@ def train_stage2(
             exact_density_grad=s2.exact_density_grad,
             q_dtype=parts.q_dtype,
             fallback=parts.fallback,
+            kernels=parts.kernel_mode,
         )
         logger.info("stage 2: CUDA-graph step (captured after {} eager steps)", stepper.warmup)
     saved_step = {"resumable": state["step"] if resume else -1}

@@ -14,6 +14,8 @@ exact here and is used on CUDA by default.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -67,20 +69,42 @@ def xor_bundle_values(
         raise ValueError(
             f"bundles must be [A, m] with m={valuations.shape[2] - 1}, got {tuple(bundles.shape)}"
         )
-    n_val, n_atoms, n_items = valuations.shape[0], valuations.shape[1], bundles.shape[1]
-    n_bundles = bundles.shape[0]
     dtype = inclusion_dtype or default_inclusion_dtype(valuations.device)
+    lacks = 1 - bundles.to(dtype)  # (A, m): 1 where S lacks the item
+    return xor_values_from_lacks(valuations, lacks, chunk_elements=chunk_elements)
+
+
+Epilogue = Callable[[Tensor, Tensor], Tensor]
+"""(missing ``[B·K, A_c]``, values ``[B, K]``) -> ``[B, A_c]`` values (e.g. a compiled one)."""
+
+
+@torch.no_grad()
+def xor_values_from_lacks(
+    valuations: Tensor,
+    lacks: Tensor,
+    *,
+    chunk_elements: int | None = None,
+    epilogue: Epilogue | None = None,
+) -> Tensor:
+    """:func:`xor_bundle_values` from 1 − S ``[A, m]`` given directly in the inclusion dtype.
+
+    ``epilogue`` replaces the in-place max over atoms of 1[fits]·b_k (same result).
+    """
+    n_val, n_atoms, n_items = valuations.shape[0], valuations.shape[1], lacks.shape[1]
+    n_bundles = lacks.shape[0]
     atoms, values = atoms_and_values(valuations)
-    atoms_2d = atoms.reshape(n_val * n_atoms, n_items).to(dtype)  # (B·K, m)
+    atoms_2d = atoms.reshape(n_val * n_atoms, n_items).to(lacks.dtype)  # (B·K, m)
     values_col = values.reshape(n_val * n_atoms, 1)  # (B·K, 1)
-    missing_items = (1 - bundles.to(dtype)).T  # (m, A): 1 where S lacks the item
     out = valuations.new_empty(n_val, n_bundles)
     chunk_elements = chunk_elements or default_chunk_elements(valuations.device)
     chunk = max(1, chunk_elements // max(1, n_val * n_atoms))
     for start in range(0, n_bundles, chunk):  # chunks bound memory; not a loop over bundles
         stop = min(start + chunk, n_bundles)
         # (B·K, m) @ (m, A_c) -> (B·K, A_c): number of atom items the bundle lacks
-        missing = atoms_2d @ missing_items[:, start:stop]
+        missing = atoms_2d @ lacks[start:stop].T
+        if epilogue is not None:
+            out[:, start:stop] = epilogue(missing, values)
+            continue
         if missing.dtype == values_col.dtype:  # reuse the buffer: 1[fits] · b_k in place
             atom_vals = missing.eq_(0).mul_(values_col)
         else:  # never multiply values in low precision
