@@ -1,6 +1,6 @@
 """The CUDA kernels of one fast Stage-2 step, by total time (what is left to optimise).
 
-    python scripts/profile_step.py --items 500 --precision bf16 [--mode eager]
+    python scripts/profile_step.py --items 500 --precision bf16 [--mode eager] [--kernels compiled]
 
 Runs the bench's step (``bundleflow.bench``) for a few warm-up steps, then 10 steps under
 ``torch.profiler`` and prints the top kernels (eager mode, so each op is visible).
@@ -26,10 +26,15 @@ def main() -> None:
     p.add_argument("--menu", type=int, default=5000)
     p.add_argument("--precision", choices=bench.PRECISIONS, default="fp32")
     p.add_argument("--mode", default="eager")
+    p.add_argument("--kernels", default="plain", help="plain | fused | compiled (stage2.kernels)")
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
     cfg = bench.BenchConfig(
-        items=args.items, menu=args.menu, precision=args.precision, mode=args.mode
+        items=args.items,
+        menu=args.menu,
+        precision=args.precision,
+        mode=args.mode,
+        kernels=args.kernels,
     )
     device = torch.device("cuda")
     flow, menu, pool, _ = bench.build(cfg, device)
