@@ -12,8 +12,8 @@ module computes the same quantities as three pointwise functions and the flow ne
   1 − S in the dtype of the value oracle's inclusion product) and ΣQ·∫σ — one pass;
 - backward: ∂/∂Q is ∂ℓ/∂(log det)·∫σ on every item, so the first layer of the network's
   backward is a rank-one product in low precision (fp32 keeps the matrix product, so its
-  rounding is that of the plain path); ``means_grad`` then applies the log N and
-  sigmoid chain — one pass.
+  rounding is that of the plain path); ``density_grad`` and ``means_grad`` then apply the
+  log N and sigmoid chain — two passes (one with ``exact_density_grad``).
 
 The pointwise functions are plain PyTorch (their eager form runs anywhere and is what the
 CPU tests check against :meth:`Menu.lotteries`); :class:`Kernels` can hand them to
@@ -87,31 +87,37 @@ def end_points(
     return lacks, q.sum(dim=-1) * int_sigma
 
 
-def means_grad(
+def density_grad(
     means: Tensor,
     eps: Tensor,
     std: Tensor,
-    grad_z0: Tensor,
     grad_log_p0: Tensor,
     loc_offset: float,
     loc_scale: float,
-    exact_density_grad: bool,
 ) -> Tensor:
-    """∂L/∂M from ∂L/∂z0 through the network (``grad_z0``) and ∂L/∂(Σ log N) ``[J, D]``.
+    """∂L/∂diff of Σ log N for diff = z0 − μ ``[J, D, m]``, in autograd's order:
+    (−g / (2σ²)) · 2 · diff. Returned as a tensor of its own (see :func:`means_grad`)."""
+    mu = loc_offset + loc_scale * torch.sigmoid(means * 10)
+    diff = (mu + eps * std) - mu
+    return (-grad_log_p0.unsqueeze(-1) / (2 * std**2)) * (2 * diff)
 
-    With ``exact_density_grad`` off, log N is differentiated through z0 and through μ as
-    autograd does on the plain path: (g + g_diff) − g_diff, rounding included.
+
+def means_grad(
+    means: Tensor, grad_z0: Tensor, grad_diff: Tensor | None, loc_scale: float
+) -> Tensor:
+    """∂L/∂M from ∂L/∂z0 through the network (``grad_z0``) and ∂L/∂diff (``grad_diff``).
+
+    With ``grad_diff`` (the reference's differentiation of log N through z0 and through μ),
+    ∂L/∂μ is (g + g_diff) − g_diff as autograd accumulates it: rounding included, which
+    for σ down to e^−34 decides the result. ``grad_diff`` must come from memory, not from
+    a product in the same kernel: a compiler that fuses that product into the addition (an
+    FMA) keeps the product's unrounded value and leaves up to half an ulp of g_diff — up to
+    ~10⁷ × g — where the reference leaves at most about |g|.
     """
     sig = torch.sigmoid(means * 10)
-    g_z0 = grad_z0.float()
-    if exact_density_grad:
-        g_mu = g_z0
-    else:
-        mu = loc_offset + loc_scale * sig
-        diff = (mu + eps * std) - mu
-        # d/d diff of −diff²/(2σ²), in autograd's order: (−g / (2σ²)) · 2 · diff
-        g_diff = (-grad_log_p0.unsqueeze(-1) / (2 * std**2)) * (2 * diff)
-        g_mu = (g_z0 + g_diff) - g_diff
+    g_mu = grad_z0.float()
+    if grad_diff is not None:
+        g_mu = (g_mu + grad_diff) - grad_diff
     return ((g_mu * loc_scale) * (1 - sig)) * sig * 10  # autograd's sigmoid_backward order
 
 
@@ -158,6 +164,7 @@ class Kernels:
         self.fallback_reason: str | None = None
         self.prepare = _Kernel(self, prepare)
         self.end_points = _Kernel(self, end_points)
+        self.density_grad = _Kernel(self, density_grad)
         self.means_grad = _Kernel(self, means_grad)
         self.rank_one_tanh_grad = _Kernel(self, rank_one_tanh_grad)
         self.atom_max = _Kernel(self, atom_max)
@@ -250,7 +257,10 @@ class _FusedPoints(torch.autograd.Function):
         g_h1 = g_pre2 @ w2
         g_pre1 = _tanh_backward(g_h1, h1)
         g_z0 = (g_pre1 @ w1).reshape(J, D, m)
-        g_means = kernels.means_grad(means, eps, std, g_z0, grad_log_p0, ctx.a, ctx.b, ctx.exact)
+        g_diff = None
+        if not ctx.exact:  # two kernels: the sum must read g_diff from memory (means_grad)
+            g_diff = kernels.density_grad(means, eps, std, grad_log_p0, ctx.a, ctx.b)
+        g_means = kernels.means_grad(means, g_z0, g_diff, ctx.b)
         return g_means, None, None, None, None, None, None, None, None, None, None
 
 

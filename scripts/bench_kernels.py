@@ -38,6 +38,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--time-failed", action="store_true", help="time forms that fail parity too (marked)"
+    )
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -74,7 +77,8 @@ def main() -> None:
             "peak_memory_gib": bench._peak_gib(device),
         }
         steps[kind] = step
-    times: dict[str, list[float]] = {k: [] for k in steps if results[k]["parity"]["ok"]}
+    timed = [k for k in steps if results[k]["parity"]["ok"] or args.time_failed]
+    times: dict[str, list[float]] = {k: [] for k in timed}
     for _ in range(args.steps):
         for kind in times:
             synchronize(device)

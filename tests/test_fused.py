@@ -151,7 +151,15 @@ def test_compile_failure_falls_back_to_eager_with_the_reason(monkeypatch):
         raise RuntimeError("no compiler here")
 
     kernels.compile = True  # pretend: compiled functions that fail when called
-    for name in ("prepare", "end_points", "means_grad", "rank_one_tanh_grad", "atom_max"):
+    names = (
+        "prepare",
+        "end_points",
+        "density_grad",
+        "means_grad",
+        "rank_one_tanh_grad",
+        "atom_max",
+    )
+    for name in names:
         getattr(kernels, name).compiled = broken
     flow, menu, batch, eps = _setup()
     plain = _loss_and_grads(menu, flow, batch, eps)
