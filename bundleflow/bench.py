@@ -192,7 +192,7 @@ def make_steps(cfg: BenchConfig, flow, menu: Menu, pool: Tensor) -> dict:
         fast_menu, flow, opt, pool, cfg.batch,
         n_steps=cfg.n_steps, mode=cfg.mode, tf32=cfg.precision == "tf32",
         q_dtype=torch.bfloat16 if cfg.precision == "bf16" else None, warmup=min(3, cfg.warmup),
-        kernels=resolve_kernels(cfg.kernels, pool.device),
+        kernels=resolve_kernels(cfg.kernels, pool.device, cfg.precision == "bf16"),
     )  # fmt: skip
     ref = ReferenceStep(ref_menu, flow, pool, cfg.batch, cfg.n_steps)
     return {"fast": (fast, fast_menu), "reference": (ref, ref_menu)}

@@ -254,7 +254,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         precision, source = stage2_precision(config.mixed_precision, accelerator.device)
         logger.info("stage 2: flow network precision {} ({})", precision, source)
         run.update_info(stage2_precision={"value": precision, "source": source})
-        kernels = resolve_kernels(config.stage2.kernels, accelerator.device)
+        low = precision in ("bf16", "fp16")
+        kernels = resolve_kernels(config.stage2.kernels, accelerator.device, low)
         if config.stage2.path == "fast":
             logger.info("stage 2: {} kernels (stage2.kernels={})", kernels, config.stage2.kernels)
         run.update_info(stage2_kernels=kernels)

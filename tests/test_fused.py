@@ -136,7 +136,8 @@ def test_fused_needs_a_frozen_flow():
 
 def test_kernel_modes_resolve_by_device():
     assert resolve_kernels("auto", torch.device("cpu")) == "plain"
-    assert resolve_kernels("auto", torch.device("cuda")) == "compiled"
+    assert resolve_kernels("auto", torch.device("cuda")) == "compiled"  # bf16: the CUDA default
+    assert resolve_kernels("auto", torch.device("cuda"), low_precision=False) == "plain"
     assert resolve_kernels("fused", torch.device("cpu")) == "fused"
     assert kernels_for("plain") is None
     assert kernels_for("fused").compile is False

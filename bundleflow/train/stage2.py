@@ -374,7 +374,7 @@ def setup_stage2(
         q_dtype=q_dtype,
         scaler=scaler,
         fallback=None if fallback is None else fallback.to(device),
-        kernel_mode=resolve_kernels(cfg.stage2.kernels, device),
+        kernel_mode=resolve_kernels(cfg.stage2.kernels, device, q_dtype is not None),
     )
 
 
