@@ -32,10 +32,11 @@ fi
 
 if [ "$part" = b ]; then
 # Stage 2 of paper-m50 on the cached Stage-1 flows (constant lr: the default; cosine), 3 seeds
-# each, all six at once on the one GPU (wall times are then not step times).
+# each, all six at once on the one GPU (wall times are then not step times; 2 CPU threads
+# each: with 16 each, six processes' CPU baselines crawled past the call's 10 minutes).
 for lr in constant cosine; do
   for seed in 0 1 2; do
-    python3 -m bundleflow train --preset paper-m50 --no-progress --set stage2.seed=$seed \
+    OMP_NUM_THREADS=2 timeout 400 python3 -m bundleflow train --preset paper-m50 --no-progress --set stage2.seed=$seed \
       --set stage1.lr_schedule=$lr --runs-dir "$R/$lr-$seed" > "$W/paper_${lr}_${seed}.log" 2>&1 &
   done
 done
@@ -48,7 +49,7 @@ done
 save
 # Time to revenue alone on the GPU with the default kernels (compiled) and the plain ones.
 for k in compiled plain; do
-  python3 -m bundleflow train --preset paper-m50 --no-progress --set stage2.kernels=$k \
+  timeout 150 python3 -m bundleflow train --preset paper-m50 --no-progress --set stage2.kernels=$k \
     --runs-dir "$R/alone-$k" > "$W/paper_alone_$k.log" 2>&1
   r=$(ls -d "$R"/alone-$k/*/ | head -1); cp "$r/metrics.jsonl" "$W/paper_alone_${k}_metrics.jsonl"
   cp "$r/report.json" "$W/paper_alone_${k}_report.json"; save
