@@ -197,9 +197,9 @@ class Stage2Config:
     """The fast path's per-point work: ``plain`` (autograd over elementwise operations),
     ``fused`` (three pointwise functions and a hand-written backward, eager), ``compiled``
     (those functions through torch.compile: one generated kernel each; falls back to
-    ``fused`` if the compiler fails) or ``auto`` (``compiled`` on CUDA with the flow network
-    in bf16/fp16 — the CUDA default —, else ``plain``; see BENCHMARKS.md). The same numbers
-    up to float rounding (bit for bit in fp32 on the CPU for ``fused``)."""
+    ``plain`` if the compiler fails, with a warning) or ``auto`` (``compiled`` on CUDA with
+    the flow network in bf16/fp16 — the CUDA default —, else ``plain``; see BENCHMARKS.md).
+    The same numbers up to float rounding (bit for bit in fp32 on the CPU for ``fused``)."""
     inv_temp: InvTempConfig = field(default_factory=InvTempConfig)
 
 

@@ -214,6 +214,13 @@ class Stage2Step:
             return None
         return as_bundles(self._last_second, self.menu.means.shape)
 
+    def _live_kernels(self) -> Kernels | None:
+        """The fused kernels, or None (plain) once their compilation has failed: the eager
+        fused form is slower than the plain one (BENCHMARKS.md), so it is no fallback."""
+        if self.kernels is not None and self.kernels.fallback_reason is not None:
+            return None
+        return self.kernels
+
     @property
     def fallback_reason(self) -> str | None:
         """Why ``compile`` (the step or the fused kernels) runs eagerly, if it does."""
@@ -228,7 +235,9 @@ class Stage2Step:
             flow = f"flow network in {str(self.q_dtype).removeprefix('torch.')} (Q cast to fp32)"
         else:
             flow = "TF32 matmuls" if self.tf32 else "float32 (TF32 off)"
-        kernels = "plain kernels" if self.kernels is None else self.kernels.description
+        kernels = "plain kernels" if self._live_kernels() is None else self.kernels.description
+        if self.kernels is not None and self._live_kernels() is None:
+            kernels = f"plain kernels ({self.kernels.fallback_reason})"
         return f"{flow}; {oracle}; fp32 softmax/Adam; {kernels}"
 
     # ------------------------------------------------------------------ one step
@@ -254,7 +263,7 @@ class Stage2Step:
                 exact_density_grad=self.exact_density_grad,
                 q_dtype=self.q_dtype,
                 fallback=self.fallback,
-                kernels=self.kernels,
+                kernels=self._live_kernels(),
             )
             loss.backward()
             self.optimizer.step()

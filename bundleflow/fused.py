@@ -145,7 +145,8 @@ def atom_max(missing: Tensor, values: Tensor) -> Tensor:
 
 
 class _Kernel:
-    """One pointwise function, compiled on first use if asked; eager after a failure."""
+    """One pointwise function, compiled on first use if asked; eager after a failure (for
+    the rest of that call: the step and trainer then switch to the plain path)."""
 
     def __init__(self, owner: Kernels, fn: Callable):
         self.owner, self.fn, self.compiled = owner, fn, None
@@ -191,7 +192,8 @@ _COMPILED: Kernels | None = None
 
 def kernels_for(mode: str) -> Kernels | None:
     """``plain``: None (Menu.lotteries); ``fused``: eager pointwise; ``compiled``: one shared
-    set of compiled kernels per process (compiled once per shape)."""
+    set of compiled kernels per process (compiled once per shape), or None once compiling
+    has failed (the step that saw the failure finishes with the eager functions)."""
     global _COMPILED
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {mode!r}")
@@ -201,6 +203,8 @@ def kernels_for(mode: str) -> Kernels | None:
         return _EAGER
     if _COMPILED is None:
         _COMPILED = Kernels(compile=True)
+    if _COMPILED.fallback_reason is not None:  # the compiler failed: the plain path, which
+        return None  # is faster than the eager fused functions
     return _COMPILED
 
 
