@@ -154,6 +154,18 @@ def _sigma_grid(field: VelocityField, n_steps: int, like: Tensor) -> list[Tensor
     return [field.sigma(ones * i / n_steps).detach() for i in range(n_steps)]
 
 
+def sigma_grid_integral(
+    field: VelocityField, n_steps: int, like: Tensor
+) -> tuple[list[Tensor], Tensor]:
+    """σ(i/N) for i < N (each ``[1, 1]``) and ∫σ = (1/N) Σ_i σ(i/N) as a 0-d tensor, summed
+    in the reference's order (shared by :func:`integrate` and :mod:`bundleflow.fused`)."""
+    sigmas = _sigma_grid(field, n_steps, like)
+    total = sigmas[0]
+    for s in sigmas[1:]:  # N scalars, in the reference's summation order
+        total = total + s
+    return sigmas, (total / n_steps).reshape(())
+
+
 def low_precision_q(field: VelocityField, z0: Tensor, dtype: torch.dtype | None) -> Tensor:
     """Q(z0) with the network under autocast in ``dtype`` (None: as is), cast to float32."""
     if dtype is None or dtype == torch.float32:
@@ -190,11 +202,7 @@ def integrate(
         raise ValueError(f"path must be 'fast' or 'reference', got {path!r}")
     with torch.set_grad_enabled(enable_grad and torch.is_grad_enabled()):
         if path == "fast":
-            sigmas = _sigma_grid(field, n_steps, z0)
-            total = sigmas[0]
-            for s in sigmas[1:]:  # N scalars, in the reference's summation order
-                total = total + s
-            int_sigma = (total / n_steps).reshape(())
+            sigmas, int_sigma = sigma_grid_integral(field, n_steps, z0)
             q = low_precision_q(field, z0, q_dtype)  # (P, m): the only network evaluation
             with torch.no_grad():
                 growth = 1 + q * (sigmas[0].reshape(()) / n_steps)

@@ -35,7 +35,7 @@ import torch
 from loguru import logger
 from torch import Tensor
 
-from bundleflow.flow import VelocityField
+from bundleflow.flow import VelocityField, sigma_grid_integral
 from bundleflow.valuations.xor import default_inclusion_dtype, xor_values_from_lacks
 
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
@@ -230,13 +230,7 @@ class _FusedPoints(torch.autograd.Function):
     def forward(ctx, means, eps, std, field, n_steps, q_dtype, lacks_dtype, exact, kernels, a, b):
         J, D, m = means.shape
         with torch.no_grad():
-            sigmas = [
-                field.sigma(means.new_ones(1, 1) * i / n_steps).detach() for i in range(n_steps)
-            ]
-            total = sigmas[0]
-            for s in sigmas[1:]:  # the reference's summation order, as integrate()
-                total = total + s
-            int_sigma = (total / n_steps).reshape(())
+            sigmas, int_sigma = sigma_grid_integral(field, n_steps, means)
             step_sigmas = torch.stack([s.reshape(()) / n_steps for s in sigmas])
             z0, z0_net, log_p0 = kernels.prepare(means, eps, std, a, b, q_dtype)
             z0 = z0.reshape(J * D, m)
