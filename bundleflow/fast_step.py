@@ -35,7 +35,13 @@ from torch import Tensor
 
 from bundleflow.fallback import PostedPrices
 from bundleflow.flow import IntegratorPath, VelocityField
-from bundleflow.fused import Kernels, fused_lotteries, fused_utilities, kernels_for
+from bundleflow.fused import (
+    Kernels,
+    bundles_from_lacks,
+    fused_lotteries,
+    fused_utilities,
+    kernels_for,
+)
 from bundleflow.menu import Menu
 from bundleflow.revenue import soft_revenue
 
@@ -96,7 +102,7 @@ def as_bundles(second: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     """S ``[J, D, m]`` from :func:`stage2_loss`'s second value (bundles, or 1 − S if fused)."""
     if second.dim() == 3:
         return second
-    return (1 - second.float()).reshape(shape)
+    return bundles_from_lacks(second, shape)
 
 
 @contextlib.contextmanager
@@ -217,9 +223,7 @@ class Stage2Step:
     def _live_kernels(self) -> Kernels | None:
         """The fused kernels, or None (plain) once their compilation has failed: the eager
         fused form is slower than the plain one (BENCHMARKS.md), so it is no fallback."""
-        if self.kernels is not None and self.kernels.fallback_reason is not None:
-            return None
-        return self.kernels
+        return None if self.kernels is None else self.kernels.live()
 
     @property
     def fallback_reason(self) -> str | None:

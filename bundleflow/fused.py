@@ -27,7 +27,6 @@ off) with its cancellation; the flow must be frozen (no parameter requires grad)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,9 +35,14 @@ from loguru import logger
 from torch import Tensor
 
 from bundleflow.flow import VelocityField, sigma_grid_integral
+from bundleflow.menu import (
+    log_normal_of_offset,
+    lottery_utilities,
+    support_locations,
+    support_weights,
+)
 from bundleflow.valuations.xor import default_inclusion_dtype, xor_values_from_lacks
 
-_LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
 KERNEL_MODES = ("plain", "fused", "compiled")
 
 
@@ -71,10 +75,9 @@ def prepare(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """z0 ``[J, D, m]``, z0 in the network's dtype, and Σ_i log N(z0; μ, σ) ``[J, D]``
     (the formulas of Menu.lotteries)."""
-    mu = loc_offset + loc_scale * torch.sigmoid(means * 10)
+    mu = support_locations(means, loc_offset, loc_scale)
     z0 = mu + eps * std
-    diff = z0 - mu
-    log_p0 = (-(diff**2) / (2 * std**2) - std.log() - _LOG_SQRT_2PI).sum(dim=-1)
+    log_p0 = log_normal_of_offset(z0 - mu, std).sum(dim=-1)
     return z0, z0.to(net_dtype), log_p0
 
 
@@ -104,7 +107,7 @@ def density_grad(
 ) -> Tensor:
     """∂L/∂diff of Σ log N for diff = z0 − μ ``[J, D, m]``, in autograd's order:
     (−g / (2σ²)) · 2 · diff. Returned as a tensor of its own (see :func:`means_grad`)."""
-    mu = loc_offset + loc_scale * torch.sigmoid(means * 10)
+    mu = support_locations(means, loc_offset, loc_scale)
     diff = (mu + eps * std) - mu
     return (-grad_log_p0.unsqueeze(-1) / (2 * std**2)) * (2 * diff)
 
@@ -177,6 +180,11 @@ class Kernels:
         self.rank_one_tanh_grad = _Kernel(self, rank_one_tanh_grad)
         self.atom_max = _Kernel(self, atom_max)
 
+    def live(self) -> Kernels | None:
+        """These kernels, or None (the plain path) once compiling them has failed: the eager
+        fused functions are slower than the plain path (BENCHMARKS.md), so no fallback."""
+        return None if self.fallback_reason is not None else self
+
     @property
     def description(self) -> str:
         if not self.compile:
@@ -203,9 +211,7 @@ def kernels_for(mode: str) -> Kernels | None:
         return _EAGER
     if _COMPILED is None:
         _COMPILED = Kernels(compile=True)
-    if _COMPILED.fallback_reason is not None:  # the compiler failed: the plain path, which
-        return None  # is faster than the eager fused functions
-    return _COMPILED
+    return _COMPILED.live()
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -287,7 +293,12 @@ class FusedLotteries:
     @property
     def bundles(self) -> Tensor:
         """S ``[J, D, m]`` as float32 (a new tensor)."""
-        return (1 - self.lacks.float()).reshape(self.shape)
+        return bundles_from_lacks(self.lacks, self.shape)
+
+
+def bundles_from_lacks(lacks: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """S = 1 − (1 − S) as float32, reshaped to ``shape`` (``[J, D, m]``)."""
+    return (1 - lacks.float()).reshape(shape)
 
 
 def fused_lotteries(
@@ -324,9 +335,8 @@ def fused_lotteries(
         menu.loc_offset,
         menu.loc_scale,
     )
-    log_mix = torch.log(menu.mixture_weights(mix_temp) + 1e-20)  # MIXTURE_EPS of menu.py
-    ell = (log_p0 + log_mix) - log_det
-    alpha = torch.exp(ell - torch.logsumexp(ell, dim=-1, keepdim=True))
+    log_mix = menu.log_mixture_weights(mix_temp)
+    _, alpha = support_weights(log_p0, log_mix, log_det)
     return FusedLotteries(log_p0, log_mix, log_det, alpha, lacks, tuple(menu.means.shape))
 
 
@@ -335,9 +345,8 @@ def fused_utilities(
 ) -> Tensor:
     """u ``[B, J]`` as :func:`bundleflow.menu.lottery_utilities`, from 1 − S directly."""
     J, D, m = lot.shape
-    if valuations.dim() == 2:  # additive: v·(Σ_d α_jd S_jd)
-        expected_bundle = (lot.alpha.unsqueeze(-1) * lot.bundles).sum(dim=1)  # (J, m)
-        return valuations @ expected_bundle.T - prices
+    if valuations.dim() == 2:  # additive: no oracle, the plain formula on S
+        return lottery_utilities(lot.bundles, lot.alpha, prices, valuations)
     epilogue = None if kernels is None else kernels.atom_max
     values = xor_values_from_lacks(valuations, lot.lacks, epilogue=epilogue)  # (B, J·D)
     values = values.view(-1, J, D).to(lot.alpha.dtype)

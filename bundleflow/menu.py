@@ -57,6 +57,17 @@ def log_normal_of_offset(diff: Tensor, scale: Tensor) -> Tensor:
     return -(diff**2) / (2 * scale**2) - scale.log() - _LOG_SQRT_2PI
 
 
+def support_locations(means: Tensor, loc_offset: float, loc_scale: float) -> Tensor:
+    """μ = a + b·sigmoid(10·M), elementwise (:meth:`Menu.support_locations`)."""
+    return loc_offset + loc_scale * torch.sigmoid(means * 10)
+
+
+def support_weights(log_p0: Tensor, log_mix: Tensor, log_det: Tensor) -> tuple[Tensor, Tensor]:
+    """ℓ = (log N + log mixture) − ΣQ·∫σ and α = softmax_d(ℓ), both ``[J, D]``."""
+    ell = (log_p0 + log_mix) - log_det
+    return ell, torch.exp(ell - torch.logsumexp(ell, dim=-1, keepdim=True))
+
+
 def freeze_flow(flow: VelocityField) -> VelocityField:
     """Make the flow a constant of Stage 2: no parameter requires grad; eval mode."""
     flow.requires_grad_(False)
@@ -123,7 +134,7 @@ class Menu(nn.Module):
 
     def support_locations(self) -> Tensor:
         """μ = a + b·sigmoid(10·M): ``[J, D, m]``."""
-        return self.loc_offset + self.loc_scale * torch.sigmoid(self.means * 10)
+        return support_locations(self.means, self.loc_offset, self.loc_scale)
 
     def draw_noise(self, generator: torch.Generator | None = None) -> Tensor:
         """Fresh ε ``[J, D, m]`` ~ N(0, I)."""
@@ -134,6 +145,10 @@ class Menu(nn.Module):
     def mixture_weights(self, mix_temp: float | Tensor) -> Tensor:
         """softmax_d(τ·w_j): ``[J, D]``."""
         return torch.softmax(mix_temp * self.logits, dim=1)
+
+    def log_mixture_weights(self, mix_temp: float | Tensor) -> Tensor:
+        """log(softmax_d(τ·w_j) + 1e-20): ``[J, D]`` (the reference's guard)."""
+        return torch.log(self.mixture_weights(mix_temp) + MIXTURE_EPS)
 
     @torch.no_grad()
     def mean_support_location(self, mix_temp: float | Tensor) -> float:
@@ -174,14 +189,13 @@ class Menu(nn.Module):
         z0 = mu + eps * self.std  # reparameterised, as Normal.rsample
         diff = (z0 - mu).detach() if exact_density_grad else z0 - mu
         log_p0 = log_normal_of_offset(diff, self.std).sum(dim=-1)  # (J, D)
-        log_mix = torch.log(self.mixture_weights(mix_temp) + MIXTURE_EPS)  # (J, D)
+        log_mix = self.log_mixture_weights(mix_temp)  # (J, D)
         flowed = integrate(flow, z0.reshape(J * D, m), n_steps, path=path, q_dtype=q_dtype)
         log_det = flowed.log_det.reshape(J, D)
         int_sigma = flowed.int_sigma
         if int_sigma.dim() > 0:
             int_sigma = int_sigma.reshape(J, D)
-        ell = (log_p0 + log_mix) - log_det
-        alpha = torch.exp(ell - torch.logsumexp(ell, dim=-1, keepdim=True))
+        ell, alpha = support_weights(log_p0, log_mix, log_det)
         z_n = flowed.z_n.reshape(J, D, m)
         return Lotteries(
             mu=mu,

@@ -173,51 +173,46 @@ def test_compile_failure_falls_back_to_eager_with_the_reason(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_stage2_step_falls_back_to_plain_kernels_when_compiling_fails():
-    """A step whose compiled kernels fail: a warning with the reason, then the plain path
-    (bit for bit the plain step's menu after three steps), and the precision says so."""
+def _three_steps(kernels: str, broken: bool = False) -> tuple[Menu, Stage2Step]:
+    """Three eager optimizer steps from the same seed; ``broken``: compiled kernels that
+    fail when called."""
     flow, menu, _, _ = _setup()
     _, _, pool, _ = bench.build(CFG, torch.device("cpu"))
-    menus = []
-    for kind in ("plain", "broken"):
-        m = copy.deepcopy(menu)
-        gen = torch.Generator().manual_seed(5)
-        opt = make_optimizer(m, None, "eager")
-        step = Stage2Step(m, flow, opt, pool, CFG.batch, mode="eager", generator=gen,
-                          kernels="plain" if kind == "plain" else "fused")  # fmt: skip
-        if kind == "broken":
-            step.kernels = Kernels(compile=False)
-            step.kernels.compile = True
-            for name in ("prepare", "end_points", "density_grad", "means_grad"):
-                getattr(step.kernels, name).compiled = _raise
-        for _ in range(3):
-            step(2e-3, 1e-3)
-        menus.append(m)
-    assert "no compiler" in step.fallback_reason
-    assert step.precision.endswith(f"plain kernels ({step.fallback_reason})")
-    for a, b in zip(menus[0].parameters(), menus[1].parameters(), strict=True):
-        assert torch.equal(a, b)
+    gen = torch.Generator().manual_seed(5)
+    opt = make_optimizer(menu, None, "eager")
+    step = Stage2Step(menu, flow, opt, pool, CFG.batch, mode="eager", generator=gen,
+                      kernels=kernels)  # fmt: skip
+    if broken:
+        step.kernels = Kernels(compile=False)
+        step.kernels.compile = True
+        for name in ("prepare", "end_points", "density_grad", "means_grad"):
+            getattr(step.kernels, name).compiled = _raise
+    for _ in range(3):
+        step(2e-3, 1e-3)
+    return menu, step
 
 
 def _raise(*_args):
     raise RuntimeError("no compiler here")
 
 
+def test_stage2_step_falls_back_to_plain_kernels_when_compiling_fails():
+    """A step whose compiled kernels fail: a warning with the reason, then the plain path
+    (bit for bit the plain step's menu after three steps), and the precision says so."""
+    plain, _ = _three_steps("plain")
+    broken, step = _three_steps("fused", broken=True)
+    assert "no compiler" in step.fallback_reason
+    assert step.precision.endswith(f"plain kernels ({step.fallback_reason})")
+    for a, b in zip(plain.parameters(), broken.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_stage2_step_with_fused_kernels_trains_like_plain():
     """Three eager optimizer steps from the same seed: identical menus (fp32, CPU)."""
-    flow, menu, _, _ = _setup()
-    _, _, pool, _ = bench.build(CFG, torch.device("cpu"))
-    menus = []
-    for kind in ("plain", "fused"):
-        m = copy.deepcopy(menu)
-        gen = torch.Generator().manual_seed(5)
-        opt = make_optimizer(m, None, "eager")
-        step = Stage2Step(m, flow, opt, pool, CFG.batch, mode="eager", generator=gen, kernels=kind)
-        for _ in range(3):
-            step(2e-3, 1e-3)
-        assert step.last_bundles.shape == m.means.shape
-        menus.append(m)
-    for a, b in zip(menus[0].parameters(), menus[1].parameters(), strict=True):
+    plain, _ = _three_steps("plain")
+    fused, step = _three_steps("fused")
+    assert step.last_bundles.shape == fused.means.shape
+    for a, b in zip(plain.parameters(), fused.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
