@@ -28,11 +28,25 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+# The training hook lives in bundleflow.telemetry, so training need not import the doctor;
+# its names stay importable from here (bundleflow.profiling uses nvml_handle).
+from bundleflow.telemetry import gib as _gib
+from bundleflow.telemetry import gpu_status_line, nvml_handle  # noqa: F401
+
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
-# What the image pins (docker/Dockerfile) and the drivers each CUDA flavour needs.
-IMAGE_CUDA_INDEX = "https://download.pytorch.org/whl/cu121"
-REINSTALL_CUDA_WHEEL = f"pip install torch==2.5.1 --index-url {IMAGE_CUDA_INDEX}"
+# The PyTorch index and the CUDA flavours it builds per torch release line (pytorch.org,
+# "previous versions", checked up to 2.9; later lines are assumed to keep 2.9's). The
+# reinstall fix keeps the installed torch version: scripts/setup.sh pins it (TORCH_SPEC).
+TORCH_INDEX = "https://download.pytorch.org/whl/"
+TORCH_CUDA_FLAVOURS = {
+    (2, 5): ("cu118", "cu121", "cu124"),
+    (2, 6): ("cu118", "cu124", "cu126"),
+    (2, 7): ("cu118", "cu126", "cu128"),
+    (2, 8): ("cu126", "cu128", "cu129"),
+    (2, 9): ("cu126", "cu128", "cu130"),
+}
+# The drivers each CUDA flavour needs (docker/Dockerfile lists the image's).
 MIN_DRIVER = {"12.1": "530.30.02", "12.4": "550.54.14", "12.8": "570.124.06"}
 SHM_MIN_BYTES = 1 << 30  # Docker's default is 64 MB; compose.yaml asks for 8 GB
 MIN_PYTHON = (3, 10)  # accelerate >= 1.0
@@ -387,8 +401,37 @@ def cuda_version_str(version: int | None) -> str:
     return "unknown" if version is None else f"{version // 1000}.{(version % 1000) // 10}"
 
 
-def _gib(n: int | None) -> str:
-    return "?" if n is None else f"{n / 2**30:.1f} GiB"
+def flavour_cuda(flavour: str) -> int:
+    """``"cu121"`` -> 12010, comparable with NVML's CUDA driver version."""
+    return int(flavour[2:-1]) * 1000 + int(flavour[-1]) * 10
+
+
+def cuda_wheel_fix(torch_version: str, driver_cuda: int | None) -> str:
+    """The pip command that swaps this torch for the CUDA build of the same version: the
+    line's middle flavour (cu121 for 2.5, the image's) unless the driver is older, then the
+    newest flavour the driver supports."""
+    base = torch_version.split("+")[0]
+    match = re.match(r"(\d+)\.(\d+)", base)
+    lines = sorted(TORCH_CUDA_FLAVOURS)
+    line = (int(match[1]), int(match[2])) if match else lines[-1]
+    row = TORCH_CUDA_FLAVOURS[min(max(line, lines[0]), lines[-1])]
+    flavour = row[len(row) // 2]
+    if driver_cuda and flavour_cuda(flavour) > driver_cuda:
+        fitting = [fl for fl in row if flavour_cuda(fl) <= driver_cuda]
+        flavour = fitting[-1] if fitting else row[0]
+    return (
+        f"reinstall the CUDA build: {pip_command()} install torch=={base}+{flavour} "
+        f"--index-url {TORCH_INDEX}{flavour}"
+    )
+
+
+def pip_command() -> str:
+    """``.venv/bin/python -m pip`` when running from a venv under the working directory (as
+    scripts/setup.sh makes it), else ``pip``."""
+    try:
+        return f"{Path(sys.executable).relative_to(Path.cwd())} -m pip"
+    except (ValueError, OSError):
+        return "pip"
 
 
 def gpu_visible(f: Facts) -> bool:
@@ -480,7 +523,7 @@ def diagnose(f: Facts) -> Finding | None:
         return Finding(
             "torch build",
             f"torch {t.version} is a CPU-only wheel (torch.version.cuda is None)",
-            f"reinstall the +cu121 build from the cu121 index: {REINSTALL_CUDA_WHEEL}",
+            cuda_wheel_fix(t.version, f.nvml.cuda_driver),
         )
     visible = f.env.get("CUDA_VISIBLE_DEVICES")
     problem = visible_devices_problem(visible, f.nvml.gpus)
@@ -552,10 +595,10 @@ def diagnose(f: Facts) -> Finding | None:
 
 def _driver_fix(cuda: str | None) -> str:
     need = MIN_DRIVER.get(cuda or "")
-    need = f"a driver >= {need}" if need else f"a driver supporting CUDA {cuda}"
+    need = f">= {need}" if need else f"supporting CUDA {cuda}"
     return (
-        f"upgrade the NVIDIA driver ({need}), or use an older CUDA flavour "
-        "(CUDA_FLAVOUR in .env; docker/Dockerfile lists the drivers each needs)"
+        f"upgrade the NVIDIA driver ({need}) or use an older CUDA flavour "
+        "(CUDA_FLAVOUR in .env; docker/Dockerfile lists each one's driver)"
     )
 
 
@@ -608,7 +651,7 @@ def check_torch_build(f: Facts, expect_gpu: bool) -> Check:
         return Check("torch build", WARN, f"ROCm {t.hip}", "bundleflow is tested on CUDA only")
     if t.cuda is None:
         value = f"CPU-only wheel ({t.version}, torch.version.cuda=None)"
-        fix = f"reinstall the +cu121 build from the cu121 index: {REINSTALL_CUDA_WHEEL}"
+        fix = cuda_wheel_fix(t.version, f.nvml.cuda_driver)
         if gpu_visible(f) or expect_gpu:
             why = "this machine has a GPU" if gpu_visible(f) else "a GPU is expected"
             return Check("torch build", FAIL, f"{value}; {why}", fix)
@@ -905,19 +948,14 @@ def check_runs_dir(f: Facts) -> Check:
         "runs dir",
         FAIL,
         f"{path} not writable ({detail})",
-        "set BUNDLEFLOW_HOME (runs go to $BUNDLEFLOW_HOME/runs) or pass --runs-dir to a "
-        "writable directory",
+        "set BUNDLEFLOW_HOME in the shell or .env (runs go to $BUNDLEFLOW_HOME/runs), or "
+        "pass --runs-dir to a writable directory",
     )
 
 
 def check_dotenv(f: Facts) -> Check:
-    if f.dotenv is None:
-        return Check(
-            ".env",
-            WARN,
-            "no .env in the working directory or above (optional)",
-            "cp .env.example .env to set paths and machine facts (never hyper-parameters)",
-        )
+    if f.dotenv is None:  # optional: the defaults work without one (.env.example)
+        return Check(".env", PASS, "none (optional; the built-in defaults apply)")
     path, keys = f.dotenv
     return Check(".env", PASS, f"{path}: keys {', '.join(keys) or '(none)'} (values not shown)")
 
@@ -976,73 +1014,3 @@ def format_report(checks: list[Check]) -> str:
     counts = {s: sum(c.status == s for c in checks) for s in (PASS, WARN, FAIL)}
     tail = f"{counts[PASS]} pass, {counts[WARN]} warn, {counts[FAIL]} fail"
     return "\n".join([*(c.line() for c in checks), tail])
-
-
-# --------------------------------------------------------------------------- training hook
-
-
-def gpu_status_line(device) -> str | None:
-    """``GPU 0 NVIDIA H100 80GB HBM3: util 97%, memory 12.3/79.6 GiB (torch peak 9.8 GiB)``
-    for a CUDA device, None otherwise. Cheap enough for every log interval; never raises."""
-    import torch
-
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    try:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(index)
-        peak = torch.cuda.max_memory_allocated(index)
-    except Exception:  # noqa: BLE001
-        return None
-    uuid = str(getattr(props, "uuid", "") or "")
-    nvml = _nvml_sample(index, uuid)
-    text = f"GPU {index} {props.name}: "
-    if nvml is None:
-        return text + f"util ?, memory ?/{_gib(props.total_memory)} (torch peak {_gib(peak)})"
-    util, used, total = nvml
-    shown_util = "?" if util is None else f"{util}%"
-    return text + (
-        f"util {shown_util}, memory {used / 2**30:.1f}/{total / 2**30:.1f} GiB "
-        f"(torch peak {_gib(peak)})"
-    )
-
-
-def _nvml_sample(torch_index: int, uuid: str) -> tuple[int | None, int, int] | None:
-    """(utilisation %, memory used, memory total) of the NVML GPU behind a torch index."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001
-        return None
-    try:
-        handle = nvml_handle(pynvml, torch_index, uuid)
-        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        util = None
-        with contextlib.suppress(Exception):
-            util = int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-        return util, int(mem.used), int(mem.total)
-    except Exception:  # noqa: BLE001
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
-
-
-def nvml_handle(pynvml, torch_index: int, uuid: str):
-    """torch numbers GPUs after CUDA_VISIBLE_DEVICES; NVML does not. Match by UUID, else
-    map the index through CUDA_VISIBLE_DEVICES."""
-    if uuid:
-        with contextlib.suppress(Exception):
-            want = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
-            return pynvml.nvmlDeviceGetHandleByUUID(want)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        entries = [e.strip() for e in visible.split(",")]
-        if torch_index < len(entries):
-            entry = entries[torch_index]
-            if entry.isdigit():
-                return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
-            return pynvml.nvmlDeviceGetHandleByUUID(entry)
-    return pynvml.nvmlDeviceGetHandleByIndex(torch_index)

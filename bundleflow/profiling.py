@@ -72,7 +72,7 @@ class GpuSampler:
         try:
             import pynvml
 
-            from bundleflow.doctor import nvml_handle
+            from bundleflow.telemetry import nvml_handle
 
             pynvml.nvmlInit()
         except Exception as err:  # noqa: BLE001 - no NVML: run on without sampling
@@ -514,7 +514,7 @@ def profile_command(args: argparse.Namespace) -> int:
     overrides = parse_set(args.overrides)
     if args.device:
         overrides["device"] = args.device
-    cfg = load_config(args.preset, overrides)
+    cfg = load_config(args.preset or "default", overrides)
     choice = resolve_device(cfg.device)
     logger.info("device: {} ({})", choice.device, choice.reason)
     out = Path(args.out) if args.out else runs_root() / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,6 +1,6 @@
 """`bundleflow doctor`: one test per cause of the environment spec's "GPU not used" table,
 with torch, NVML, the environment and the filesystem probes replaced; JSON shape; exit
-codes; the trainer's --device errors quoting the doctor; gpu_status_line."""
+codes; the trainer's --device errors quoting the doctor; telemetry.gpu_status_line."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bundleflow import devices, doctor
+from bundleflow import devices, doctor, telemetry
 from bundleflow.cli import main
 from bundleflow.doctor import (
     FAIL,
@@ -143,8 +143,39 @@ def test_cpu_only_wheel_without_a_gpu_warns_unless_a_gpu_is_expected():
     assert {c.name for c in relaxed if c.status == WARN} >= {"torch build", "cuda"}
     assert doctor.exit_code(relaxed) == 0
     strict = by_name(doctor.run_checks(facts, expect_gpu=True))
-    assert strict["cuda"].status == FAIL and "+cu121" in strict["cuda"].fix
+    assert strict["cuda"].status == FAIL
+    # the CUDA build of the installed version (setup.sh's pin), never the image's 2.5.1
+    assert "torch==2.13.0+cu128 --index-url https://download.pytorch.org/whl/cu128" in (
+        strict["cuda"].fix
+    )
     assert doctor.exit_code(list(strict.values())) == 1
+
+
+@pytest.mark.parametrize(
+    ("version", "driver", "flavour"),
+    [
+        ("2.5.1+cpu", None, "cu121"),  # the image's flavour
+        ("2.5.1+cpu", 12040, "cu121"),
+        ("2.5.1+cpu", 11080, "cu118"),  # the newest one the driver runs
+        ("2.7.1+cpu", 12040, "cu118"),
+        ("2.13.0+cpu", None, "cu128"),  # later lines: 2.9's flavours
+        ("2.13.0+cpu", 13000, "cu128"),
+        ("2.13.0+cpu", 12060, "cu126"),
+        ("2.13.0+cpu", 11080, "cu126"),  # none that old: the oldest, the driver check FAILs
+    ],
+)
+def test_cuda_wheel_fix_keeps_the_version_and_fits_the_driver(version, driver, flavour):
+    base = version.split("+")[0]
+    fix = doctor.cuda_wheel_fix(version, driver)
+    assert f"install torch=={base}+{flavour} --index-url {doctor.TORCH_INDEX}{flavour}" in fix
+
+
+def test_cuda_wheel_fix_names_the_venv_pip(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / ".venv" / "bin" / "python"))
+    assert ": .venv/bin/python -m pip install torch==" in doctor.cuda_wheel_fix("2.13.0", None)
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3")
+    assert ": pip install torch==" in doctor.cuda_wheel_fix("2.13.0", None)
 
 
 @pytest.mark.parametrize("value", ["", "-1"])
@@ -471,7 +502,17 @@ def test_doctor_exit_codes(monkeypatch, capsys):
     assert "PASS  cuda" in out and "0 fail" in out
     monkeypatch.setattr(doctor, "gather", lambda **k: unusable(h100_facts(), cuda=None))
     assert main(["doctor"]) == 1
-    assert "fix: reinstall the +cu121 build" in capsys.readouterr().out
+    assert "fix: reinstall the CUDA build: " in (out := capsys.readouterr().out)
+    assert "torch==2.5.1+cu121 --index-url https://download.pytorch.org/whl/cu121" in out
+
+
+def test_a_missing_dotenv_is_no_warning():
+    """.env is optional (the defaults work): its absence is a PASS without a fix."""
+    check = verdict(h100_facts(dotenv=None), ".env")
+    assert (check.status, check.fix) == (PASS, "")
+    assert "optional" in check.value
+    checks = doctor.run_checks(h100_facts(dotenv=None), expect_gpu=True)
+    assert [c for c in checks if c.status != PASS] == []  # a healthy host needs no .env
 
 
 def test_doctor_expect_gpu_exits_1_without_a_usable_gpu_subprocess(tmp_path):
@@ -499,12 +540,15 @@ def test_device_errors_quote_the_doctor(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BundleflowError) as err:
         devices.resolve_device("cuda")
-    assert "doctor: FAIL cuda driver" in str(err.value) and "upgrade the NVIDIA driver" in str(
-        err.value
+    what, fix = str(err.value).splitlines()
+    assert what == (
+        "--device cuda: the driver supports CUDA 11.8 (driver 550.54.15), older than the "
+        "wheel's CUDA 12.1"
     )
+    assert fix.startswith("fix: upgrade the NVIDIA driver (>= 530.30.02)")
     with pytest.raises(BundleflowError) as err:
         devices.resolve_device("auto")  # NVML sees a GPU: no silent CPU fallback
-    assert "doctor: FAIL cuda driver" in str(err.value) and "--device cpu" in str(err.value)
+    assert "CUDA 11.8" in str(err.value) and "--device cpu" in str(err.value)
 
     no_gpu = h100_facts(nvml=NvmlFacts(ok=False, error="x"), dev_nvidia=[])
     monkeypatch.setattr(devices, "gather", lambda **k: unusable(no_gpu))
@@ -519,24 +563,26 @@ def test_device_refuses_a_gpu_the_wheel_has_no_kernels_for(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(BundleflowError) as err:
         devices.resolve_device("cuda")
-    assert "doctor: FAIL arch" in str(err.value) and "cu128" in str(err.value)
+    what, fix = str(err.value).splitlines()
+    assert what.startswith("--device cuda: NVIDIA B200 is sm_100, not in the wheel's")
+    assert fix.startswith("fix: ") and "cu128" in fix
 
 
 # --------------------------------------------------------------------------- training hook
 
 
 def test_gpu_status_line(monkeypatch):
-    assert doctor.gpu_status_line(torch.device("cpu")) is None
+    assert telemetry.gpu_status_line(torch.device("cpu")) is None
     props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 << 30, uuid="")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i: 10 << 30)
     fake = FakeNvml()
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    line = doctor.gpu_status_line("cuda")
+    line = telemetry.gpu_status_line("cuda")
     assert (
         line == "GPU 0 NVIDIA H100 80GB HBM3: util 97%, memory 12.0/80.0 GiB (torch peak 10.0 GiB)"
     )
     assert fake.calls == ["init", "shutdown"]
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(fail_init=True))
-    assert "util ?" in doctor.gpu_status_line("cuda")
+    assert "util ?" in telemetry.gpu_status_line("cuda")
