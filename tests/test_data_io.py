@@ -282,6 +282,61 @@ def test_malformed_cats_text_names_file_and_line(tmp_path, edit, message):
         data_io.load_dataset(path)
 
 
+# --- files of no accepted format -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("values.csv", b"item0,item1,value\n1,0,3.5\n0,1,2.0\n"),
+        ("values.json", b'{"valuations": [[[1, 0, 3.5]]]}'),
+        ("values.npy", b"\x93NUMPY\x01\x00v\x00{'descr': '<f4'}"),
+        ("values", b"1 0 3.5\n0 1 2.0\n"),  # no suffix, not CATS either
+    ],
+)
+def test_unrecognised_format_names_the_file_and_the_accepted_formats(tmp_path, name, content):
+    """Issue 15 item 6: a CSV used to come back as a CATS parse error on line 1."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(BundleflowError) as err:
+        data_io.load_dataset(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not a recognised data file")
+    for accepted in (".safetensors", "[N, K, m+1]", ".pt", ".zip", "CATS text", "data convert"):
+        assert accepted in message, accepted
+    assert "goods" not in message  # not the CATS parser's complaint
+    with pytest.raises(BundleflowError, match="not a recognised data file"):
+        data_io.convert(path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_unrecognised_format_through_the_cli_is_exit_2_and_one_line(tmp_path, capsys):
+    from bundleflow.cli import main
+
+    path = tmp_path / "values.csv"
+    path.write_text("item0,item1,value\n1,0,3.5\n")
+    assert main(["data", "stats", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"bundleflow: error: {path}: not a recognised")
+
+
+def test_accepted_formats_are_recognised_by_content_under_other_names(tmp_path):
+    v = _valuations()
+    data_io.save_dataset(tmp_path / "v.safetensors", v, {})
+    (tmp_path / "ours.data").write_bytes((tmp_path / "v.safetensors").read_bytes())
+    torch.save(v, tmp_path / "ref.bin")
+    (tmp_path / "cats-output").write_text(CATS_TEXT)  # starts with a %% comment, then 'goods'
+    (tmp_path / "cats.dat").write_text(CATS_TEXT.replace("%% a comment\n", ""))
+    assert torch.equal(data_io.load_dataset(tmp_path / "ours.data").valuations, v)
+    assert torch.equal(data_io.load_dataset(tmp_path / "ref.bin").valuations, v)
+    for name in ("cats-output", "cats.dat"):
+        assert data_io.load_dataset(tmp_path / name, n_items=4).valuations.shape == (3, 2, 5)
+    # CATS text under another name still gets the CATS parser's line-numbered errors
+    (tmp_path / "cut.dat").write_text(CATS_TEXT.replace("bids 4", "bids 6"))
+    with pytest.raises(BundleflowError, match=r"cut\.dat:\d+: the header announces 6"):
+        data_io.load_dataset(tmp_path / "cut.dat")
+
+
 def _fixture_cases():
     if not CATS_FIXTURES.exists():
         return []

@@ -66,6 +66,12 @@ _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 _READ_BLOCK = 1 << 22
+ACCEPTED_FORMATS = (
+    "bundleflow .safetensors, the reference tensor [N, K, m+1] in a torch .pt/.pth or a .zip "
+    "holding one, CATS text output (.txt/.cats)"
+)
+_SNIFF_BYTES = 1 << 16
+_CATS_HEADER_WORDS = ("goods", "bids", "dummy")
 
 
 # ---------------------------------------------------------------------------------------
@@ -538,8 +544,7 @@ def read_cats_text(path: str | os.PathLike) -> CatsText:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise BundleflowError(
-            f"{path}: not a text file and not a recognised data file (bundleflow .safetensors, "
-            "torch .pt, a .zip holding one, or CATS text output)"
+            f"{path}: not a text file, so not CATS text output; accepted: {ACCEPTED_FORMATS}"
         ) from None
     except OSError as err:
         raise BundleflowError(f"{path}: cannot read ({err.strerror})") from None
@@ -664,7 +669,21 @@ class Dataset:
         return self.valuations[start:stop]
 
 
+def _looks_like_cats_text(head: bytes, whole: bool) -> bool:
+    """The first line that is neither blank nor a ``%`` comment starts with a header word."""
+    lines = head.decode("utf-8", errors="replace").splitlines()
+    if not whole:
+        lines = lines[:-1]  # the last line may be cut
+    for line in lines:
+        tokens = line.split()
+        if tokens and not tokens[0].startswith("%"):
+            return tokens[0] in _CATS_HEADER_WORDS
+    return head.lstrip().startswith(b"%")  # nothing but comments yet: a long CATS preamble
+
+
 def _sniff(path: Path) -> str:
+    """The reader for a file: by suffix, else by content; ``"unknown"`` for anything else
+    (a CSV must not reach the CATS parser and come back as a parse error on line 1)."""
     suffix = path.suffix.lower()
     known = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".zip": "zip"}
     if suffix in known:
@@ -672,14 +691,16 @@ def _sniff(path: Path) -> str:
     if suffix in (".txt", ".cats"):
         return "text"
     with path.open("rb") as f:
-        head = f.read(9)
+        head = f.read(_SNIFF_BYTES)
     if head[:2] == b"PK":
         return "zip"
     if head[:1] == b"\x80":  # a legacy (non-zip) torch pickle
         return "torch"
-    if len(head) == 9 and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
-    return "text"
+    if _looks_like_cats_text(head, whole=len(head) < _SNIFF_BYTES):
+        return "text"
+    return "unknown"
 
 
 def read_valuations(path: str | os.PathLike) -> tuple[Tensor, dict | None]:
@@ -694,6 +715,13 @@ def read_valuations(path: str | os.PathLike) -> tuple[Tensor, dict | None]:
     if size == 0:
         raise BundleflowError(f"{source}: the file is empty; regenerate or re-download it")
     kind = _sniff(path)
+    if kind == "unknown":
+        raise BundleflowError(
+            f"{source}: not a recognised data file ({path.suffix or 'no suffix'}); accepted: "
+            f"{ACCEPTED_FORMATS}. Other data (e.g. CSV): torch.save the tensor [N, K, m+1] (0/1 "
+            "item columns, value last) as FILE.pt, then pass it or `bundleflow data convert "
+            "FILE.pt FILE.safetensors`"
+        )
     if kind == "safetensors":
         with path.open("rb") as f:
             return _read_safetensors(f, size, source)
