@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--atoms", type=int, default=6, help="K atoms per valuation (default 6)")
     p.add_argument("--steps", type=int, default=50, help="timed steps per path (default 50)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps per path (default 5)")
-    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
+    p.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
     p.add_argument(
         "--target-ms", type=float, help="exit 1 when the fast path's median step is above this"
     )

@@ -16,7 +16,7 @@ from bundleflow.mechanism import FrozenMechanism
 from bundleflow.report import format_baselines, format_summary, write_run_report
 from bundleflow.revenue import WALK_AWAY
 from bundleflow.train.data import load_run_data
-from bundleflow.train.run import CONFIG_FILE, RUN_INFO
+from bundleflow.train.run import CONFIG_FILE, RUN_INFO, runs_root
 from bundleflow.train.stage2 import read_mechanism
 from bundleflow.valuations import io as data_io
 
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(fitted on the training split) on the test split; writes report.md, report.json "
         "and plots into the run directory (not with --data).",
     )
-    ev.add_argument("--run", required=True, metavar="RUN_DIR")
+    add_run_argument(ev)
     ev.add_argument("--data", help="evaluate on this file's split instead (no report written)")
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ev.set_defaults(func=cmd_evaluate)
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     menu = sub.add_parser("menu", help="inspect a trained menu")
     menu_sub = menu.add_subparsers(dest="menu_command", metavar="ACTION")
     show = menu_sub.add_parser("show", help="the frozen mechanism: bundles, lotteries, prices")
-    show.add_argument("run", metavar="RUN_DIR")
+    add_run_argument(show)
     show.add_argument("--json", action="store_true")
     show.add_argument("--top", type=int, default=20, help="elements to list (by price)")
     show.set_defaults(func=cmd_menu_show)
@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Plays the run's frozen menu against a data file's valuations: the element "
         "each one buys (or walk-away), its lottery, the payment and the utility.",
     )
-    query.add_argument("run", metavar="RUN_DIR")
+    add_run_argument(query)
     query.add_argument("--data", help="a data file (default: the data the run was trained on)")
     query.add_argument(
         "--split", choices=PARTS, default="test", help="which part of the file (default: test)"
@@ -72,6 +72,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     query.add_argument("--limit", type=int, default=20, help="valuations listed in the text")
     query.set_defaults(func=cmd_menu_query)
     menu.set_defaults(func=lambda args: menu.print_help(sys.stderr) or 2)
+
+
+def add_run_argument(parser: argparse.ArgumentParser) -> None:
+    """The run directory, positional or as ``--run`` (evaluate, menu show, menu query)."""
+    parser.add_argument("run", nargs="?", metavar="RUN_DIR", help="a run directory")
+    parser.add_argument("--run", dest="run_flag", metavar="RUN_DIR", help="the same, as a flag")
+
+
+def run_dir_arg(args: argparse.Namespace) -> Path:
+    """The one run directory given (RUN_DIR or --run RUN_DIR)."""
+    if args.run and args.run_flag and Path(args.run) != Path(args.run_flag):
+        raise BundleflowError(
+            f"two run directories, {args.run} and --run {args.run_flag}; give one of them"
+        )
+    if not (args.run or args.run_flag):
+        raise BundleflowError(
+            f"no run directory given; pass RUN_DIR or --run RUN_DIR (`ls {runs_root()}` lists them)"
+        )
+    return Path(args.run or args.run_flag)
 
 
 def _write_stdout(text: str) -> None:
@@ -100,9 +119,9 @@ def eval_batch(config: Config, kind: str) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run)
+    run_dir = run_dir_arg(args)
+    mech = read_mechanism(run_dir)  # first: it says what is wrong with a path that is no run
     config = _run_config(run_dir)
-    mech = read_mechanism(run_dir)
     data_file = args.data or run_data_file(run_dir)
     data = load_run_data(config.data, torch.device("cpu"), data_file=data_file)
     report = evaluate_mechanism(
@@ -164,7 +183,7 @@ def fallback_record(mech: FrozenMechanism) -> dict | None:
 
 
 def cmd_menu_show(args: argparse.Namespace) -> int:
-    mech = read_mechanism(Path(args.run))
+    mech = read_mechanism(run_dir_arg(args))
     J, D, m = mech.bundles.shape
     elements = [
         {"element": j, "price": float(mech.prices[j]), "lottery": lottery(mech, j)}
@@ -234,7 +253,7 @@ def _query_valuations(args: argparse.Namespace, run_dir: Path) -> tuple[torch.Te
 
 
 def cmd_menu_query(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run)
+    run_dir = run_dir_arg(args)
     mech = read_mechanism(run_dir)
     valuations, offset, source = _query_valuations(args, run_dir)
     if valuations.dim() == 3 and valuations.shape[-1] - 1 != mech.n_items:

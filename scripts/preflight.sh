@@ -123,7 +123,7 @@ if [ "$SMOKE" = 1 ]; then
 fi
 
 if [ "$FAILED" = 0 ]; then
-  echo "preflight: ok. Next: docker compose build && docker compose run --rm doctor"
+  echo "preflight: ok. Next: docker compose build train test && docker compose run --rm doctor"
 else
   echo "preflight: FAILED (fixes above)"
 fi

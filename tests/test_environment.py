@@ -154,6 +154,26 @@ def test_env_file_is_optional(compose):
         assert {"path": ".env", "required": False} in service.get("env_file", []), name
 
 
+def test_plain_up_starts_nothing_and_no_profile_shares_the_gpus(compose):
+    """Every service sits behind a profile (`docker compose up` starts none); a profile names
+    at most one GPU service, so `--profile X up` never puts two jobs on the same GPUs."""
+    members: dict[str, list[str]] = {}
+    for name, service in compose["services"].items():
+        profiles = service.get("profiles") or []
+        assert name in profiles, f"{name}: not in a profile of its own name"
+        for profile in profiles:
+            assert re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+", profile), profile
+            members.setdefault(profile, []).append(name)
+    for profile, names in members.items():
+        assert len([n for n in names if n in GPU_SERVICES]) <= 1, (profile, names)
+
+
+def test_compose_header_says_how_to_start_a_service():
+    header = COMPOSE.read_text().split("\nname:")[0]
+    assert "docker compose run --rm doctor" in header
+    assert "--profile" in header and "docker compose build train test" in header
+
+
 def test_volumes_outlive_containers_and_are_shared(compose):
     declared = set(compose.get("volumes") or {})
     mounts = {}
