@@ -30,35 +30,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Each command module registers its own sub-parser and sets `func` (args -> exit code).
-    from bundleflow import cli_bench, cli_data, cli_doctor, cli_eval, cli_train
+    from bundleflow import cli_bench, cli_config, cli_data, cli_doctor, cli_eval, cli_train
 
     cli_train.register(sub)
     cli_eval.register(sub)
     cli_data.register(sub)
     cli_doctor.register(sub)
     cli_bench.register(sub)
+    cli_config.register(sub)
     return parser
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """stderr logging for the CLI (the library itself stays silent)."""
-    from loguru import logger
+    """stderr logging for the CLI (the library itself stays silent).
 
+    Lines go out through ``tqdm.write``: it lifts an open progress bar (bundleflow.progress),
+    writes the line and redraws the bar below it, so a log line never glues onto the bar.
+    """
+    from loguru import logger
+    from tqdm import tqdm
+
+    def to_stderr(message: str) -> None:
+        tqdm.write(message, file=sys.stderr, end="")  # sys.stderr now: tests swap it
+
+    colorize = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
     logger.remove()
     logger.enable("bundleflow")
     rank = os.environ.get("RANK", "0")  # set by accelerate launch / torchrun
     if rank == "0":
         logger.add(
-            sys.stderr,
+            to_stderr,
             level="DEBUG" if verbose else "INFO",
             format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}",
+            colorize=colorize,
         )
     else:  # under several processes only the main one logs events; the others only problems
         logger.add(
-            sys.stderr,
+            to_stderr,
             level="WARNING",
             format=f"<green>{{time:HH:mm:ss}}</green> <level>{{level: <7}}</level> [rank {rank}] "
             "{message}",
+            colorize=colorize,
         )
 
 

@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from bundleflow.config import Config, load_config, parse_set
+from bundleflow.checkpoint import latest
+from bundleflow.config import Config, load_config, parse_set, replace, to_flat_dict
 from bundleflow.devices import resolve_device
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluate import evaluate_mechanism
 from bundleflow.fused import resolve_kernels
 from bundleflow.report import format_summary, write_run_report
 from bundleflow.train.data import load_run_data
-from bundleflow.train.run import CONFIG_FILE, Run, open_run, runs_root
-from bundleflow.train.stage1 import FLOW_FILE, get_flow, load_flow_ckpt
+from bundleflow.train.run import CONFIG_FILE, RUN_INFO, Run, open_run, runs_root
+from bundleflow.train.stage1 import FLOW_FILE, Stage1Stopped, get_flow, load_flow_ckpt
 from bundleflow.train.stage2 import (
     BEST,
     CHECKPOINTS,
@@ -29,11 +30,20 @@ from bundleflow.train.stage2 import (
     stage2_precision,
     train_stage2,
 )
+from bundleflow.valuations import io as data_io
+
+DEFAULT_PRESET = "default"
+LAUNCH = "launch"  # run.json: the flags the run was started with (restored by --resume)
+STAGE1_CHECKPOINTS = "stage1"
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """--preset, --set, --data, --device: what every command that builds a config takes."""
-    p.add_argument("--preset", default="default", help="preset name in configs/ or a YAML path")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help=f"preset name (`bundleflow presets`) or a YAML path (default: {DEFAULT_PRESET})",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -41,14 +51,22 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one config key (dotted, YAML value); repeatable",
     )
-    p.add_argument("--data", help="a data file (ours, reference .pt/zip, CATS text)")
-    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="default: auto")
+    p.add_argument(
+        "--data",
+        help="a data file (ours, reference .pt/zip, CATS text); its m and money scale are used "
+        "unless --set data.n_items / data.money_scale say otherwise",
+    )
+    p.add_argument("--device", help="auto (default), cuda, cuda:N, mps or cpu")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--runs-dir", help="root of run directories (default $BUNDLEFLOW_HOME/runs)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run from its last checkpoint, with every flag it was started with",
+    )
     p.add_argument("--max-steps", type=int, help="stop this stage after N steps")
     p.add_argument("--max-time", type=float, help="stop Stage 2 after this many seconds")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
@@ -72,18 +90,162 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Defaults < preset < --set < flags (env/.env only hold paths, never hyper-parameters)."""
+    """Defaults < preset < --set < flags (env/.env only hold paths, never hyper-parameters).
+
+    A new run records the flags it was started with (``args.launch``, written to run.json);
+    ``--resume`` restores them from there and refuses a flag that contradicts them.
+    """
     overrides = parse_set(args.overrides)
     if args.device:
         overrides["device"] = args.device
     if args.mixed_precision:
         overrides["mixed_precision"] = args.mixed_precision
     if args.resume:
-        saved = Path(args.resume) / CONFIG_FILE
-        if not saved.is_file():
-            raise BundleflowError(f"--resume {args.resume}: no {CONFIG_FILE}; not a run directory")
-        return load_config(str(saved), overrides)  # the run's own resolved config
-    return load_config(args.preset, overrides)
+        return _resume_config(args, overrides)
+    if args.data:
+        take_data_file(args, overrides)
+    config = load_config(args.preset or DEFAULT_PRESET, overrides)
+    args.launch = {
+        "command": getattr(args, "command", None),
+        "preset": args.preset or DEFAULT_PRESET,
+        "set": list(args.overrides or []),
+        "data": config.data.path if args.data else None,
+        "data_sha256": None,  # filled in once the data are read
+        "max_steps": args.max_steps,
+        "max_time": args.max_time,
+        "device": args.device,
+        "mixed_precision": args.mixed_precision,
+        "flow_ckpt": getattr(args, "flow_ckpt", None),
+    }
+    return config
+
+
+def take_data_file(args: argparse.Namespace, overrides: dict) -> None:
+    """``--data FILE``: the run's data are the file (recorded in the config as kind ``file``
+    with its absolute path, so a resumed run reads it again), m is the file's and the money
+    scale is the file's training mean unless the user set them."""
+    path = Path(args.data).expanduser()
+    if not path.is_file():
+        raise BundleflowError(f"--data {args.data}: no such file")
+    dataset = data_io.load_dataset(path)  # one clear error naming the file if it is bad
+    args.dataset = dataset
+    data = overrides.setdefault("data", {})
+    if not isinstance(data, dict):
+        raise BundleflowError("--set data=...: 'data' is a section; set data.KEY=VALUE")
+    wanted = data.get("n_items")
+    if wanted is not None and wanted != dataset.n_items:
+        raise BundleflowError(
+            f"{path}: the file has m={dataset.n_items} items but --set data.n_items={wanted}; "
+            "drop that --set (m comes from the file) or use a file with that many items"
+        )
+    data.update(n_items=dataset.n_items, kind="file", path=str(path.resolve()))
+    data.setdefault("money_scale", None)
+
+
+def _read_run_info(run_dir: Path) -> dict:
+    if not run_dir.is_dir():
+        raise BundleflowError(
+            f"--resume {run_dir}: no such run directory (runs are under "
+            f"{runs_root(None)}; pass the directory `bundleflow train` printed)"
+        )
+    info_path = run_dir / RUN_INFO
+    if not info_path.is_file() or not (run_dir / CONFIG_FILE).is_file():
+        raise BundleflowError(
+            f"--resume {run_dir}: not a bundleflow run directory (no {RUN_INFO} / {CONFIG_FILE})"
+        )
+    try:
+        info = json.loads(info_path.read_bytes())
+    except (ValueError, OSError) as err:
+        raise BundleflowError(f"{info_path}: unreadable ({err}); the run is damaged") from None
+    if not isinstance(info, dict):
+        raise BundleflowError(f"{info_path}: not a JSON object; the run is damaged")
+    return info
+
+
+def _legacy_launch(info: dict) -> dict:
+    """What a run written before run records can tell: its data file, from run.json."""
+    data = info.get("data") or {}
+    if data.get("kind") == "file":
+        return {"data": data.get("path"), "data_sha256": data.get("sha256")}
+    return {}
+
+
+def _resume_config(args: argparse.Namespace, overrides: dict) -> Config:
+    """The run's own config and flags; a flag given again must agree with the record."""
+    run_dir = Path(args.resume)
+    info = _read_run_info(run_dir)
+    launch = dict(info.get(LAUNCH) or _legacy_launch(info))
+    saved = str(run_dir / CONFIG_FILE)
+    recorded = load_config(saved)
+    if launch.get("data") and recorded.data.kind != "file":  # a run from before the record
+        recorded = replace(recorded, data={"kind": "file", "path": launch["data"]})
+    conflicts = []
+
+    def conflict(flag: str, given, was) -> None:
+        conflicts.append(f"{flag} {given} contradicts the run's {flag} {was}")
+
+    if args.preset is not None and args.preset != launch.get("preset", args.preset):
+        conflict("--preset", args.preset, launch["preset"])
+    if overrides:
+        asked = to_flat_dict(load_config(saved, overrides))  # validates keys and types
+        have = to_flat_dict(recorded)
+        for key in sorted(k for k in asked if asked[k] != have[k]):
+            flag = {"device": "--device", "mixed_precision": "--mixed-precision"}.get(key)
+            if flag and getattr(args, key) is not None:
+                conflict(flag, asked[key], have[key])
+            else:
+                conflict("--set", f"{key}={asked[key]}", f"{key}={have[key]}")
+    recorded_sha = launch.get("data_sha256") or (info.get("data") or {}).get("sha256")
+    if args.data:
+        path = Path(args.data).expanduser().resolve()
+        if not path.is_file():
+            raise BundleflowError(f"--data {args.data}: no such file")
+        sha = data_io.file_sha256(path)
+        if recorded.data.kind != "file":
+            conflict("--data", path, "generated data (it was started without --data)")
+        elif sha != recorded_sha:
+            conflict(
+                "--data", f"{path} (sha256 {sha[:12]})", f"{recorded.data.path} "
+                f"(sha256 {str(recorded_sha)[:12]})"
+            )  # fmt: skip
+        elif str(path) != recorded.data.path:  # the same content, moved: read it from here
+            logger.info("data file moved: {} -> {} (same sha256)", recorded.data.path, path)
+            recorded = replace(recorded, data={"path": str(path)})
+            launch["data"] = str(path)
+    elif recorded.data.kind == "file":
+        _check_recorded_data(Path(recorded.data.path), recorded_sha)
+    for flag, attr in (("--max-steps", "max_steps"), ("--max-time", "max_time")):
+        given, was = getattr(args, attr), launch.get(attr)
+        if given is None:
+            setattr(args, attr, was)
+        elif was is not None and given != was:
+            conflict(flag, given, was)
+        elif was is None:  # a budget the run had none of: this continuation's, recorded
+            logger.info("{} {}: a new budget for this run (it was started without)", flag, given)
+            launch[attr] = given
+    flow_ckpt = getattr(args, "flow_ckpt", None)
+    if flow_ckpt and flow_ckpt != launch.get("flow_ckpt"):
+        conflict("--flow-ckpt", flow_ckpt, launch.get("flow_ckpt") or "(none: its own Stage 1)")
+    if conflicts:
+        raise BundleflowError(
+            f"--resume {run_dir}: " + "; ".join(conflicts) + ". Drop those flags to continue the "
+            "run as it was started, or start a new run"
+        )
+    args.launch = launch
+    return recorded
+
+
+def _check_recorded_data(path: Path, sha: str | None) -> None:
+    if not path.is_file():
+        raise BundleflowError(
+            f"--resume: the run was trained on {path}, which is gone; pass --data FILE with "
+            f"the same content (sha256 {str(sha)[:12]}...) or start a new run"
+        )
+    if sha is not None and data_io.file_sha256(path) != sha:
+        raise BundleflowError(
+            f"--resume: {path} has changed since the run started (sha256 {sha[:12]}... then, "
+            f"{data_io.file_sha256(path)[:12]}... now); restore the file or start a new run"
+        )
 
 
 def make_accelerator(config: Config, device: torch.device):
@@ -115,9 +277,13 @@ def _setup(args: argparse.Namespace):
             accelerator.device,
         )
     run = _open_shared_run(args, config, accelerator, resume)
-    run.update_info(
-        device=str(accelerator.device), device_reason=choice.reason, command=" ".join(sys.argv)
-    )
+    if resume is not None:
+        resumes = [*run.info.get("resumes", []), {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "command": " ".join(sys.argv)}]  # fmt: skip
+        run.update_info(resumes=resumes)
+    else:
+        run.update_info(command=" ".join(sys.argv))
+    run.update_info(launch=args.launch, device=str(accelerator.device), device_reason=choice.reason)
     logger.info("run directory: {}", run.dir)
     return config, accelerator, run
 
@@ -162,6 +328,8 @@ def _flow_for(config: Config, args, accelerator, run: Run, n_items: int):
             accelerator=accelerator,
             metrics=run.metrics,
             show_progress=not args.no_progress,
+            checkpoint_dir=run.dir / STAGE1_CHECKPOINTS,
+            resume=args.resume is not None,
         )
     run.write_json(FLOW_FILE, info)
     return field, info
@@ -188,6 +356,8 @@ def _shared_flow(config: Config, args, accelerator, run: Run, n_items: int):
         accelerator=accelerator,
         metrics=run.metrics,
         show_progress=not args.no_progress and accelerator.is_main_process,
+        checkpoint_dir=run.dir / STAGE1_CHECKPOINTS,
+        resume=args.resume is not None,
     )
     if accelerator.is_main_process:
         try:
@@ -209,7 +379,8 @@ def _guarded(run: Run, *, resumed: bool):
         yield
     except BundleflowError:
         run.close()
-        produced = any((run.dir / name).exists() for name in (CHECKPOINTS, BEST, FLOW_FILE))
+        kept = (CHECKPOINTS, BEST, FLOW_FILE, STAGE1_CHECKPOINTS)
+        produced = any((run.dir / name).exists() for name in kept)
         if not resumed and run.main_process and not produced:
             shutil.rmtree(run.dir, ignore_errors=True)
         raise
@@ -219,10 +390,8 @@ def _guarded(run: Run, *, resumed: bool):
 
 def cmd_train_stage1(args: argparse.Namespace) -> int:
     config, accelerator, run = _setup(args)
-    with _guarded(run, resumed=args.resume is not None):
+    with _guarded(run, resumed=args.resume is not None), _stage1_stop(run):
         if args.max_steps:
-            from bundleflow.config import replace
-
             config = replace(config, stage1={"steps": args.max_steps})
         started = time.monotonic()
         _, info = get_flow(
@@ -234,6 +403,8 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
             metrics=run.metrics,
             max_time=args.max_time,
             show_progress=not args.no_progress,
+            checkpoint_dir=run.dir / STAGE1_CHECKPOINTS,
+            resume=args.resume is not None,
         )
         run.write_json(FLOW_FILE, info)
         run.update_info(stage1={**info, "wall_time": time.monotonic() - started})
@@ -242,14 +413,39 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _stage1_stop(run: Run):
+    """Ctrl-C / SIGTERM in Stage 1: the loop wrote a checkpoint; say how to resume, exit 0."""
+    try:
+        yield
+    except Stage1Stopped as stopped:
+        logger.warning(
+            "stopped by a signal in stage 1 at step {}; checkpoint written; resume with "
+            "`bundleflow train --resume {}`",
+            stopped.step,
+            run.dir,
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config, accelerator, run = _setup(args)
     started = time.monotonic()
     with _guarded(run, resumed=args.resume is not None):
         with accelerator.main_process_first():  # one process generates the cached data set
-            data = load_run_data(config.data, accelerator.device, data_file=args.data)
+            data = load_run_data(
+                config.data, accelerator.device, dataset=getattr(args, "dataset", None)
+            )
+        _check_same_data(run, data.info, resumed=args.resume is not None)
         run.update_info(data=data.info)
-        field, flow_info = _flow_for(config, args, accelerator, run, data.n_items)
+        if args.launch.get("data") and not args.launch.get("data_sha256"):
+            args.launch["data_sha256"] = data.info.get("sha256")
+            run.update_info(launch=args.launch)
+        flow_info = None
+        with _stage1_stop(run):
+            field, flow_info = _flow_for(config, args, accelerator, run, data.n_items)
+        if flow_info is None:  # a signal in Stage 1 (checkpoint written)
+            _end(accelerator)
+            return 0
         run.update_info(flow=flow_info)
         precision, source = stage2_precision(config.mixed_precision, accelerator.device)
         logger.info("stage 2: flow network precision {} ({})", precision, source)
@@ -268,7 +464,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             accelerator=accelerator,
             max_steps=args.max_steps,
             max_time=args.max_time,
-            resume=args.resume is not None,
+            # a run stopped in Stage 1 has no Stage-2 checkpoint yet: Stage 2 starts afresh
+            resume=args.resume is not None and latest(run.dir / CHECKPOINTS) is not None,
             show_progress=not args.no_progress,
             mixed_precision=precision,
         )
@@ -295,6 +492,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         sys.stderr.write(format_summary(report) + "\n")
     _end(accelerator)
     return 0
+
+
+def _check_same_data(run: Run, info: dict, *, resumed: bool) -> None:
+    """A resumed run trains on the data it started with: the same sha256 (a regenerated
+    set, or a file that changed, would silently train and report on other data)."""
+    was = (run.info.get("data") or {}).get("sha256")
+    now = info.get("sha256")
+    if resumed and was and now and was != now:
+        raise BundleflowError(
+            f"--resume {run.dir}: its data were {(run.info.get('data') or {}).get('path')} "
+            f"(sha256 {was[:12]}...), now {info.get('path')} has sha256 {now[:12]}...; "
+            "restore those data or start a new run"
+        )
 
 
 def _end(accelerator) -> None:

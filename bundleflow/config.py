@@ -12,6 +12,7 @@ s ≈ 750: λ_norm = λ_raw·750, price lr = 0.3/750, price init U[0, 1/750).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import types
@@ -24,7 +25,19 @@ import yaml
 
 from bundleflow.errors import BundleflowError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """Where the presets live: the installed package's ``bundleflow/presets`` (the checkout's
+    ``configs/`` mapped into the package at build time, see pyproject.toml), else the
+    checkout's ``configs/`` (an editable install, or a source tree run without installing)."""
+    spec = importlib.util.find_spec("bundleflow.presets")
+    for location in (spec.submodule_search_locations or ()) if spec else ():
+        if any(Path(location).glob("*.yaml")):
+            return Path(location)
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 REFERENCE_MONEY_SCALE = 750.0  # CATS arbitrary m=50: mean max atom value ≈ 750
 
 
@@ -92,6 +105,9 @@ class Stage1Config:
     """Seed of the mixture means and the training draws."""
     log_every: int = 100
     """Steps between metric lines."""
+    checkpoint_every: int = 1000
+    """Steps between resumable Stage-1 checkpoints in the run directory (``RUN/stage1``);
+    Ctrl-C / SIGTERM also writes one. Not part of the flow's cache key."""
 
 
 @dataclass(frozen=True)
@@ -220,7 +236,7 @@ class Config:
     name: str = "run"
     """Run name (the run directory is NAME-TIMESTAMP-ID)."""
     device: str = "auto"
-    """``auto``, ``cuda``, ``mps`` or ``cpu``."""
+    """``auto``, ``cuda``, ``cuda:N`` (GPU N of those torch sees), ``mps`` or ``cpu``."""
     mixed_precision: str | None = None
     """Precision of the flow network's matrix products (Stage 1 training, Stage 2 Q
     evaluation): ``no``, ``fp16`` or ``bf16``. Log-densities, bundles, utilities, softmax,
@@ -325,8 +341,11 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
 def _check_choices(config: Config) -> None:
     flat = to_flat_dict(config)
     for key, allowed in CHOICES.items():
+        if key == "device" and re.fullmatch(r"cuda:\d+", str(flat[key])):
+            continue  # one GPU by index; resolve_device checks it against the GPUs
         if flat[key] not in allowed:
             shown = ", ".join("null" if a is None else str(a) for a in allowed)
+            shown += ", cuda:N (N a GPU index)" if key == "device" else ""
             raise BundleflowError(f"config key {key!r}: {flat[key]!r} is not one of {shown}")
     positive = [
         "data.n_items",
@@ -338,6 +357,7 @@ def _check_choices(config: Config) -> None:
         "stage1.steps",
         "stage1.batch_size",
         "stage1.log_every",
+        "stage1.checkpoint_every",
         "menu.size",
         "menu.support",
         "stage2.steps",
@@ -409,11 +429,30 @@ def preset_path(name_or_path: str) -> Path:
         return candidate
     path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        names = preset_names()
+        if not names:
+            raise BundleflowError(
+                f"unknown preset {name_or_path!r}: no presets found in {CONFIG_DIR} (this "
+                "bundleflow was installed without them; reinstall it) — or pass a path to a .yaml"
+            )
         raise BundleflowError(
             f"unknown preset {name_or_path!r}; presets: {', '.join(names)} (or a path to a .yaml)"
         )
     return path
+
+
+def preset_names() -> list[str]:
+    """The names ``--preset`` accepts, sorted."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def preset_description(path: Path) -> str:
+    """A preset file's first line if it is a comment (each preset starts with one saying what
+    it is), else ``""``."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            return line.lstrip("#").strip() if line.startswith("#") else ""
+    return ""
 
 
 class _Loader(yaml.SafeLoader):

@@ -6,12 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+ASKED_TORCH=${TORCH_SPEC:-}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+# An existing torch is kept, unless TORCH_SPEC was given (then pip installs that build if the
+# installed one does not match it, e.g. a CPU wheel replaced by a CUDA one).
+if [ -n "$ASKED_TORCH" ] || ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   if [ -n "${TORCH_INDEX_URL:-}" ]; then
     .venv/bin/python -m pip install --quiet "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
   else

@@ -60,14 +60,23 @@ def _money_scale(train_user: Tensor, kind: str, override: float | None) -> tuple
 
 
 def load_run_data(
-    cfg: DataConfig, device: torch.device, *, data_file: str | None = None, progress=None
+    cfg: DataConfig,
+    device: torch.device,
+    *,
+    data_file: str | None = None,
+    progress=None,
+    dataset: data_io.Dataset | None = None,
 ) -> RunData:
-    """Resolve the data a config names (``--data`` overrides) and prepare it for training."""
+    """Resolve the data a config names (``--data`` overrides) and prepare it for training.
+
+    ``dataset``: the file's contents when the caller has already read it (the CLI reads a
+    ``--data`` file once to take its m)."""
     if cfg.kind == "additive" and data_file is None:
         return _additive(cfg, device)
     if data_file is not None or cfg.kind == "file":
         path = Path(data_file or cfg.path or "")
-        dataset = data_io.load_dataset(path, n_items=cfg.n_items)
+        if dataset is None or Path(dataset.path).resolve() != path.resolve():
+            dataset = data_io.load_dataset(path, n_items=cfg.n_items)
         source = {"kind": "file", "path": str(path.resolve())}
     else:
         path = data_io.cached_dataset(

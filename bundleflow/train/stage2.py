@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,6 @@ from bundleflow.checkpoint import (
 )
 from bundleflow.config import Config, to_dict
 from bundleflow.distributed import Comm
-from bundleflow.doctor import gpu_status_line
 from bundleflow.errors import BundleflowError
 from bundleflow.fallback import PostedPrices, fit_posted_prices
 from bundleflow.fast_step import Stage2Step, stage2_loss
@@ -37,8 +34,10 @@ from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow
 from bundleflow.progress import ProgressBar
 from bundleflow.schedule import InvTempSchedule
+from bundleflow.telemetry import gpu_status_line
 from bundleflow.train.data import RunData
 from bundleflow.train.run import Run
+from bundleflow.train.signals import StopRequest
 
 MECHANISM_FILE = "mechanism.safetensors"
 CHECKPOINTS = "checkpoints"
@@ -126,18 +125,30 @@ def build_optimizer(
 def stage2_precision(configured: str | None, device: torch.device) -> tuple[str, str]:
     """(precision of the flow network in Stage 2, where the choice came from).
 
-    ``--mixed-precision`` / ``mixed_precision`` > ``accelerate launch --mixed_precision`` or
-    its config file (ACCELERATE_MIXED_PRECISION) > the measured default: bf16 on CUDA (on an
-    H200: 10% faster steps at m=50, 27% at m=500, no test bidder choosing differently on a
-    frozen paper-m50 menu, validation revenue over 3 seeds not lower; BENCHMARKS.md), fp32
-    elsewhere. Stage 1, freezing, validation and the report stay fp32 unless set explicitly.
+    ``--mixed-precision`` / ``mixed_precision`` > a real choice made through ``accelerate
+    launch --mixed_precision`` or its config file (ACCELERATE_MIXED_PRECISION=fp16|bf16) >
+    the measured default: bf16 on CUDA (on an H200: 10% faster steps at m=50, 27% at m=500,
+    no test bidder choosing differently on a frozen paper-m50 menu, validation revenue over 3
+    seeds not lower; BENCHMARKS.md), fp32 elsewhere. Stage 1, freezing, validation and the
+    report stay fp32 unless set explicitly.
+
+    ``accelerate launch`` exports ACCELERATE_MIXED_PRECISION on every launch, ``no`` when
+    neither its flag nor its config file chose anything (and ``no`` is what ``accelerate
+    config`` writes by default), so ``no`` from there is not a choice: it keeps the measured
+    default. ``--mixed-precision no`` (or ``--set mixed_precision=no``) asks for fp32.
     """
     if configured is not None:
         return configured, "bundleflow mixed_precision"
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launched:
+    launched = (os.environ.get("ACCELERATE_MIXED_PRECISION") or "").strip().lower()
+    if launched in ("fp16", "bf16"):
         return launched, "accelerate (ACCELERATE_MIXED_PRECISION)"
-    return ("bf16" if device.type == "cuda" else "no"), "default for " + device.type
+    default = "bf16" if device.type == "cuda" else "no"
+    if launched:
+        return default, (
+            f"default for {device.type}; accelerate's mixed_precision={launched!r} is its "
+            "default, not a choice (--mixed-precision no for fp32)"
+        )
+    return default, "default for " + device.type
 
 
 def graph_unavailable(
@@ -486,35 +497,6 @@ def train_step(parts: Stage2Parts, cfg: Config, data: RunData, step: int) -> tor
     return reported.detach()
 
 
-class StopRequest:
-    """SIGTERM/SIGINT during the loop set a flag instead of killing the process: the loop
-    finishes its step, the ranks agree, a checkpoint is written and the run exits 0. A second
-    signal interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning(
-            "{} received: finishing the step and writing a checkpoint (again to abort)",
-            signal.Signals(signum).name,
-        )
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def train_stage2(
     cfg: Config,
     flow: VelocityField,
@@ -705,6 +687,9 @@ def train_stage2(
             schedule.value,
             elapsed,
         )
+        gpu = gpu_status_line(device) if run.main_process else None  # None off CUDA
+        if gpu is not None:
+            logger.info("stage 2 step {}: {}", step, gpu)
         return s2.patience is not None and state["since_best"] >= s2.patience
 
     def agree(stop: StopRequest, elapsed: float, step: int) -> tuple[bool, bool]:
@@ -722,7 +707,10 @@ def train_stage2(
 
     start = time.monotonic()
     bar = ProgressBar(
-        total_steps, "stage 2", enabled=None if show_progress and run.main_process else False
+        total_steps,
+        "stage 2",
+        enabled=None if show_progress and run.main_process else False,
+        unit="steps",
     )
     stop_reason = "max-steps"
     recent_loss = []
@@ -760,9 +748,6 @@ def train_stage2(
                     logger.debug(
                         "stage 2 step {} soft revenue {:.4g} λ {:.4g}", step, soft, schedule.value
                     )
-                    gpu = gpu_status_line(device)  # None off CUDA
-                    if gpu is not None and run.main_process:
-                        logger.info("stage 2 step {}: {}", step, gpu)
                 at_eval = step % s2.eval_every == 0 or step == total_steps
                 if at_eval and evaluate_now(step, elapsed):
                     stop_reason = "patience"
@@ -862,6 +847,15 @@ def _restore(ckpt_dir: Path, parts: Stage2Parts, state: dict) -> dict:
 
 
 def read_mechanism(run_dir: Path) -> FrozenMechanism:
+    """A finished run's frozen mechanism; a user error naming what the path lacks otherwise."""
+    from bundleflow.train.run import RUN_INFO, runs_root  # already imported with Run
+
+    root = runs_root()
+    runs = f"`ls {root}` lists the runs" if root.is_dir() else f"no runs in {root} yet"
+    if not run_dir.exists():
+        raise BundleflowError(f"{run_dir}: no such run directory; {runs}")
+    if not (run_dir / RUN_INFO).is_file():
+        raise BundleflowError(f"{run_dir}: not a bundleflow run directory (no {RUN_INFO}); {runs}")
     path = run_dir / MECHANISM_FILE
     if not path.is_file():
         raise BundleflowError(
