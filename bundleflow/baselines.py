@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bundleflow.revenue import hard_choice
+from bundleflow.valuations.xor import atoms_and_values
+
 # Fitting knobs. Grids are multiplicative around the current price so that a fit is
 # equivariant in the unit of money; the window halves every ascent round.
 UNIFORM_CANDIDATES = 512
@@ -33,7 +36,6 @@ ASCENT_ROUNDS = 6
 """Coordinate-ascent rounds (each visits every item or size once)."""
 CHUNK_ELEMENTS = 2**22
 """Bound on candidates × valuations × atoms materialised at once (memory)."""
-WALK_AWAY = -1
 
 
 # --------------------------------------------------------------------------- shared rule
@@ -47,26 +49,18 @@ def atom_parts(valuations: Tensor) -> tuple[Tensor, Tensor]:
     """
     if valuations.dim() != 3:
         raise ValueError(f"XOR valuations must be [N, K, m+1], got {tuple(valuations.shape)}")
-    v = valuations.double()
-    atoms = v[..., :-1]
-    return atoms, torch.where(atoms.sum(dim=-1) > 0, v[..., -1], -math.inf)
+    return atoms_and_values(valuations, dtype=torch.float64, padding=-math.inf)
 
 
 def posted_outcome(values: Tensor, prices: Tensor) -> tuple[Tensor, Tensor]:
-    """The hard rule over options: values and prices ``[..., N, K]`` (broadcast).
+    """The hard rule (:func:`bundleflow.revenue.hard_choice`) over options: values and
+    prices ``[..., N, K]`` (broadcast).
 
-    Returns ``choice [..., N]`` (lowest index among the utility maxima, :data:`WALK_AWAY`
-    when the best utility is negative) and ``payment [..., N]``.
+    Returns ``choice [..., N]`` (lowest index among the utility maxima,
+    :data:`bundleflow.revenue.WALK_AWAY` when the best utility is negative) and
+    ``payment [..., N]``.
     """
-    utility = values - prices  # (..., N, K)
-    best = utility.amax(dim=-1, keepdim=True)
-    n_options = utility.shape[-1]
-    index = torch.arange(n_options, device=utility.device)
-    first = torch.where(utility == best, index, n_options).amin(dim=-1)  # (..., N)
-    buys = best.squeeze(-1) >= 0
-    paid = torch.gather(prices.expand_as(utility), -1, first.unsqueeze(-1)).squeeze(-1)
-    choice = torch.where(buys, first, torch.full_like(first, WALK_AWAY))
-    return choice, torch.where(buys, paid, torch.zeros_like(paid))
+    return hard_choice(values - prices, prices)  # (..., N, K) utilities
 
 
 def _revenue_sum(values: Tensor, prices: Tensor) -> Tensor:

@@ -13,10 +13,11 @@ from bundleflow.config import Config, load_config
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluate import baselines_report, evaluate_mechanism, json_safe
 from bundleflow.mechanism import FrozenMechanism
+from bundleflow.paths import runs_root
 from bundleflow.report import format_baselines, format_summary, write_run_report
 from bundleflow.revenue import WALK_AWAY
 from bundleflow.train.data import load_run_data
-from bundleflow.train.run import CONFIG_FILE, RUN_INFO, runs_root
+from bundleflow.train.run import CONFIG_FILE, RUN_INFO
 from bundleflow.train.stage2 import read_mechanism
 from bundleflow.valuations import io as data_io
 

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from bundleflow.errors import BundleflowError
+from bundleflow.schedule import REFERENCE_MONEY_SCALE, InvTempSchedule
 
 
 def _config_dir() -> Path:
@@ -38,7 +39,7 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
-REFERENCE_MONEY_SCALE = 750.0  # CATS arbitrary m=50: mean max atom value ≈ 750
+_INV_TEMP = InvTempSchedule()  # the λ defaults live with the schedule (normalised money)
 
 
 @dataclass(frozen=True)
@@ -144,21 +145,21 @@ class MenuConfig:
 class InvTempConfig:
     """λ (``inv_temp``) schedule, normalised money units (see bundleflow.schedule)."""
 
-    initial: float = 1e-3 * REFERENCE_MONEY_SCALE
-    """Starting λ."""
-    cap: float = 0.2 * REFERENCE_MONEY_SCALE
-    """Largest λ."""
-    growth: float = 1.05
+    initial: float = _INV_TEMP.value
+    """Starting λ (the reference's 1e-3 × REFERENCE_MONEY_SCALE)."""
+    cap: float = _INV_TEMP.cap
+    """Largest λ (the reference's 0.2 × REFERENCE_MONEY_SCALE)."""
+    growth: float = _INV_TEMP.growth
     """Factor every ``interval`` steps."""
-    reset_value: float = 0.05 * REFERENCE_MONEY_SCALE
-    """λ after a reset."""
-    slow_growth: float = 1.01
+    reset_value: float = _INV_TEMP.reset_value
+    """λ after a reset (the reference's 0.05 × REFERENCE_MONEY_SCALE)."""
+    slow_growth: float = _INV_TEMP.slow_growth
     """Factor after a reset."""
-    interval: int = 200
+    interval: int = _INV_TEMP.interval
     """Steps between growth."""
-    reset_interval: int = 400
+    reset_interval: int = _INV_TEMP.reset_interval
     """Steps between reset checks."""
-    location_threshold: float = 0.5
+    location_threshold: float = _INV_TEMP.location_threshold
     """Reset checks only when the mean support location exceeds this."""
     mixture_factor: float = 1.0 / REFERENCE_MONEY_SCALE
     """The mixture logits see λ·this (unit-free, so revenue is unit-invariant)."""

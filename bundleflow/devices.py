@@ -30,14 +30,6 @@ class DeviceChoice:
     reason: str
 
 
-def nvml_gpu_count() -> int | None:
-    """NVIDIA GPUs the driver sees (NVML), or None when there is no driver/NVML."""
-    from bundleflow.doctor import probe_nvml
-
-    nvml = probe_nvml()
-    return len(nvml.gpus) if nvml.ok else None
-
-
 def torch_build_summary() -> str:
     cuda = torch.version.cuda or "none (CPU-only wheel)"
     return (

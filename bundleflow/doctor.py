@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bundleflow.paths import runs_root
+
 # The training hook lives in bundleflow.telemetry, so training need not import the doctor;
 # its names stay importable from here (bundleflow.profiling uses nvml_handle).
 from bundleflow.telemetry import gib as _gib
@@ -296,8 +298,6 @@ def probe_shm() -> int | None:
 
 def probe_runs_dir() -> tuple[str, bool, str]:
     """The runs root (``$BUNDLEFLOW_HOME/runs`` or ./runs) and whether a run can be made."""
-    from bundleflow.train.run import runs_root
-
     root = runs_root().resolve()
     probe = root
     while not probe.exists() and probe.parent != probe:

@@ -8,13 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bundleflow.baselines import (
-    FittedBaselines,
-    fit_baselines,
-    fit_grand_bundle_price,
-    grand_bundle_payments,
-    grand_bundle_values,
-)
+from bundleflow.baselines import FittedBaselines, fit_baselines
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.revenue import WALK_AWAY
 
@@ -115,12 +109,13 @@ def evaluate_mechanism(
     buys = choice != WALK_AWAY
     J = mech.menu_size
     on_menu = buys & (choice < J)  # choice J: the fallback's posted prices
-    upper = float(grand_bundle_values(test).double().mean())
     revenue = mean_ci(payment)
-    gb_price = fit_grand_bundle_price(train)
-    gb = mean_ci(grand_bundle_payments(test, gb_price))
+    fitted = fit_baselines(train)  # the grand bundle is one of them: fitted once
+    scored, base_pay = score_baselines(fitted, test)
+    upper = scored["upper_bound"]["revenue"]["mean"]
+    gb_price = fitted.grand_bundle_price
+    gb = dict(scored["grand_bundle"]["revenue"])
     prices = mech.prices.cpu()
-    scored, base_pay = score_baselines(fit_baselines(train), test)
     best = best_baseline(scored)
     for name in BASELINES:
         scored[name]["ratio_to_best_baseline"] = paired_ratio_ci(base_pay[name], base_pay[best])

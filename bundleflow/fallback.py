@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bundleflow.valuations.xor import atoms_and_values
+
 KINDS = ("item", "size")
 
 
@@ -94,7 +96,7 @@ class PostedPrices:
             payment = torch.where(bought, p, 0.0).sum(dim=1)
             none = ~bought.any(dim=1)
             return torch.where(none, -math.inf, utility), torch.where(none, 0.0, payment)
-        atoms, values = _atoms(valuations, dtype)
+        atoms, values = atoms_and_values(valuations, dtype=dtype, padding=-math.inf)
         # An elementwise sum, not a matmul: exact and free of TF32 (B·K·m is small).
         cost = (atoms * p).sum(dim=-1)  # (B, K, m) * (m,) -> (B, K)
         return _best_atom(values, cost)
@@ -105,7 +107,7 @@ class PostedPrices:
         if valuations.dim() == 2:  # additive: the best bundle of size s is the top s items
             top = valuations.to(dtype).sort(dim=1, descending=True).values.cumsum(dim=1)
             return _best_atom(top, eff[1:].expand_as(top))  # (B, m): options s = 1..m
-        atoms, values = _atoms(valuations, dtype)
+        atoms, values = atoms_and_values(valuations, dtype=dtype, padding=-math.inf)
         sizes = atoms.sum(dim=-1).round().long()  # (B, K)
         return _best_atom(values, eff[sizes])
 
@@ -131,13 +133,6 @@ class PostedPrices:
     def _cost_dtype(self) -> torch.dtype:
         t = self.item_prices if self.item_prices is not None else self.size_prices
         return t.dtype
-
-
-def _atoms(valuations: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Atoms ``[B, K, m]`` and values ``[B, K]``; an empty atom (padding) has value −inf."""
-    atoms = valuations[..., :-1].to(dtype)
-    values = valuations[..., -1].to(dtype)
-    return atoms, torch.where(atoms.sum(dim=-1) > 0, values, -math.inf)
 
 
 def _best_atom(values: Tensor, cost: Tensor) -> tuple[Tensor, Tensor]:

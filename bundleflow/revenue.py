@@ -37,45 +37,54 @@ def soft_revenue(
     return (probs[:, :-2] @ prices + probs[:, -2] * extra_pay).mean()
 
 
+def hard_choice(utilities: Tensor, payments: Tensor) -> tuple[Tensor, Tensor]:
+    """The hard rule over the options on the last axis: the one implementation.
+
+    The bidder takes the option of highest utility, ties going to the lowest index, iff that
+    utility is ≥ 0; otherwise it walks away and pays 0. Menus, the fallback and every
+    posted-price baseline are scored by this function.
+
+    Args:
+        utilities: ``[..., K]`` utility of each option.
+        payments: what each option costs, broadcast to ``utilities`` (e.g. prices ``[K]``).
+
+    Returns:
+        ``choice [...]`` (int64, :data:`WALK_AWAY` for no purchase) and ``payment [...]``
+        (in the dtype of ``payments``).
+    """
+    best = utilities.amax(dim=-1, keepdim=True)  # (..., 1)
+    n_options = utilities.shape[-1]
+    index = torch.arange(n_options, device=utilities.device)
+    # Lowest index among the maxima, explicitly (not relying on argmax's tie order). A row
+    # of NaN has no maximum (K): it walks away; the clamp only keeps the gather in range.
+    first = torch.where(utilities == best, index, n_options).amin(dim=-1)  # (...,)
+    first = first.clamp(max=n_options - 1)
+    buys = best.squeeze(-1) >= 0
+    paid = payments.expand_as(utilities).gather(-1, first.unsqueeze(-1)).squeeze(-1)
+    choice = torch.where(buys, first, torch.full_like(first, WALK_AWAY))
+    return choice, torch.where(buys, paid, torch.zeros_like(paid))
+
+
 @torch.no_grad()
 def hard_outcome(
     utilities: Tensor, prices: Tensor, extra: Option | None = None
 ) -> tuple[Tensor, Tensor]:
-    """What each bidder does under the argmax mechanism.
+    """What each bidder does under the argmax mechanism (:func:`hard_choice` over the menu).
 
-    The bidder takes argmax_j u_j, ties going to the lowest index, if max_j u_j ≥ 0;
-    otherwise walks away and pays 0. ``extra`` is option J (after every element).
+    ``utilities [B, J]``, ``prices [J]``; ``extra`` is option J (after every element, so
+    the elements win ties with it).
 
     Returns:
         ``choice [B]`` (int64, :data:`WALK_AWAY` for no purchase; J for ``extra``) and
         ``payment [B]``.
     """
-    if extra is not None:
-        return _hard_outcome_with(utilities, prices, *extra)
-    best, _ = utilities.max(dim=1)  # (B,)
-    n_elements = utilities.shape[1]
-    index = torch.arange(n_elements, device=utilities.device).expand_as(utilities)
-    # Lowest index among the maxima, explicitly (not relying on argmax's tie order).
-    first_best = torch.where(utilities == best[:, None], index, n_elements).amin(dim=1)
-    buys = best >= 0
-    choice = torch.where(buys, first_best, torch.full_like(first_best, WALK_AWAY))
-    payment = torch.where(buys, prices[first_best.clamp(max=n_elements - 1)], 0.0)
-    return choice, payment.to(prices.dtype)
-
-
-def _hard_outcome_with(
-    utilities: Tensor, prices: Tensor, extra_u: Tensor, extra_pay: Tensor
-) -> tuple[Tensor, Tensor]:
-    n_elements = utilities.shape[1]
-    both = torch.cat([utilities, extra_u.to(utilities.dtype)[:, None]], dim=1)  # (B, J+1)
-    best, _ = both.max(dim=1)
-    index = torch.arange(n_elements + 1, device=both.device).expand_as(both)
-    first_best = torch.where(both == best[:, None], index, n_elements + 1).amin(dim=1)
-    buys = best >= 0
-    choice = torch.where(buys, first_best, torch.full_like(first_best, WALK_AWAY))
-    element_pay = prices[first_best.clamp(max=n_elements - 1)]
-    paid = torch.where(first_best == n_elements, extra_pay.to(prices.dtype), element_pay)
-    return choice, torch.where(buys, paid, 0.0).to(prices.dtype)
+    if extra is None:
+        return hard_choice(utilities, prices)
+    extra_u, extra_pay = extra
+    both_u = torch.cat([utilities, extra_u.to(utilities.dtype)[:, None]], dim=1)  # (B, J+1)
+    element_pay = prices.expand(utilities.shape[0], -1)  # (J,) -> (B, J)
+    both_pay = torch.cat([element_pay, extra_pay.to(prices.dtype)[:, None]], dim=1)  # (B, J+1)
+    return hard_choice(both_u, both_pay)
 
 
 def hard_revenue(utilities: Tensor, prices: Tensor, extra: Option | None = None) -> Tensor:

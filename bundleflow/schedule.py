@@ -21,15 +21,29 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+REFERENCE_MONEY_SCALE = 750.0
+"""The money scale s the normalised defaults are set for (CATS arbitrary m=50: the mean max
+atom value is about 750); every λ default is the reference's raw λ × s."""
+REFERENCE_INITIAL = 1e-3
+"""The public code's raw-unit starting λ (CATS XOR; additive: 0.1)."""
+REFERENCE_CAP = 0.2
+"""The public code's raw-unit largest λ."""
+REFERENCE_RESET = 0.05
+"""The public code's raw-unit λ after a reset."""
+
 
 @dataclass
 class InvTempSchedule:
-    """λ schedule state; ``state_dict``/``load_state_dict`` make it resumable."""
+    """λ schedule state; ``state_dict``/``load_state_dict`` make it resumable.
 
-    value: float = 0.75
-    cap: float = 150.0
+    The defaults (normalised money) are the one home of the λ defaults:
+    :class:`bundleflow.config.InvTempConfig` takes its defaults from here.
+    """
+
+    value: float = REFERENCE_INITIAL * REFERENCE_MONEY_SCALE
+    cap: float = REFERENCE_CAP * REFERENCE_MONEY_SCALE
     growth: float = 1.05
-    reset_value: float = 37.5
+    reset_value: float = REFERENCE_RESET * REFERENCE_MONEY_SCALE
     slow_growth: float = 1.01
     interval: int = 200
     reset_interval: int = 400
@@ -45,9 +59,9 @@ class InvTempSchedule:
             raise ValueError("schedule intervals must be positive")
 
     @classmethod
-    def reference(cls, initial: float = 1e-3) -> InvTempSchedule:
+    def reference(cls, initial: float = REFERENCE_INITIAL) -> InvTempSchedule:
         """The public code's raw-unit constants (CATS XOR: 1e-3; additive: 0.1)."""
-        return cls(value=initial, cap=0.2, reset_value=0.05)
+        return cls(value=initial, cap=REFERENCE_CAP, reset_value=REFERENCE_RESET)
 
     def scaled(self, scale: float) -> InvTempSchedule:
         """The same schedule with every λ value multiplied by ``scale`` (unit change)."""

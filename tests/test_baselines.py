@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from bundleflow.baselines import (
-    WALK_AWAY,
     bundle_size_outcome,
     effective_size_prices,
     fit_baselines,
@@ -20,6 +19,7 @@ from bundleflow.baselines import (
     item_price_outcome,
 )
 from bundleflow.evaluate import baselines_report, paired_ratio_ci
+from bundleflow.revenue import WALK_AWAY
 
 INF = math.inf
 

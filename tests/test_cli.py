@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from bundleflow import __version__
 from bundleflow.cli import main
+from tests.conftest import run_cli
 
 
 def test_version_flag(capsys):
@@ -19,9 +17,7 @@ def test_version_flag(capsys):
 
 
 def test_console_script_runs_as_module():
-    out = subprocess.run(
-        [sys.executable, "-m", "bundleflow", "--version"], capture_output=True, text=True
-    )
+    out = run_cli("--version")
     assert out.returncode == 0 and __version__ in out.stdout
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 
 from bundleflow.cli import main
 from bundleflow.cli_data import ProgressBar
+from tests.conftest import cli_error, run_cli
 
 STATS_KEYS = {
     "mean_atoms",
@@ -168,15 +167,9 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, needle):
 def test_no_traceback_from_the_real_process(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text("goods 3\nbids 2\ndummy 0\n0\t1.0\t0\t#\n1\t2.0\t7\t#\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bundleflow.cli", "data", "stats", str(bad), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
+    proc = run_cli("data", "stats", str(bad), "--json")
     assert proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == [
+    assert cli_error(proc) == [
         f"bundleflow: error: {bad}:5: good 7 out of range; goods are 0..2 and dummy goods 3..2"
     ]
 

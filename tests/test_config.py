@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from bundleflow.config import (
     to_flat_dict,
 )
 from bundleflow.errors import BundleflowError
+from tests.conftest import cli_error, run_cli
 
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
@@ -257,19 +255,9 @@ def test_preset_file_reads_exponent_floats(tmp_path):
 
 
 def test_cli_unknown_key_exits_2_with_one_line(tmp_path):
-    env = {**os.environ, "BUNDLEFLOW_HOME": str(tmp_path), "BUNDLEFLOW_CACHE": str(tmp_path)}
-    out = subprocess.run(
-        [sys.executable, "-m", "bundleflow", "train", "--set", "stage2.lrr=1", "--no-progress"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=120,
-    )
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1, out.stderr
-    assert "'stage2.lrr'" in lines[0]
-    assert "Traceback" not in out.stderr
+    env = {"BUNDLEFLOW_HOME": str(tmp_path), "BUNDLEFLOW_CACHE": str(tmp_path)}
+    out = run_cli("train", "--set", "stage2.lrr=1", "--no-progress", cwd=tmp_path, env=env)
+    (line,) = cli_error(out)
+    assert "'stage2.lrr'" in line
     assert out.stdout == ""
     assert not any(Path(tmp_path).iterdir())  # nothing was created before the config check

@@ -5,8 +5,6 @@ codes; the trainer's --device errors quoting the doctor; telemetry.gpu_status_li
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import types
 import warnings
@@ -28,6 +26,7 @@ from bundleflow.doctor import (
     TorchFacts,
 )
 from bundleflow.errors import BundleflowError
+from tests.conftest import run_cli
 
 H100 = (9, 0)
 CU121_ARCHES = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
@@ -517,15 +516,8 @@ def test_a_missing_dotenv_is_no_warning():
 
 def test_doctor_expect_gpu_exits_1_without_a_usable_gpu_subprocess(tmp_path):
     """CUDA_VISIBLE_DEVICES='' makes the GPU unusable here and on GPU machines alike."""
-    run_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "BUNDLEFLOW_HOME": str(tmp_path)}
-    out = subprocess.run(
-        [sys.executable, "-m", "bundleflow", "doctor", "--expect-gpu"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=run_env,
-        timeout=120,
-    )
+    run_env = {"CUDA_VISIBLE_DEVICES": "", "BUNDLEFLOW_HOME": str(tmp_path)}
+    out = run_cli("doctor", "--expect-gpu", cwd=tmp_path, env=run_env)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
     assert "FAIL  cuda " in out.stdout and "fix:" in out.stdout

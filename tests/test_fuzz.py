@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -32,7 +30,7 @@ from bundleflow.config import load_config, parse_set, to_flat_dict
 from bundleflow.errors import BundleflowError
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.valuations.io import load_dataset, save_dataset
-from tests.conftest import single_torch_thread
+from tests.conftest import cli_error, run_cli, single_torch_thread
 
 EXAMPLES = 1000
 FUZZ = settings(
@@ -514,11 +512,5 @@ def test_cli_bad_data_file_in_a_real_process(tmp_path):
     """The same through the console entry point: exit 2, one line, no traceback."""
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x80\x02}q\x00(X")  # a pickle cut short
-    out = subprocess.run(
-        [sys.executable, "-m", "bundleflow", "data", "stats", str(bad)],
-        capture_output=True, text=True, timeout=120,
-        env={**os.environ, "BUNDLEFLOW_CACHE": str(tmp_path / "cache")},
-    )  # fmt: skip
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bundleflow: error:"), out.stderr
+    out = run_cli("data", "stats", str(bad), env={"BUNDLEFLOW_CACHE": str(tmp_path / "cache")})
+    cli_error(out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import yaml
 from bundleflow import config as cfg
 from bundleflow.cli import main
 from bundleflow.config import load_config
+from tests.conftest import cli_env, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,17 +116,13 @@ def test_wheel_installed_elsewhere_ships_the_presets(tmp_path):
     python = _build_wheel_and_venv(tmp_path)
     outside = tmp_path / "elsewhere"  # no configs/ and no bundleflow/ next to the cwd
     outside.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BUNDLEFLOW_HOME")}
-    env["BUNDLEFLOW_CACHE"] = str(tmp_path / "cache")
+    env = {"PYTHONPATH": None, "BUNDLEFLOW_HOME": None, "BUNDLEFLOW_CACHE": str(tmp_path / "cache")}
 
     def bundleflow(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(python), "-m", "bundleflow", *argv],
-            cwd=outside, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        return run_cli(*argv, python=python, cwd=outside, env=env)
 
     lookup = subprocess.run(
-        [str(python), "-c", LOOKUP], cwd=outside, env=env, capture_output=True, text=True
+        [str(python), "-c", LOOKUP], cwd=outside, env=cli_env(env), capture_output=True, text=True
     )
     assert lookup.returncode == 0, lookup.stderr  # before: unknown preset 'default'; presets:
     module, config_dir = lookup.stdout.split()

@@ -17,22 +17,8 @@ from bundleflow.valuations.xor import xor_value_bruteforce
 from tests.conftest import isolated_bundleflow_home, single_torch_thread
 
 M = 6
-TINY = [
-    f"data.n_items={M}",
-    "menu.size=32",
-    "stage1.steps=20",
-    "stage1.batch_size=256",
-    "stage2.steps=20",
-    "stage2.eval_every=10",
-    "stage2.log_every=5",
-    "eval.batch_size=64",
-]
-CPU_ARGS = ["--preset", "default", "--device", "cpu", "--no-progress"]
+CPU_ARGS = ["--preset", "tiny", "--device", "cpu", "--no-progress"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _sets(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,9 +41,7 @@ def data_file(env) -> Path:
 
 def _train(env: Path, data: Path, name: str) -> Path:
     runs = env / name
-    assert (
-        main(["train", *CPU_ARGS, "--runs-dir", str(runs), "--data", str(data), *_sets(TINY)]) == 0
-    )
+    assert main(["train", *CPU_ARGS, "--runs-dir", str(runs), "--data", str(data)]) == 0
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
     return run
 

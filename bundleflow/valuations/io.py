@@ -40,6 +40,7 @@ from torch import Tensor
 from bundleflow import __version__
 from bundleflow.atomic import atomic_open
 from bundleflow.errors import BundleflowError
+from bundleflow.paths import default_cache_dir
 from bundleflow.valuations import cats
 
 FORMAT_NAME = "bundleflow-valuations"
@@ -870,12 +871,6 @@ def generate_dataset(
         "regenerate": regenerate_command(settings, split),
     }
     return save_dataset(out, valuations, meta)
-
-
-def default_cache_dir() -> Path:
-    """``$BUNDLEFLOW_CACHE``, else ``~/.cache/bundleflow``."""
-    env = os.environ.get("BUNDLEFLOW_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "bundleflow"
 
 
 def cache_key(settings: dict, split: tuple[float, float, float]) -> str:

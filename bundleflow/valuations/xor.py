@@ -32,9 +32,21 @@ def default_chunk_elements(device: torch.device) -> int:
     return GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
 
 
-def atoms_and_values(valuations: Tensor) -> tuple[Tensor, Tensor]:
-    """Split ``[B, K, m+1]`` into atoms ``[B, K, m]`` and values ``[B, K]``."""
-    return valuations[..., :-1], valuations[..., -1]
+def atoms_and_values(
+    valuations: Tensor, *, dtype: torch.dtype | None = None, padding: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Split ``[B, K, m+1]`` into atoms ``[B, K, m]`` and values ``[B, K]``.
+
+    ``dtype``: convert to it first (default: keep the input's). ``padding``: the value given
+    to an empty atom (a zero padding row); None keeps its 0, which the value oracle needs.
+    The posted-price rules pass −inf, so a padding row is never bought.
+    """
+    if dtype is not None:
+        valuations = valuations.to(dtype)
+    atoms, values = valuations[..., :-1], valuations[..., -1]
+    if padding is not None:
+        values = torch.where(atoms.sum(dim=-1) > 0, values, padding)
+    return atoms, values
 
 
 def default_inclusion_dtype(device: torch.device) -> torch.dtype:
