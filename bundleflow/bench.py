@@ -32,6 +32,7 @@ from bundleflow.fused import resolve_kernels
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow
 from bundleflow.profiling import environment, synchronize
+from bundleflow.schedule import REFERENCE_INITIAL
 
 # Parity tolerances by precision: relative loss difference, max |Δgrad| / max |grad| per
 # parameter, and the fraction of bundle entries that may differ (an entry flips when its
@@ -48,7 +49,7 @@ TOLERANCES["tf32"] = TOLERANCES["bf16"] = TOLERANCES["fp16"]
 PRECISIONS = ("fp32", "tf32", "bf16")
 LR = 0.3  # the reference's single Adam learning rate (raw money units here)
 PRICE_SCALE = 700.0  # raw CATS-like money: prices U[0, 700)
-INV_TEMP = MIX_TEMP = 1e-3  # the reference's initial λ
+INV_TEMP = MIX_TEMP = REFERENCE_INITIAL  # the reference's initial λ
 
 
 @dataclass

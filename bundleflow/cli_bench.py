@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from loguru import logger
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     doc = "time the Stage-2 step: fast path against the reference path, parity checked first"
@@ -40,9 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--precision",
         choices=("fp32", "tf32", "bf16"),
-        default="fp32",
-        help="the fast path's flow network: fp32 (default), tf32 (CUDA) or bf16 (held to the "
-        "public code's fp16 tolerance)",
+        default=None,
+        help="the fast path's flow network: fp32, tf32 (CUDA) or bf16 (held to the public "
+        "code's fp16 tolerance); default: what `bundleflow train` runs here (bf16 on CUDA, "
+        "fp32 elsewhere)",
     )
     p.add_argument(
         "--tf32", dest="precision", action="store_const", const="tf32", help="= --precision tf32"
@@ -70,6 +73,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device).device
     if args.mode == "graph" and device.type != "cuda":
         raise BundleflowError(f"--mode graph needs CUDA; the device is {device}")
+    if args.precision is None:  # the trainer's answer (bundleflow.train.plan)
+        from bundleflow.train.plan import stage2_precision
+
+        value, reason = stage2_precision(None, device)
+        args.precision = "bf16" if value == "bf16" else "fp32"
+        logger.info("bench: flow network {} ({}), as `bundleflow train`", args.precision, reason)
     cfg = BenchConfig(
         items=args.items,
         menu=args.menu,

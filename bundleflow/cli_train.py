@@ -18,18 +18,14 @@ from bundleflow.config import Config, load_config, parse_set, replace, to_flat_d
 from bundleflow.devices import resolve_device
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluate import evaluate_mechanism
-from bundleflow.fused import resolve_kernels
+from bundleflow.paths import runs_root
 from bundleflow.report import format_summary, write_run_report
+from bundleflow.timing import Timings
 from bundleflow.train.data import load_run_data
-from bundleflow.train.run import CONFIG_FILE, RUN_INFO, Run, open_run, runs_root
+from bundleflow.train.plan import resolve_plan
+from bundleflow.train.run import CONFIG_FILE, RUN_INFO, Run, make_accelerator, open_run
 from bundleflow.train.stage1 import FLOW_FILE, Stage1Stopped, get_flow, load_flow_ckpt
-from bundleflow.train.stage2 import (
-    BEST,
-    CHECKPOINTS,
-    graph_unavailable,
-    stage2_precision,
-    train_stage2,
-)
+from bundleflow.train.stage2 import BEST, CHECKPOINTS, train_stage2
 from bundleflow.valuations import io as data_io
 
 DEFAULT_PRESET = "default"
@@ -248,26 +244,19 @@ def _check_recorded_data(path: Path, sha: str | None) -> None:
         )
 
 
-def make_accelerator(config: Config, device: torch.device):
-    from accelerate import Accelerator
-
-    kwargs = {"cpu": device.type == "cpu"}
-    if config.mixed_precision is not None:  # only when the user set it (flag > launcher)
-        kwargs["mixed_precision"] = config.mixed_precision
-    return Accelerator(**kwargs)
-
-
 def _setup(args: argparse.Namespace):
     config = resolve_config(args)
     choice = resolve_device(config.device)
     logger.info("device: {} ({})", choice.device, choice.reason)
     accelerator = make_accelerator(config, choice.device)
-    if config.stage2.step_mode == "graph":  # refuse before anything is written
-        has_pool = config.data.kind != "additive" or getattr(args, "data", None) is not None
-        mixed, _ = stage2_precision(config.mixed_precision, choice.device)
-        reason = graph_unavailable(choice.device, has_pool, accelerator, mixed)
-        if reason is not None:
-            raise BundleflowError(f"config key 'stage2.step_mode': graph is unavailable: {reason}")
+    # How Stage 2's step runs, decided once (and refused here, before anything is written,
+    # when a setting cannot run on this machine).
+    args.plan = resolve_plan(
+        config,
+        accelerator.device,
+        processes=accelerator.num_processes,
+        has_pool=config.data.kind != "additive",
+    )
     resume = Path(args.resume) if args.resume else None
     if accelerator.num_processes > 1:
         logger.info(
@@ -429,57 +418,54 @@ def _stage1_stop(run: Run):
 
 def cmd_train(args: argparse.Namespace) -> int:
     config, accelerator, run = _setup(args)
-    started = time.monotonic()
+    timings = Timings()
     with _guarded(run, resumed=args.resume is not None):
-        with accelerator.main_process_first():  # one process generates the cached data set
-            data = load_run_data(
+        with timings.section("data"), accelerator.main_process_first():  # one process
+            data = load_run_data(  # generates a cached data set, the others wait
                 config.data, accelerator.device, dataset=getattr(args, "dataset", None)
             )
-        _check_same_data(run, data.info, resumed=args.resume is not None)
-        run.update_info(data=data.info)
-        if args.launch.get("data") and not args.launch.get("data_sha256"):
-            args.launch["data_sha256"] = data.info.get("sha256")
-            run.update_info(launch=args.launch)
+        _record_data(run, args, data.info)
         flow_info = None
-        with _stage1_stop(run):
+        with timings.section("stage 1"), _stage1_stop(run):
             field, flow_info = _flow_for(config, args, accelerator, run, data.n_items)
         if flow_info is None:  # a signal in Stage 1 (checkpoint written)
             _end(accelerator)
             return 0
         run.update_info(flow=flow_info)
-        precision, source = stage2_precision(config.mixed_precision, accelerator.device)
-        logger.info("stage 2: flow network precision {} ({})", precision, source)
-        run.update_info(stage2_precision={"value": precision, "source": source})
-        low = precision in ("bf16", "fp16")
-        kernels = resolve_kernels(config.stage2.kernels, accelerator.device, low)
-        if config.stage2.path == "fast":
-            logger.info("stage 2: {} kernels (stage2.kernels={})", kernels, config.stage2.kernels)
-        run.update_info(stage2_kernels=kernels)
+        plan = args.plan
+        logger.info("stage 2: {}", plan.describe())
+        run.update_info(step_plan=plan.to_dict())
+        stage2_started = time.monotonic()
         result = train_stage2(
             config,
             field,
             data,
             run,
-            accelerator.device,
+            plan,
             accelerator=accelerator,
             max_steps=args.max_steps,
             max_time=args.max_time,
             # a run stopped in Stage 1 has no Stage-2 checkpoint yet: Stage 2 starts afresh
             resume=args.resume is not None and latest(run.dir / CHECKPOINTS) is not None,
             show_progress=not args.no_progress,
-            mixed_precision=precision,
         )
+        stage2_time = time.monotonic() - stage2_started
+        timings.add("stage 2", stage2_time - result.validation_time)
+        timings.add("validation", result.validation_time)
         if result.mechanism is None:  # stopped by a signal (checkpoint written) or not main
             _end(accelerator)
             return 0
-        report = evaluate_mechanism(
-            result.mechanism, data.test, data.train_user, batch_size=_eval_batch(config, data.kind)
-        )
+        with timings.section("baselines"):
+            report = evaluate_mechanism(
+                result.mechanism,
+                data.test,
+                data.train_user,
+                batch_size=_eval_batch(config, data.kind),
+            )
         report.update(
             run=str(run.dir),
             device=str(accelerator.device),
             device_name=_device_name(accelerator.device),
-            wall_time=time.monotonic() - started,
             stage2={
                 "steps": result.steps,
                 "best_step": result.best_step,
@@ -488,10 +474,23 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "wall_time": result.wall_time,
             },
         )
-        write_report(run, report)
-        sys.stderr.write(format_summary(report) + "\n")
+        with timings.section("report"):
+            report.update(wall_time=timings.total(), time_breakdown=timings.as_dict())
+            write_report(run, report)
+        run.update_info(time_breakdown=timings.as_dict())
+        sys.stderr.write(format_summary(report) + "\n" + timings.format() + "\n")
     _end(accelerator)
     return 0
+
+
+def _record_data(run: Run, args: argparse.Namespace, info: dict) -> None:
+    """The run's data in run.json (and, for a --data file, its sha256 in the launch record);
+    a resumed run must have the data it started with."""
+    _check_same_data(run, info, resumed=args.resume is not None)
+    run.update_info(data=info)
+    if args.launch.get("data") and not args.launch.get("data_sha256"):
+        args.launch["data_sha256"] = info.get("sha256")
+        run.update_info(launch=args.launch)
 
 
 def _check_same_data(run: Run, info: dict, *, resumed: bool) -> None:

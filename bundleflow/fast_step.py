@@ -26,13 +26,15 @@ use :class:`Stage2Step` in place of its loop body.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from loguru import logger
 from torch import Tensor
 
+from bundleflow.distributed import Comm
 from bundleflow.fallback import PostedPrices
 from bundleflow.flow import IntegratorPath, VelocityField
 from bundleflow.fused import (
@@ -98,6 +100,65 @@ def stage2_loss(
     return loss, lot.bundles
 
 
+def sharded_soft_revenue(
+    utilities: torch.Tensor,
+    prices: torch.Tensor,
+    inv_temp: float,
+    comm: Comm,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft revenue when each rank holds the utilities ``[B, J_local]`` of its elements.
+
+    With a_bj = λ·u_bj, c_b = max(0, max_j a_bj) over all ranks, n_b = Σ_local e^{a−c}·p,
+    d_b = Σ_local e^{a−c}: N = Σ_ranks n, D = Σ_ranks d + e^{−c} (the walk-away column) and
+    R̃ = mean_b N_b / D_b. Only [B]-sized vectors cross ranks. Returns (surrogate, R̃): the
+    surrogate mean_b (n_b/D_b − N_b·d_b/D_b²), with N and D constants, has exactly the
+    gradient of R̃ with respect to this rank's parameters (the other ranks' terms do not
+    depend on them), so no collective needs a backward pass.
+
+    ``extra = (u_x, c_x)`` (e.g. the fallback), the same ``[B]`` on every rank (every rank
+    holds the whole batch), is counted once like the walk-away column: c includes λ·u_x,
+    and after the reduction N += e^{λu_x−c}·c_x, D += e^{λu_x−c}. It has no parameters.
+    """
+    logits = utilities * inv_temp  # (B, J_local)
+    with torch.no_grad():
+        top = logits.amax(dim=1).clamp(min=0)
+        if extra is not None:
+            extra_logit = extra[0].to(logits.dtype) * inv_temp  # (B,)
+            top = torch.maximum(top, extra_logit)
+        top = comm.all_reduce(top, "max")
+    weights = torch.exp(logits - top[:, None])
+    num = weights @ prices  # (B,)
+    den = weights.sum(dim=1)
+    with torch.no_grad():
+        totals = comm.all_reduce(torch.stack([num, den]).detach())
+        big_n, big_d = totals[0], totals[1] + torch.exp(-top)
+        if extra is not None:
+            extra_weight = torch.exp(extra_logit - top)
+            big_n = big_n + extra_weight * extra[1].to(big_n.dtype)
+            big_d = big_d + extra_weight
+    surrogate = (num / big_d - big_n / big_d**2 * den).mean()
+    return surrogate, (big_n / big_d).mean()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process's part of the step lives among several processes.
+
+    ``single`` (one process), ``shard`` (this rank owns menu elements ``[lo, lo + J_local)``
+    of ``n_elements`` and the whole batch; the softmax over all elements needs only
+    all-reduces of ``[B]``-sized vectors, see :func:`sharded_soft_revenue`) or ``replicate``
+    (the whole menu and ``1/world`` of the batch; gradients averaged). Every rank draws the
+    step's whole ``[J, D, m]`` noise and whole batch from the same seeded generator and takes
+    its part, so any layout sees the same draws.
+    """
+
+    parallel: str = "single"
+    comm: Comm = field(default_factory=Comm)
+    lo: int = 0
+    n_elements: int | None = None  # J over all ranks (None: the menu's own size)
+
+
 def as_bundles(second: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     """S ``[J, D, m]`` from :func:`stage2_loss`'s second value (bundles, or 1 − S if fused)."""
     if second.dim() == 3:
@@ -138,14 +199,25 @@ def make_optimizer(menu: Menu, groups: list[dict] | None, mode: str) -> torch.op
 
 
 class Stage2Step:
-    """A Stage-2 step over a device-resident pool of (normalised) training valuations.
+    """The one Stage-2 step: the trainer, the bench and the profiler all run this.
+
+    Draws, in this order, from ``generator`` (None: the default generator of the menu's
+    device; ``graph`` mode always uses the default CUDA generator, which the graph advances
+    exactly as eager calls do): the batch (indices into the pool, or fresh valuations), then
+    the step's noise ε ``[J, D, m]`` over all J elements. So the same
+    seed gives the same draws in every mode and layout, and a checkpoint of the generator's
+    state resumes them exactly.
 
     Args:
-        menu, flow: the menu being trained and the frozen flow (same device).
+        menu, flow: the menu being trained (this rank's elements under ``shard``) and the
+            frozen flow (same device).
         optimizer: an optimizer over the menu's parameters; for ``graph`` it must be
             capturable (:func:`make_optimizer` builds a fused, capturable Adam).
         pool: ``[N, K, m+1]`` or ``[N, m]`` training valuations on the device; each step
-            draws ``batch_size`` of them uniformly with replacement.
+            draws ``batch_size`` of them uniformly with replacement. None: ``sample(size,
+            generator)`` draws fresh valuations (additive data).
+        layout: this process's part under several processes (:class:`Layout`).
+        scaler: a GradScaler for fp16 (eager steps only).
         mode: ``auto`` | ``eager`` | ``graph`` | ``compile`` (see the module docstring).
         tf32: TF32 for fp32 matrix products in the step (CUDA only; no effect on CPU).
         generator: a generator on the menu's device for eager/compile modes (``graph``
@@ -175,9 +247,13 @@ class Stage2Step:
         generator: torch.Generator | None = None,
         fallback: PostedPrices | None = None,
         kernels: str = "plain",
+        layout: Layout | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        sample: Callable[[int, torch.Generator | None], Tensor] | None = None,
     ):
         self.device = menu.means.device
         self.mode = resolve_mode(mode, self.device)
+        self.layout = layout or Layout()
         if self.mode == "graph":
             if generator is not None:
                 raise ValueError("graph mode draws from the default CUDA generator; pass None")
@@ -186,9 +262,14 @@ class Stage2Step:
                     "graph mode needs a capturable optimizer (Adam(..., capturable=True)); "
                     "see make_optimizer"
                 )
-        if pool.device != self.device:
+            if scaler is not None or self.layout.comm.active or pool is None:
+                raise ValueError("graph mode needs one process, a pool and no gradient scaler")
+        if pool is None and sample is None:
+            raise ValueError("give a pool of valuations or a sample(size, generator) function")
+        if pool is not None and pool.device != self.device:
             raise ValueError(f"pool is on {pool.device}, the menu on {self.device}")
         self.menu, self.flow, self.optimizer, self.pool = menu, flow, optimizer, pool
+        self.sample, self.scaler = sample, scaler
         self.batch_size, self.n_steps, self.path = batch_size, n_steps, path
         self.tf32 = tf32 and self.device.type == "cuda"
         self.exact_density_grad = exact_density_grad
@@ -247,31 +328,76 @@ class Stage2Step:
     # ------------------------------------------------------------------ one step
 
     def _draw(self) -> tuple[Tensor, Tensor]:
-        index = torch.randint(
-            self.pool.shape[0], (self.batch_size,), device=self.device, generator=self.generator
+        """This rank's ε and part of the batch (the class says in which order they're drawn)."""
+        layout, gen = self.layout, self.generator
+        if self.pool is not None:
+            index = torch.randint(
+                self.pool.shape[0], (self.batch_size,), device=self.device, generator=gen
+            )
+            batch = self.pool[index]
+        else:
+            batch = self.sample(self.batch_size, gen)
+        if layout.parallel == "replicate":
+            part = self.batch_size // layout.comm.world
+            batch = batch[layout.comm.rank * part : (layout.comm.rank + 1) * part]
+        J = layout.n_elements or self.menu.means.shape[0]
+        shape = (J, *self.menu.means.shape[1:])
+        eps = torch.randn(shape, generator=gen, device=self.device, dtype=self.menu.means.dtype)
+        if layout.parallel == "shard":
+            eps = eps[layout.lo : layout.lo + self.menu.means.shape[0]]
+        return eps, batch
+
+    def _loss(self, batch, eps, inv_temp, mix_temp) -> tuple[Tensor, Tensor, Tensor]:
+        """(what to differentiate, −R̃ to report, bundles or 1 − S)."""
+        kw = {
+            "n_steps": self.n_steps,
+            "exact_density_grad": self.exact_density_grad,
+            "q_dtype": self.q_dtype,
+        }
+        if self.layout.parallel != "shard":
+            loss, second = self._loss_fn(
+                self.menu, self.flow, batch, inv_temp, mix_temp, eps, path=self.path,
+                fallback=self.fallback, kernels=self._live_kernels(), **kw,
+            )  # fmt: skip
+            return loss, loss, second
+        kernels = self._live_kernels()
+        if kernels is not None and self.path == "fast":
+            fused = fused_lotteries(self.menu, self.flow, mix_temp, eps, kernels=kernels, **kw)
+            utilities = fused_utilities(fused, self.menu.prices, batch, kernels)
+            second = fused.lacks
+        else:
+            lot = self.menu.lotteries(self.flow, mix_temp, eps=eps, path=self.path, **kw)
+            utilities, second = self.menu.utilities(lot, batch), lot.bundles
+        extra = None if self.fallback is None else self.fallback.outcome(batch)
+        surrogate, revenue = sharded_soft_revenue(
+            utilities, self.menu.prices, inv_temp, self.layout.comm, extra
         )
-        return self.menu.draw_noise(self.generator), self.pool[index]
+        return -surrogate, -revenue, second
+
+    def _update(self, loss: Tensor) -> None:
+        """Backward, gradient averaging under ``replicate``, the optimizer step."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.layout.parallel == "replicate":  # average gradients: one flat all-reduce
+            comm = self.layout.comm
+            grads = [p.grad for p in self.menu.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            comm.all_reduce(flat).div_(comm.world)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
 
     def _body(self, inv_temp, mix_temp) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         eps, batch = self._draw()
         with tf32_matmul(self.tf32) if self.device.type == "cuda" else contextlib.nullcontext():
-            loss, bundles = self._loss_fn(
-                self.menu,
-                self.flow,
-                batch,
-                inv_temp,
-                mix_temp,
-                eps,
-                n_steps=self.n_steps,
-                path=self.path,
-                exact_density_grad=self.exact_density_grad,
-                q_dtype=self.q_dtype,
-                fallback=self.fallback,
-                kernels=self._live_kernels(),
-            )
-            loss.backward()
-            self.optimizer.step()
-        return loss.detach(), eps, batch, bundles
+            loss, reported, second = self._loss(batch, eps, inv_temp, mix_temp)
+            self._update(loss)
+        return reported.detach(), eps, batch, second
 
     def __call__(self, inv_temp: float, mix_temp: float) -> Tensor:
         """One optimizer step at inverse temperature λ and mixture temperature τ.

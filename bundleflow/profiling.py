@@ -323,18 +323,21 @@ def stage1_step(cfg: Config, n_items: int, device: torch.device, accelerator):
     return step, field_
 
 
-def stage2_step(cfg: Config, flow, data, device: torch.device, accelerator):
-    """One Stage-2 step of the trainer (bundleflow.train.stage2.train_step), as a closure."""
-    from bundleflow.train.stage2 import setup_stage2, train_step
+def stage2_step(cfg: Config, flow, data, device: torch.device):
+    """The Stage-2 step `bundleflow train` runs with this config on this device (the same
+    :func:`bundleflow.train.plan.resolve_plan` answer), as a closure; and that plan."""
+    from bundleflow.train.plan import resolve_plan
+    from bundleflow.train.stage2 import setup_stage2
 
-    parts = setup_stage2(cfg, flow, data, device, mixed_precision=accelerator.mixed_precision)
+    plan = resolve_plan(cfg, device, has_pool=data.train is not None)
+    parts = setup_stage2(cfg, flow, data, plan)
     counter = {"step": 0}
 
     def step() -> None:
         counter["step"] += 1
-        train_step(parts, cfg, data, counter["step"])
+        parts.advance(counter["step"])
 
-    return step
+    return step, plan
 
 
 # --------------------------------------------------------------------------- the job
@@ -352,9 +355,9 @@ def run_profile(
     data_file: str | None = None,
 ) -> dict:
     """Profile the steps and write trace(s), profile.md and profile.json to ``out``."""
-    from bundleflow.cli_train import make_accelerator
     from bundleflow.flow import VelocityField
     from bundleflow.train.data import load_run_data
+    from bundleflow.train.run import make_accelerator
 
     accelerator = make_accelerator(cfg, device)
     data = load_run_data(cfg.data, device, data_file=data_file)
@@ -376,7 +379,8 @@ def run_profile(
     else:
         torch.manual_seed(cfg.stage1.seed)
         flow = VelocityField(data.n_items, cfg.flow.hidden, cfg.flow.hidden2)
-    step2 = stage2_step(cfg, flow, data, device, accelerator)
+    step2, plan = stage2_step(cfg, flow, data, device)
+    logger.info("profile: Stage 2 as `bundleflow train` runs it: {}", plan.describe())
     logger.info("profile: Stage 2, {} warm-up + 2×{} steps", warmup, steps)
     stages.append(
         measure(
@@ -393,12 +397,13 @@ def run_profile(
             "batch_size": cfg.stage2.batch_size,
             "euler_steps": cfg.flow.euler_steps,
             "path": cfg.stage2.path,
-            "mixed_precision": str(accelerator.mixed_precision),
+            "mixed_precision": plan.precision.value,
             "stage1_batch_size": cfg.stage1.batch_size,
         },
         "warmup": warmup,
         "flow": "Stage-1 steps above" if stage1_steps else "random initialisation",
         "stages": {s.name: s.__dict__ for s in stages},
+        "stage2_step_plan": plan.to_dict(),
         "resolved_config": to_dict(cfg),
     }
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -505,7 +510,7 @@ def format_markdown(report: dict) -> str:
 def profile_command(args: argparse.Namespace) -> int:
     """`bundleflow profile`: resolve config and device, run, write, print the summary."""
     from bundleflow.devices import resolve_device
-    from bundleflow.train.run import runs_root
+    from bundleflow.paths import runs_root
 
     for flag in ("steps", "warmup", "stage1_steps", "top"):
         value = getattr(args, flag)

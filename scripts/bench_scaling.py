@@ -26,11 +26,12 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bundleflow.bench import synthetic_xor  # noqa: E402
-from bundleflow.config import load_config  # noqa: E402
+from bundleflow.config import load_config, replace  # noqa: E402
 from bundleflow.distributed import Comm  # noqa: E402
 from bundleflow.flow import VelocityField, default_hidden_sizes  # noqa: E402
 from bundleflow.train.data import RunData  # noqa: E402
-from bundleflow.train.stage2 import setup_stage2, train_step  # noqa: E402
+from bundleflow.train.plan import resolve_plan  # noqa: E402
+from bundleflow.train.stage2 import setup_stage2  # noqa: E402
 
 
 def main() -> None:
@@ -73,14 +74,15 @@ def main() -> None:
     data.train = data.normalise(pool).to(device)
     torch.manual_seed(0)
     flow = VelocityField(args.items, *default_hidden_sizes(args.items))
-    mixed = None if args.mixed_precision == "no" else args.mixed_precision
-    parts = setup_stage2(cfg, flow, data, device, comm=comm, mixed_precision=mixed)
+    cfg = replace(cfg, mixed_precision=args.mixed_precision)
+    plan = resolve_plan(cfg, device, processes=world)  # the step `bundleflow train` runs
+    parts = setup_stage2(cfg, flow, data, plan, comm=comm)
     times = []
     for step in range(1, args.warmup + args.steps + 1):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(parts, cfg, data, step)
+        parts.advance(step)
         if cuda:
             torch.cuda.synchronize()
         if step > args.warmup:

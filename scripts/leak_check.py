@@ -1,8 +1,8 @@
 """Memory over a long Stage-2 run: host RSS and CUDA memory at checkpoints, as JSON.
 
-Runs the trainer's own Stage-2 step (``setup_stage2`` + ``train_step``, or the CUDA-graph
-``Stage2Step`` with ``--step graph``) on synthetic XOR valuations and a randomly initialised
-flow (memory does not depend on what the flow learned), the way the loop runs it: losses
+Runs the trainer's own Stage-2 step (``setup_stage2`` + ``Stage2Parts.advance``: eager,
+or captured in a CUDA graph with ``--step graph``) on synthetic XOR valuations and a randomly
+initialised flow (memory does not depend on what the flow learned), the way the loop runs it: losses
 kept on the device and dropped every ``--log-every`` steps. Prints one JSON object:
 
     {"device": ..., "sizes": {...}, "samples": [{"step", "rss_mib", "cuda_allocated_mib",
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     from bundleflow.config import load_config
     from bundleflow.flow import VelocityField
     from bundleflow.train.data import RunData
-    from bundleflow.train.stage2 import setup_stage2, train_step
+    from bundleflow.train.plan import resolve_plan
+    from bundleflow.train.stage2 import setup_stage2
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -76,7 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
         {
             "data": {"n_items": args.items},
             "menu": {"size": args.menu_size, "support": args.support},
-            "stage2": {"batch_size": args.batch, "steps": args.steps, "step_mode": "eager"},
+            "stage2": {
+                "batch_size": args.batch,
+                "steps": args.steps,
+                "step_mode": "graph" if args.step == "graph" else "eager",
+            },
         },
     )
     torch.manual_seed(0)
@@ -91,20 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_user=pool,
         train=pool.to(device),
     )
-    parts = setup_stage2(cfg, flow, data, device, capturable=args.step == "graph")
-    stepper = None
-    if args.step != "trainer":
-        from bundleflow.fast_step import Stage2Step
-
-        stepper = Stage2Step(
-            parts.net,
-            parts.flow,
-            parts.optimizer,
-            data.train,
-            args.batch,
-            n_steps=cfg.flow.euler_steps,
-            mode=args.step,
-        )
+    parts = setup_stage2(cfg, flow, data, resolve_plan(cfg, device))  # the trainer's step
     cuda = device.type == "cuda"
     samples = []
     start = time.monotonic()
@@ -126,11 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     recent: list[torch.Tensor] = []
     for step in range(1, args.steps + 1):
-        if stepper is None:
-            recent.append(train_step(parts, cfg, data, step))
-        else:
-            recent.append(stepper(parts.schedule.value, parts.mix_temp()))
-            parts.schedule.update(step, parts.mean_support_location)
+        recent.append(parts.advance(step))
         if step % args.log_every == 0:
             float(torch.stack(recent).mean())  # the loop's one host read per interval
             recent.clear()

@@ -33,16 +33,15 @@ from bundleflow.distributed import Comm
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluate import evaluate_mechanism
 from bundleflow.fallback import PostedPrices, fit_posted_prices
-from bundleflow.fast_step import stage2_loss
+from bundleflow.fast_step import sharded_soft_revenue, stage2_loss
 from bundleflow.flow import VelocityField
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow, lottery_utilities
 from bundleflow.revenue import WALK_AWAY, hard_outcome, soft_revenue
-from bundleflow.train.stage2 import sharded_soft_revenue
 from bundleflow.valuations.io import load_dataset
 from tests.conftest import isolated_bundleflow_home
 from tests.test_revenue import ALPHA, BUNDLES, PRICES, VALUATIONS
-from tests.test_trainer import CPU_ARGS, TINY, _only_run, _sets, _xor_value
+from tests.test_trainer import CPU_ARGS, _only_run, _sets, _xor_value
 
 INF = math.inf
 
@@ -372,7 +371,7 @@ def test_train_with_a_fallback_never_falls_below_it(env, capsys):
     revenue, selection keeps ≥ it, and the test revenue is ≥ the fitted baseline's."""
     runs = env / "runs"
     extra = ["menu.fallback=best", "menu.posted_price_init=true"]
-    assert main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets([*TINY, *extra])]) == 0
+    assert main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets(extra)]) == 0
     run = _only_run(runs)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     val = {r["step"]: r["val_revenue"] for r in records if "val_revenue" in r}

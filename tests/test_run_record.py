@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,24 +21,14 @@ from bundleflow.cli import main
 from bundleflow.config import FlowConfig, Stage1Config
 from bundleflow.fused import resolve_kernels
 from bundleflow.train import stage1 as stage1_module
+from bundleflow.train.plan import stage2_precision
 from bundleflow.train.stage1 import Stage1Stopped, train_stage1
-from bundleflow.train.stage2 import stage2_precision
 from bundleflow.valuations.io import generate_dataset
-from tests.conftest import REPO, isolated_bundleflow_home, single_torch_thread
+from tests.conftest import REPO, isolated_bundleflow_home, single_torch_thread, start_cli
 
-M = 6  # the files' m; the `default` preset says 20
-TINY = [
-    "data.n_samples=400",
-    "menu.size=32",
-    "stage1.steps=20",
-    "stage1.batch_size=256",
-    "stage2.steps=20",
-    "stage2.eval_every=10",
-    "stage2.log_every=5",
-    "stage2.checkpoint_every=5",
-    "eval.batch_size=64",
-]
-CPU = ["--preset", "default", "--device", "cpu", "--no-progress"]
+M = 6  # configs/tiny.yaml's m
+FILE_M = 5  # the --data files' m: not the preset's, so m must come from the file
+CPU = ["--preset", "tiny", "--device", "cpu", "--no-progress"]
 
 
 def _sets(items: list[str]) -> list[str]:
@@ -58,7 +47,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_file(env) -> Path:
-    return generate_dataset(env / "regions6.safetensors", "regions", M, 400, seed=3)
+    return generate_dataset(env / "regions5.safetensors", "regions", FILE_M, 400, seed=3)
 
 
 def _only_run(runs: Path) -> Path:
@@ -79,12 +68,7 @@ def _stage2_steps(run: Path) -> list[int]:
 
 def _interrupt_after(cmd: list[str], ready, sig=signal.SIGINT) -> subprocess.CompletedProcess:
     """Run the CLI in a subprocess, send ``sig`` once ``ready()`` holds; its output."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bundleflow", *cmd],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli(*cmd)
     deadline = time.monotonic() + 120
     while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -100,10 +84,10 @@ def _interrupt_after(cmd: list[str], ready, sig=signal.SIGINT) -> subprocess.Com
 
 
 def test_data_file_sets_m_and_a_resumed_run_reads_the_same_file(env, data_file, capsys):
-    """`--data` with m=6 under a preset with m=20 trains (m from the file); the resumed run
+    """`--data` with m=5 under a preset with m=6 trains (m from the file); the resumed run
     reads that file again (not the preset's generated set) and its report is on it."""
     runs = env / "runs-data"
-    argv = ["train", *CPU, "--runs-dir", str(runs), "--data", str(data_file), *_sets(TINY)]
+    argv = ["train", *CPU, "--runs-dir", str(runs), "--data", str(data_file)]
     assert main([*argv, "--max-steps", "10"]) == 0
     run = _only_run(runs)
     info = _info(run)
@@ -111,7 +95,7 @@ def test_data_file_sets_m_and_a_resumed_run_reads_the_same_file(env, data_file, 
     assert info["launch"]["data"] == str(data_file.resolve())
     sha = info["data"]["sha256"]
     assert info["launch"]["data_sha256"] == sha and info["launch"]["max_steps"] == 10
-    assert info["config"]["data"]["n_items"] == M
+    assert info["config"]["data"]["n_items"] == FILE_M
     capsys.readouterr()
 
     # Resume with no flags at all: the same file, the recorded --max-steps (done at 10).
@@ -127,12 +111,12 @@ def test_resume_refuses_a_changed_or_different_data_file(env, data_file, tmp_pat
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(data_file.read_bytes())
     runs = env / "runs-data-changed"
-    argv = ["train", *CPU, "--runs-dir", str(runs), "--data", str(copy), *_sets(TINY)]
+    argv = ["train", *CPU, "--runs-dir", str(runs), "--data", str(copy)]
     assert main([*argv, "--max-steps", "5"]) == 0
     run = _only_run(runs)
     capsys.readouterr()
 
-    other = generate_dataset(tmp_path / "other.safetensors", "arbitrary", M, 400, seed=4)
+    other = generate_dataset(tmp_path / "other.safetensors", "arbitrary", FILE_M, 400, seed=4)
     assert main(["train", "--resume", str(run), "--data", str(other)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
@@ -150,14 +134,14 @@ def test_resume_refuses_a_changed_or_different_data_file(env, data_file, tmp_pat
 
 def test_a_flag_that_contradicts_the_record_stops_naming_both(env, data_file, capsys):
     runs = env / "runs-contradict"
-    argv = ["train", *CPU, "--runs-dir", str(runs), "--data", str(data_file), *_sets(TINY)]
+    argv = ["train", *CPU, "--runs-dir", str(runs), "--data", str(data_file)]
     assert main([*argv, "--max-steps", "5"]) == 0
     run = _only_run(runs)
     capsys.readouterr()
     cases = [
         (["--max-steps", "7"], ["--max-steps 7", "--max-steps 5"]),
         (["--set", "stage2.lr=0.5"], ["stage2.lr=0.5", "stage2.lr=0.3"]),
-        (["--preset", "paper-m50"], ["--preset paper-m50", "--preset default"]),
+        (["--preset", "paper-m50"], ["--preset paper-m50", "--preset tiny"]),
         (["--mixed-precision", "bf16"], ["--mixed-precision bf16", "--mixed-precision None"]),
     ]
     for flags, named in cases:
@@ -166,7 +150,7 @@ def test_a_flag_that_contradicts_the_record_stops_naming_both(env, data_file, ca
         for text in named:
             assert text in err, (flags, err)
     # The same flags again agree with the record.
-    assert main(["train", "--resume", str(run), *CPU, *_sets(TINY), "--max-steps", "5"]) == 0
+    assert main(["train", "--resume", str(run), *CPU, "--max-steps", "5"]) == 0
 
 
 # --------------------------------------------------------------------------- --max-steps
@@ -176,7 +160,7 @@ def test_max_steps_survives_ctrl_c_and_resume(env):
     """`--max-steps N`, Ctrl-C, `--resume RUN`: the run stops at N (it ran to
     stage2.steps before)."""
     runs = env / "runs-max-steps"
-    sets = _sets([*[t for t in TINY if not t.startswith("stage2.steps")], "stage2.steps=100000"])
+    sets = _sets(["stage2.steps=100000"])
     cmd = ["train", *CPU, "--runs-dir", str(runs), *sets, "--max-steps", "400"]
 
     def checkpointed() -> bool:
@@ -258,9 +242,7 @@ def test_stage1_checkpoint_of_another_config_is_refused(tmp_path):
 
 def test_ctrl_c_in_stage1_keeps_a_checkpoint_and_resume_continues_there(env):
     runs = env / "runs-stage1-ctrl-c"
-    items = [t for t in TINY if not t.startswith(("stage1.steps", "stage1.batch_size"))]
-    stage1 = ["stage1.steps=3000", "stage1.batch_size=64", "stage1.checkpoint_every=10"]
-    sets = _sets([f"data.n_items={M}", *items, *stage1])
+    sets = _sets(["stage1.steps=3000", "stage1.batch_size=64", "stage1.checkpoint_every=10"])
     cmd = ["train", *CPU, "--runs-dir", str(runs), *sets]
 
     def stage1_checkpointed() -> bool:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,27 +38,16 @@ from bundleflow.train.stage1 import (
 )
 from bundleflow.train.stage2 import eval_noise
 from bundleflow.valuations.io import load_dataset
-from tests.conftest import isolated_bundleflow_home, single_torch_thread
+from tests.conftest import (
+    cli_error,
+    isolated_bundleflow_home,
+    run_cli,
+    single_torch_thread,
+    start_cli,
+)
 
-M = 6
-TINY = [
-    f"data.n_items={M}",
-    "data.n_samples=400",
-    "menu.size=32",
-    "stage1.steps=20",
-    "stage1.batch_size=256",
-    "stage1.log_every=5",
-    "stage2.steps=20",
-    "stage2.eval_every=10",
-    "stage2.log_every=5",
-    "stage2.checkpoint_every=7",  # 7, 14 and the final 20 (see test_final_checkpoint_...)
-    "eval.batch_size=64",
-    # Pinned here, not taken from the (tuned) preset: prices start near 0 and learn fast
-    # enough that 20 steps must raise the soft revenue severalfold.
-    "menu.grand_bundle_element=false",
-    "stage2.price_lr=0.01",
-]
-CPU_ARGS = ["--preset", "default", "--device", "cpu", "--no-progress"]
+M = 6  # configs/tiny.yaml: m=6, 400 samples, J=32, 20+20 steps, checkpoints at 7, 14, 20
+CPU_ARGS = ["--preset", "tiny", "--device", "cpu", "--no-progress"]
 
 
 def _sets(items: list[str]) -> list[str]:
@@ -88,7 +75,7 @@ def _only_run(runs: Path) -> Path:
 def trained(env) -> Path:
     """`bundleflow train` on the tiny problem: 20 Stage-1 and 20 Stage-2 steps."""
     runs = env / "runs-main"
-    assert main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets(TINY)]) == 0
+    assert main(["train", *CPU_ARGS, "--runs-dir", str(runs)]) == 0
     return _only_run(runs)
 
 
@@ -142,7 +129,7 @@ def _best_single_price(train: torch.Tensor) -> float:
 
 
 def test_stage1_smoke_loss_is_finite_and_falls():
-    config = load_config("default", parse_set(TINY))
+    config = load_config("tiny")
     records = []
     field, noise, summary = train_stage1(
         M,
@@ -162,7 +149,7 @@ def test_stage1_smoke_loss_is_finite_and_falls():
 
 
 def test_get_flow_caches_by_content(env):
-    config = load_config("default", parse_set([*TINY, "stage1.steps=3", "stage1.batch_size=32"]))
+    config = load_config("tiny", parse_set(["stage1.steps=3", "stage1.batch_size=32"]))
     cpu = torch.device("cpu")
     first, info = get_flow(M, config.flow, config.stage1, cpu, show_progress=False)
     assert info["cached"] is False and info["steps"] == 3
@@ -201,7 +188,7 @@ def test_run_directory_records_config_versions_and_data(trained, env):
     expected = {"config.yaml", "run.json", "metrics.jsonl", "mechanism.safetensors"}
     assert names >= expected | {"report.json", "report.md", "train.log", "flow.json", "best"}
     config = load_config(None, yaml.safe_load((trained / "config.yaml").read_text()))
-    assert config == load_config("default", parse_set([*TINY, "device=cpu"]))
+    assert config == load_config("tiny", parse_set(["device=cpu"]))
     info = json.loads((trained / "run.json").read_text())
     assert info["package_version"] == __version__
     assert info["build"]["torch"] == torch.__version__
@@ -300,7 +287,7 @@ def test_menu_round_trip_through_a_checkpoint_gives_identical_utilities(tmp_path
 def test_final_checkpoint_on_a_checkpoint_step(env):
     """A run whose last step is a multiple of stage2.checkpoint_every must not crash."""
     runs = env / "runs-ckpt-step"
-    items = [*TINY, "stage2.steps=10", "stage2.checkpoint_every=5"]
+    items = ["stage2.steps=10", "stage2.checkpoint_every=5"]
     assert main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets(items)]) == 0
     run = _only_run(runs)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
@@ -507,7 +494,7 @@ def test_flow_ckpt_miss_lists_every_place_tried(tmp_path, monkeypatch):
 
 def test_train_stage2_with_flow_ckpt_of_a_run(trained, env, capsys):
     runs = env / "runs-stage2"
-    items = [*TINY, "stage2.steps=3", "stage2.eval_every=3"]
+    items = ["stage2.steps=3", "stage2.eval_every=3"]
     argv = ["train-stage2", *CPU_ARGS, "--runs-dir", str(runs), "--flow-ckpt", str(trained)]
     assert main([*argv, *_sets(items)]) == 0
     run = _only_run(runs)
@@ -528,23 +515,12 @@ def test_train_stage2_with_flow_ckpt_of_a_run(trained, env, capsys):
 def test_device_cuda_without_cuda_exits_2_naming_the_build(tmp_path):
     """CUDA_VISIBLE_DEVICES='' makes this hold on GPU machines too."""
     env = {
-        **os.environ,
         "CUDA_VISIBLE_DEVICES": "",
         "BUNDLEFLOW_HOME": str(tmp_path / "home"),
         "BUNDLEFLOW_CACHE": str(tmp_path / "cache"),
     }
-    out = subprocess.run(
-        [sys.executable, "-m", "bundleflow", "train", "--device", "cuda", "--no-progress"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=120,
-    )
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 2, out.stderr  # what is wrong, then the fix
-    assert "Traceback" not in out.stderr
+    out = run_cli("train", "--device", "cuda", "--no-progress", cwd=tmp_path, env=env)
+    lines = cli_error(out, lines=2)  # what is wrong, then the fix
     assert lines[0].startswith("bundleflow: error: --device cuda: ")
     assert lines[1].startswith("fix: ") and "--device cpu" in lines[1]
     assert all(len(line) <= 200 for line in lines), out.stderr
@@ -570,9 +546,7 @@ def test_resume_continues_from_the_last_checkpoint(trained, env):
     assert sorted(p.name for p in (copy / "checkpoints").iterdir())[-1] == "step-000000030"
 
     runs = env / "runs-30"
-    assert (
-        main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets([*TINY, "stage2.steps=30"])]) == 0
-    )
+    assert main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets(["stage2.steps=30"])]) == 0
     straight = _only_run(runs)
     a = FrozenMechanism.load(copy / "mechanism.safetensors")
     b = FrozenMechanism.load(straight / "mechanism.safetensors")
@@ -587,7 +561,7 @@ def test_resume_keeps_the_flow_the_run_was_trained_with(env, tmp_path):
     torch.manual_seed(2)
     torch.save(VelocityField(M, hidden=8).state_dict(), tmp_path / "ref.pth")
     runs = env / "runs-pth"
-    items = [*TINY, "stage2.steps=10", "stage2.eval_every=5"]
+    items = ["stage2.steps=10", "stage2.eval_every=5"]
     argv = ["train-stage2", *CPU_ARGS, "--runs-dir", str(runs), "--flow-ckpt"]
     assert main([*argv, str(tmp_path / "ref.pth"), *_sets(items)]) == 0
     run = _only_run(runs)
@@ -602,11 +576,13 @@ def test_fused_kernels_train_the_same_menu_bit_for_bit(trained, env):
     """stage2.kernels=fused on the CPU: the plain run's soft revenues and mechanism exactly
     (same formulas in the same order, a hand-written backward)."""
     runs = env / "runs-fused"
-    argv = ["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets([*TINY, "stage2.kernels=fused"])]
+    argv = ["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets(["stage2.kernels=fused"])]
     assert main(argv) == 0
     fused = _only_run(runs)
-    assert json.loads((fused / "run.json").read_text())["stage2_kernels"] == "fused"
-    assert json.loads((trained / "run.json").read_text())["stage2_kernels"] == "plain"
+    assert json.loads((fused / "run.json").read_text())["step_plan"]["kernels"]["value"] == "fused"
+    assert (
+        json.loads((trained / "run.json").read_text())["step_plan"]["kernels"]["value"] == "plain"
+    )
     soft = [
         [r["soft_revenue"] for r in _records(d) if "soft_revenue" in r] for d in (trained, fused)
     ]
@@ -620,8 +596,7 @@ def test_fused_kernels_train_the_same_menu_bit_for_bit(trained, env):
 def test_graph_step_mode_needs_cuda(env, capsys):
     """stage2.step_mode=graph off CUDA: exit 2 naming the key and the reason, no run left."""
     runs = env / "runs-graph-cpu"
-    code = main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets(TINY),
-                 "--set", "stage2.step_mode=graph"])  # fmt: skip
+    code = main(["train", *CPU_ARGS, "--runs-dir", str(runs), "--set", "stage2.step_mode=graph"])
     assert code == 2
     err = capsys.readouterr().err
     assert "stage2.step_mode" in err and "not CUDA" in err
@@ -633,9 +608,9 @@ def test_graph_step_mode_needs_cuda(env, capsys):
 def test_graph_step_mode_trains_and_resumes_on_cuda(env):
     """The captured step trains (finite, rising soft revenue), checkpoints and resumes."""
     runs = env / "runs-graph"
-    sets = _sets([*TINY, "stage2.step_mode=graph", "stage2.steps=40", "stage2.checkpoint_every=10"])
-    assert main(["train", "--device", "cuda", "--no-progress", "--runs-dir", str(runs),
-                 *sets]) == 0  # fmt: skip
+    sets = _sets(["stage2.step_mode=graph", "stage2.steps=40", "stage2.checkpoint_every=10"])
+    assert main(["train", "--preset", "tiny", "--device", "cuda", "--no-progress",
+                 "--runs-dir", str(runs), *sets]) == 0  # fmt: skip
     run = _only_run(runs)
     soft = [r["soft_revenue"] for r in _records(run) if "soft_revenue" in r]
     assert all(math.isfinite(x) for x in soft) and soft[-1] > soft[0]
@@ -655,8 +630,7 @@ def _start_and_wait_for_checkpoint(runs: Path, sets: list[str]) -> subprocess.Po
     """A CLI training run in a subprocess, returned once Stage 2 has written a checkpoint."""
     import time
 
-    cmd = [sys.executable, "-m", "bundleflow", "train", *CPU_ARGS, "--runs-dir", str(runs), *sets]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_cli("train", *CPU_ARGS, "--runs-dir", str(runs), *sets)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if runs.exists() and list(runs.glob("*/checkpoints/step-*/manifest.json")):
@@ -673,7 +647,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(env):
     import signal
 
     runs = env / "runs-sigterm"
-    sets = _sets([t for t in TINY if not t.startswith("stage2.steps")] + ["stage2.steps=100000"])
+    sets = _sets(["stage2.steps=100000"])
     proc = _start_and_wait_for_checkpoint(runs, sets)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -694,11 +668,11 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(env):
 def test_sigkilled_run_resumes_to_the_same_menu_bit_for_bit(env):
     """SIGKILL after a checkpoint (no handler runs), then --resume: the same frozen menu and
     the same report as an uninterrupted run, bit for bit on the CPU. Batches and noise are
-    functions of (seed, step), so the resumed run draws what the lost steps would have."""
+    drawn from one seeded generator whose state every checkpoint holds, so the resumed run
+    draws what the lost steps would have."""
     import signal
 
-    items = [t for t in TINY if not t.startswith(("stage2.steps", "stage2.checkpoint_every"))]
-    sets = _sets([*items, "stage2.steps=100000", "stage2.checkpoint_every=20"])
+    sets = _sets(["stage2.steps=100000", "stage2.checkpoint_every=20"])
     total = ["--max-steps", "200"]
     killed_runs, straight_runs = env / "runs-sigkill", env / "runs-straight"
     proc = _start_and_wait_for_checkpoint(killed_runs, sets)
@@ -725,7 +699,7 @@ def test_bad_data_file_leaves_no_run_directory(env, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a tensor file")
     runs = env / "runs-bad-data"
-    code = main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets(TINY), "--data", str(bad)])
+    code = main(["train", *CPU_ARGS, "--runs-dir", str(runs), "--data", str(bad)])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert any(str(bad) in line for line in err) and not any("Traceback" in x for x in err)
@@ -740,19 +714,18 @@ def test_non_finite_parameters_stop_the_run_and_keep_the_last_good_checkpoint(
     checkpoint; no checkpoint of the diverged state is written and step 7 still loads."""
     import bundleflow.train.stage2 as stage2
 
-    real_step = stage2.train_step
+    real_step = stage2.Stage2Trainer.step
 
-    def poisoned(parts, cfg, data, step):
-        loss = real_step(parts, cfg, data, step)
-        if step == 12:
+    def poisoned(trainer):
+        loss = real_step(trainer)
+        if trainer.state.step == 12:
             with torch.no_grad():
-                parts.net.prices[3] = float("nan")
+                trainer.parts.net.prices[3] = float("nan")
         return loss
 
-    monkeypatch.setattr(stage2, "train_step", poisoned)
+    monkeypatch.setattr(stage2.Stage2Trainer, "step", poisoned)
     runs = env / "runs-nan"
-    items = [t for t in TINY if not t.startswith("stage2.steps")]
-    code = main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets([*items, "stage2.steps=40"])])
+    code = main(["train", *CPU_ARGS, "--runs-dir", str(runs), *_sets(["stage2.steps=40"])])
     assert code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from loguru import logger
 
@@ -25,16 +26,6 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 _RUN_ID_TRIES = 100
-
-
-def runs_root(flag: str | None = None) -> Path:
-    """``--runs-dir`` > ``$BUNDLEFLOW_HOME`` (its ``runs/``) > ``./runs``."""
-    if flag:
-        return Path(flag).expanduser()
-    home = os.environ.get("BUNDLEFLOW_HOME")
-    if home:
-        return Path(home).expanduser() / "runs"
-    return Path("runs")
 
 
 def new_run_dir(root: Path, name: str) -> Path:
@@ -174,3 +165,12 @@ def optimizer_step(loss, optimizer, accelerator=None) -> None:
     else:
         loss.backward()
     optimizer.step()
+
+
+def make_accelerator(config: Config, device: torch.device):
+    from accelerate import Accelerator
+
+    kwargs = {"cpu": device.type == "cpu"}
+    if config.mixed_precision is not None:  # only when the user set it (flag > launcher)
+        kwargs["mixed_precision"] = config.mixed_precision
+    return Accelerator(**kwargs)

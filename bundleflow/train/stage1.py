@@ -35,11 +35,12 @@ from bundleflow.flow import (
     load_reference_flow,
     rectified_flow_loss,
 )
+from bundleflow.paths import default_cache_dir
 from bundleflow.progress import ProgressBar
 from bundleflow.telemetry import gpu_status_line
 from bundleflow.train.run import optimizer_step
 from bundleflow.train.signals import StopRequest
-from bundleflow.valuations.io import default_cache_dir
+from bundleflow.train.stage1_step import Stage1Step
 
 FLOW_FILE = "flow.json"  # in a run directory: which flow the run used
 
@@ -58,6 +59,240 @@ def flow_cache_dir(key: str) -> Path:
     return default_cache_dir() / "flows" / key
 
 
+class Stage1Trainer:
+    """Stage 1 as a recipe: :meth:`fit` steps, logs, checkpoints and returns the flow.
+
+    One process (and Stage 1 in fp32, the default): the step is
+    :class:`bundleflow.train.stage1_step.Stage1Step`, captured whole in a CUDA graph on a GPU
+    and the plain loop bit for bit on the CPU. Several processes (DDP) or Accelerate's mixed
+    precision: the same recipe through the prepared model, each rank on its slice of the same
+    seeded global batch, drawn on the CPU.
+
+    With ``checkpoint_dir`` (a run's ``stage1/``) :meth:`fit` writes a resumable checkpoint
+    every ``cfg.checkpoint_every`` steps and at the end, and on SIGTERM/SIGINT finishes its
+    step, writes one and raises :class:`Stage1Stopped`; ``resume`` continues from the latest
+    one there (weights, Adam, the losses so far, the lr schedule and the generator's state:
+    the same flow, bit for bit on the CPU, as a run never stopped).
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        flow_cfg: FlowConfig,
+        cfg: Stage1Config,
+        device: torch.device,
+        *,
+        accelerator=None,
+        metrics=None,
+        show_progress: bool = True,
+        checkpoint_dir: Path | None = None,
+    ) -> None:
+        self.n_items, self.flow_cfg, self.cfg, self.device = n_items, flow_cfg, cfg, device
+        self.metrics, self.checkpoint_dir = metrics, checkpoint_dir
+        self.key = flow_key(n_items, flow_cfg, cfg)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.net = VelocityField(n_items, flow_cfg.hidden, flow_cfg.hidden2)
+        self.noise = MixtureNoise(
+            n_items, flow_cfg.n_components, flow_cfg.log_std, generator=self.gen
+        )
+        self.rank, self.world = 0, 1
+        if accelerator is not None:
+            self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        mixed = getattr(accelerator, "mixed_precision", "no")
+        self.stepper: Stage1Step | None = None
+        if self.world == 1 and mixed in (None, "no"):
+            self.stepper = Stage1Step(
+                self.net,
+                self.noise,
+                cfg,
+                flow_cfg,
+                device,
+                generator=self.gen if device.type == "cpu" else None,
+            )
+            self.history = self.stepper.history
+        else:  # DDP / autocast: the prepared model's forward; accelerator.backward
+            self.net.to(device)
+            self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+            self.model, self.optimizer = accelerator.prepare(self.net, self.optimizer)
+            self.accelerator = accelerator
+            self.schedule = None
+            if cfg.lr_schedule == "cosine":
+                self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+                    self.optimizer, T_max=cfg.steps
+                )
+            self.history = torch.empty(cfg.steps, device=device)
+        self.done = 0
+        self.show = show_progress and self.rank == 0  # one bar, not one per process
+
+    def step(self) -> None:
+        """One optimizer step; its loss goes to ``history`` on the device (no host sync)."""
+        self.done += 1
+        if self.stepper is not None:
+            self.stepper()
+            return
+        cfg, part = self.cfg, self.cfg.batch_size // self.world
+        z0, z1 = flow_pairs(
+            self.noise, cfg.batch_size, target_std=self.flow_cfg.target_std, generator=self.gen
+        )
+        t = torch.rand(cfg.batch_size, 1, generator=self.gen)
+        lo = self.rank * part
+        z0, z1, t = (x[lo : lo + part].to(self.device, non_blocking=True) for x in (z0, z1, t))
+        loss = rectified_flow_loss(self.model, z0, z1, t)
+        optimizer_step(loss, self.optimizer, self.accelerator)
+        if self.schedule is not None:
+            self.schedule.step()
+        self.history[self.done - 1] = loss.detach()
+
+    def fit(self, *, max_time: float | None = None, resume: bool = False):
+        """Train to ``cfg.steps`` (or ``max_time``); returns (field, mixture, summary)."""
+        cfg = self.cfg
+        if resume and self.checkpoint_dir is not None:
+            self.restore()
+        if self.world > 1 and max_time is not None:
+            logger.warning("stage 1: --max-time is ignored under several processes")
+            max_time = None
+        bar = ProgressBar(cfg.steps, "stage 1", enabled=None if self.show else False, unit="steps")
+        start, first = time.monotonic(), self.done
+        stop = StopRequest() if self.checkpoint_dir is not None and self.world == 1 else None
+        with stop if stop is not None else contextlib.nullcontext():
+            while self.done < cfg.steps:
+                self.step()
+                self.log(start)
+                if bar(self.done) and self.rank == 0:  # the progress-line cadence: 10% each
+                    gpu = gpu_status_line(self.device)  # None off CUDA
+                    if gpu is not None:
+                        logger.info("stage 1 step {}: {}", self.done, gpu)
+                if self.done % cfg.checkpoint_every == 0 or self.done == cfg.steps:
+                    self.save()
+                if stop is not None and stop.requested:
+                    bar.close()
+                    self.save()
+                    raise Stage1Stopped(self.done)
+                if max_time is not None and time.monotonic() - start > max_time:
+                    logger.info("stage 1: --max-time reached after {} steps", self.done)
+                    break
+        bar.close()
+        return self.finish(time.monotonic() - start, self.done - first)
+
+    def log(self, start: float) -> None:
+        cfg, step = self.cfg, self.done
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            value = float(self.history[max(0, step - cfg.log_every) : step].mean())
+            if self.metrics is not None:
+                self.metrics(stage=1, step=step, loss=value, wall_time=time.monotonic() - start)
+            logger.debug("stage 1 step {} loss {:.5f}", step, value)
+
+    def finish(self, seconds: float, steps_now: int):
+        """The trained flow on the CPU, frozen, and a summary of the losses."""
+        step = self.done
+        self.net.to("cpu").eval().requires_grad_(False)
+        self.noise.to("cpu")
+        # Disjoint windows (at most 20 first / 100 last steps), so a short run still compares
+        # its start with its end instead of averaging the same steps twice.
+        half = max(1, step // 2)
+        first = float(self.history[: min(20, half)].mean())
+        last = float(self.history[step - min(100, half) : step].mean())
+        mode = self.stepper.mode if self.stepper is not None else "ddp"
+        summary = {
+            "steps": step,
+            "loss_first": first,
+            "loss_last": last,
+            "wall_time": seconds,
+            "step_mode": mode,
+        }
+        if steps_now:
+            summary["ms_per_step"] = round(1e3 * seconds / steps_now, 4)
+        logger.info(
+            "stage 1: {} steps ({}), loss {:.4f} -> {:.4f}, {:.1f} s",
+            step,
+            mode,
+            first,
+            last,
+            seconds,
+        )
+        return self.net, self.noise, summary
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def save(self) -> None:
+        """A resumable checkpoint ``checkpoint_dir/step-N`` (only the latest is kept)."""
+        if self.checkpoint_dir is None or self.rank != 0:
+            return
+        target = self.checkpoint_dir / f"step-{self.done:09d}"
+        if target.exists():
+            return
+        tensors, header = flow_state(self.net, self.noise)
+        if self.stepper is not None:
+            state = self.stepper.state_dict()
+            optimizer = state["optimizer"]
+            opt_tensors = {
+                f"{i}.{k}": v for i, entry in optimizer["state"].items() for k, v in entry.items()
+            }
+            opt_rest = {"param_groups": optimizer["param_groups"], "scalars": {}}
+            rng, history, schedule = state["generator"], state["history"], None
+        else:
+            opt_tensors, opt_rest = optimizer_tensors(self.optimizer)
+            rng, history = self.gen.get_state(), self.history[: self.done].detach().cpu()
+            schedule = None if self.schedule is None else self.schedule.state_dict()
+        components = {
+            "flow": {k: v.detach().cpu() for k, v in tensors.items()},
+            "optimizer": {k: v.detach().cpu() for k, v in opt_tensors.items()},
+            "rng": {"generator": rng},
+            "history": {"loss": history.float()},
+        }
+        extra = {"flow": header, "optimizer": opt_rest, "key": self.key, "schedule": schedule}
+        write_checkpoint(target, components, step=self.done, extra=extra)
+        prune(self.checkpoint_dir, 1)
+
+    def restore(self) -> None:
+        """Continue from the latest checkpoint in ``checkpoint_dir``, if there is one."""
+        found = latest(self.checkpoint_dir)
+        if found is None:
+            return
+        components, manifest = read_checkpoint(found)
+        extra = manifest["extra"]
+        if extra.get("key") != self.key:
+            raise BundleflowError(
+                f"{found}: this Stage-1 checkpoint is of another flow or Stage-1 config; "
+                "resume with the run's own config, or start a new run"
+            )
+        field, noise = flow_from_state(components["flow"], extra["flow"])
+        with torch.no_grad():  # in place: a captured step reads these tensors
+            for mine, theirs in zip(self.net.parameters(), field.parameters(), strict=True):
+                mine.copy_(theirs)
+            self.noise.means.copy_(noise.means)
+        step = int(manifest["step"])
+        rng, history = components["rng"]["generator"], components["history"]["loss"]
+        if self.stepper is not None:
+            state: dict = {}
+            for name, value in components["optimizer"].items():
+                index, key = name.split(".", 1)
+                state.setdefault(int(index), {})[key] = value
+            for name, value in extra["optimizer"].get("scalars", {}).items():
+                index, key = name.split(".", 1)
+                state.setdefault(int(index), {})[key] = value
+            self.stepper.load_state_dict(
+                {"step": step, "generator": rng, "history": history, "optimizer": {"state": state}}
+            )
+        else:
+            load_optimizer_tensors(self.optimizer, components["optimizer"], extra["optimizer"])
+            self.gen.set_state(rng)
+            self.history[:step] = history.to(self.device)
+            if self.schedule is not None and extra.get("schedule"):
+                self.schedule.load_state_dict(extra["schedule"])
+        self.done = step
+        logger.info("stage 1: resumed from {} (step {})", found, step)
+
+
+class Stage1Stopped(Exception):
+    """Stage 1 stopped by a signal after writing a checkpoint of ``step``."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stage 1 stopped by a signal at step {step}")
+        self.step = step
+
+
 def train_stage1(
     n_items: int,
     flow_cfg: FlowConfig,
@@ -71,170 +306,18 @@ def train_stage1(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
 ) -> tuple[VelocityField, MixtureNoise, dict]:
-    """Plain Stage-1 loop: Adam on fresh pairs each step. Returns the field, mixture, summary.
-
-    With ``checkpoint_dir`` (a run's ``stage1/``) the loop writes a resumable checkpoint every
-    ``cfg.checkpoint_every`` steps and at the end, and on SIGTERM/SIGINT finishes its step,
-    writes one and raises :class:`Stage1Stopped`; with ``resume`` it continues from the
-    latest one there. A resumed run ends with the same flow, bit for bit on the CPU, as one
-    never stopped: the checkpoint holds the weights, Adam's state, the losses so far, the lr
-    schedule and the state of the generator that draws every pair.
-    """
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    field = VelocityField(n_items, flow_cfg.hidden, flow_cfg.hidden2)
-    noise = MixtureNoise(n_items, flow_cfg.n_components, flow_cfg.log_std, generator=gen)
-    optimizer = torch.optim.Adam(field.parameters(), lr=cfg.lr)
-    done, losses_so_far, schedule_state = 0, None, None
-    if resume and checkpoint_dir is not None:
-        restored = _restore_stage1(checkpoint_dir, n_items, flow_cfg, cfg, field, noise, optimizer)
-        if restored is not None:
-            done, gen_state, losses_so_far, schedule_state = restored
-            gen.set_state(gen_state)
-    field.to(device)
-    _optimizer_state_to(optimizer, device)
-    rank, world = 0, 1
-    if accelerator is not None:
-        # Mixed precision: the prepared model's forward runs under autocast and
-        # accelerator.backward scales fp16 losses. Several processes: DDP averages the
-        # gradients of each rank's slice of the (same, seeded) global batch.
-        field, optimizer = accelerator.prepare(field, optimizer)
-        rank, world = accelerator.process_index, accelerator.num_processes
-    if world > 1 and max_time is not None:
-        logger.warning("stage 1: --max-time is ignored under several processes")
-        max_time = None
-    net = field.module if hasattr(field, "module") else field
-    part = cfg.batch_size // world
-    schedule = None
-    if cfg.lr_schedule == "cosine":
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
-        if schedule_state is not None:  # where the stopped run was
-            schedule.load_state_dict(schedule_state)
-    start = time.monotonic()
-    show = show_progress and rank == 0  # one bar, not one per process
-    bar = ProgressBar(cfg.steps, "stage 1", enabled=None if show else False, unit="steps")
-    # Losses go into one preallocated tensor (no host sync per step). Keeping the 0-d
-    # `loss.detach()` tensors instead keeps each step's reduction buffer alive on the CPU:
-    # ~160 KB per step at batch 2,048, 5 GB over the paper's 30,000 steps (measured).
-    history = torch.empty(cfg.steps, device=device)
-    if losses_so_far is not None:
-        history[:done] = losses_so_far.to(device)
-
-    def save(at: int) -> None:
-        if checkpoint_dir is not None and rank == 0:
-            _save_stage1(checkpoint_dir, at, (n_items, flow_cfg, cfg), net, noise, optimizer,
-                         gen, history[:at], schedule)  # fmt: skip
-
-    step = done
-    stop = StopRequest() if checkpoint_dir is not None and world == 1 else None
-    with stop if stop is not None else contextlib.nullcontext():
-        for step in range(done + 1, cfg.steps + 1):
-            z0, z1 = flow_pairs(
-                noise, cfg.batch_size, target_std=flow_cfg.target_std, generator=gen
-            )
-            t = torch.rand(cfg.batch_size, 1, generator=gen)
-            z0, z1, t = (x[rank * part : (rank + 1) * part] for x in (z0, z1, t))
-            z0, z1, t = (x.to(device, non_blocking=True) for x in (z0, z1, t))
-            loss = rectified_flow_loss(field, z0, z1, t)
-            optimizer_step(loss, optimizer, accelerator)
-            if schedule is not None:
-                schedule.step()
-            history[step - 1] = loss.detach()
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                value = float(history[max(0, step - cfg.log_every) : step].mean())
-                elapsed = time.monotonic() - start
-                if metrics is not None:
-                    metrics(stage=1, step=step, loss=value, wall_time=elapsed)
-                logger.debug("stage 1 step {} loss {:.5f}", step, value)
-            if bar(step) and rank == 0:  # the progress-line cadence: each 10% of the steps
-                gpu = gpu_status_line(device)  # None off CUDA
-                if gpu is not None:
-                    logger.info("stage 1 step {}: {}", step, gpu)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save(step)
-            if stop is not None and stop.requested:
-                bar.close()
-                save(step)
-                raise Stage1Stopped(step)
-            if max_time is not None and time.monotonic() - start > max_time:
-                logger.info("stage 1: --max-time reached after {} steps", step)
-                break
-    bar.close()
-    net.to("cpu").eval().requires_grad_(False)
-    noise.to("cpu")
-    # Disjoint windows (at most 20 first / 100 last steps), so a short run still compares
-    # its start with its end instead of averaging the same steps twice.
-    half = max(1, step // 2)
-    first = float(history[: min(20, half)].mean())
-    last = float(history[step - min(100, half) : step].mean())
-    summary = {
-        "steps": step,
-        "loss_first": first,
-        "loss_last": last,
-        "wall_time": time.monotonic() - start,
-    }
-    logger.info("stage 1: {} steps, loss {:.4f} -> {:.4f}", step, first, last)
-    return net, noise, summary
-
-
-class Stage1Stopped(Exception):
-    """Stage 1 stopped by a signal after writing a checkpoint of ``step``."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(f"stage 1 stopped by a signal at step {step}")
-        self.step = step
-
-
-def _optimizer_state_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Adam's moments follow their parameters to the device (its step counts stay)."""
-    for values in optimizer.state.values():
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                values[name] = value.to(device)
-
-
-def _save_stage1(directory: Path, step: int, identity: tuple, net, noise, optimizer, gen,
-                 history, schedule) -> None:  # fmt: skip
-    """A resumable Stage-1 checkpoint ``directory/step-N`` (only the latest one is kept)."""
-    target = directory / f"step-{step:09d}"
-    if target.exists():
-        return
-    tensors, header = flow_state(net, noise)
-    opt_tensors, opt_rest = optimizer_tensors(optimizer)
-    components = {
-        "flow": {k: v.detach().cpu() for k, v in tensors.items()},
-        "optimizer": {k: v.detach().cpu() for k, v in opt_tensors.items()},
-        "rng": {"generator": gen.get_state()},
-        "history": {"loss": history.detach().cpu().float()},
-    }
-    extra = {"flow": header, "optimizer": opt_rest, "key": flow_key(*identity)}
-    if schedule is not None:
-        extra["schedule"] = schedule.state_dict()
-    write_checkpoint(target, components, step=step, extra=extra)
-    prune(directory, 1)
-
-
-def _restore_stage1(directory: Path, n_items, flow_cfg, cfg, field, noise, optimizer):
-    """(step, generator state, losses so far, lr-schedule state) from the latest Stage-1
-    checkpoint, or None."""
-    found = latest(directory)
-    if found is None:
-        return None
-    components, manifest = read_checkpoint(found)
-    extra = manifest["extra"]
-    if extra.get("key") != flow_key(n_items, flow_cfg, cfg):
-        raise BundleflowError(
-            f"{found}: this Stage-1 checkpoint is of another flow or Stage-1 config; "
-            "resume with the run's own config, or start a new run"
-        )
-    restored, restored_noise = flow_from_state(components["flow"], extra["flow"])
-    field.load_state_dict(restored.state_dict())
-    noise.load_state_dict(restored_noise.state_dict())
-    load_optimizer_tensors(optimizer, components["optimizer"], extra["optimizer"])
-    step = int(manifest["step"])
-    logger.info("stage 1: resumed from {} (step {})", found, step)
-    history = components["history"]["loss"]
-    return step, components["rng"]["generator"], history, extra.get("schedule")
+    """Train a Stage-1 flow (:class:`Stage1Trainer`); returns the field, mixture, summary."""
+    trainer = Stage1Trainer(
+        n_items,
+        flow_cfg,
+        cfg,
+        device,
+        accelerator=accelerator,
+        metrics=metrics,
+        show_progress=show_progress,
+        checkpoint_dir=checkpoint_dir,
+    )
+    return trainer.fit(max_time=max_time, resume=resume)
 
 
 def save_flow(directory: Path, field: VelocityField, noise: MixtureNoise, extra: dict) -> Path:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -26,17 +23,18 @@ from bundleflow.config import Config, to_dict
 from bundleflow.distributed import Comm
 from bundleflow.errors import BundleflowError
 from bundleflow.fallback import PostedPrices, fit_posted_prices
-from bundleflow.fast_step import Stage2Step, stage2_loss
+from bundleflow.fast_step import Layout, Stage2Step
 from bundleflow.flow import VelocityField
-from bundleflow.fused import fused_lotteries, fused_utilities, kernels_for, resolve_kernels
 from bundleflow.health import FiniteGuard
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow
+from bundleflow.paths import runs_root
 from bundleflow.progress import ProgressBar
 from bundleflow.schedule import InvTempSchedule
 from bundleflow.telemetry import gpu_status_line
 from bundleflow.train.data import RunData
-from bundleflow.train.run import Run
+from bundleflow.train.plan import StepPlan
+from bundleflow.train.run import RUN_INFO, Run
 from bundleflow.train.signals import StopRequest
 
 MECHANISM_FILE = "mechanism.safetensors"
@@ -52,6 +50,7 @@ class Stage2Result:
     stop_reason: str
     wall_time: float
     mechanism: FrozenMechanism | None  # None: stopped by a signal, or not the main process
+    validation_time: float = 0.0
 
 
 # M for a support point that sits on the corner 1: μ = a + b·sigmoid(10·3) ≈ a + b.
@@ -122,52 +121,6 @@ def build_optimizer(
     return torch.optim.Adam(groups, fused=True, capturable=capturable)
 
 
-def stage2_precision(configured: str | None, device: torch.device) -> tuple[str, str]:
-    """(precision of the flow network in Stage 2, where the choice came from).
-
-    ``--mixed-precision`` / ``mixed_precision`` > a real choice made through ``accelerate
-    launch --mixed_precision`` or its config file (ACCELERATE_MIXED_PRECISION=fp16|bf16) >
-    the measured default: bf16 on CUDA (on an H200: 10% faster steps at m=50, 27% at m=500,
-    no test bidder choosing differently on a frozen paper-m50 menu, validation revenue over 3
-    seeds not lower; BENCHMARKS.md), fp32 elsewhere. Stage 1, freezing, validation and the
-    report stay fp32 unless set explicitly.
-
-    ``accelerate launch`` exports ACCELERATE_MIXED_PRECISION on every launch, ``no`` when
-    neither its flag nor its config file chose anything (and ``no`` is what ``accelerate
-    config`` writes by default), so ``no`` from there is not a choice: it keeps the measured
-    default. ``--mixed-precision no`` (or ``--set mixed_precision=no``) asks for fp32.
-    """
-    if configured is not None:
-        return configured, "bundleflow mixed_precision"
-    launched = (os.environ.get("ACCELERATE_MIXED_PRECISION") or "").strip().lower()
-    if launched in ("fp16", "bf16"):
-        return launched, "accelerate (ACCELERATE_MIXED_PRECISION)"
-    default = "bf16" if device.type == "cuda" else "no"
-    if launched:
-        return default, (
-            f"default for {device.type}; accelerate's mixed_precision={launched!r} is its "
-            "default, not a choice (--mixed-precision no for fp32)"
-        )
-    return default, "default for " + device.type
-
-
-def graph_unavailable(
-    device: torch.device, has_pool: bool, accelerator, mixed_precision: str | None = None
-) -> str | None:
-    """Why the CUDA-graph step cannot run here, or None when it can."""
-    if device.type != "cuda":
-        return f"the device is {device.type}, not CUDA"
-    if not has_pool:
-        return "additive runs draw fresh valuations (no device-resident pool)"
-    if accelerator is not None and accelerator.num_processes > 1:
-        return "several processes (use eager under accelerate launch)"
-    if mixed_precision is None and accelerator is not None:
-        mixed_precision = accelerator.mixed_precision
-    if mixed_precision == "fp16":
-        return "fp16 needs a gradient scaler (use bf16 or eager)"
-    return None
-
-
 def build_schedule(cfg: Config) -> InvTempSchedule:
     s = cfg.stage2.inv_temp
     return InvTempSchedule(
@@ -185,27 +138,6 @@ def build_schedule(cfg: Config) -> InvTempSchedule:
 def eval_noise(menu: Menu, seed: int) -> torch.Tensor:
     """The one recorded noise draw that freezes the menu (validation and the final report)."""
     return torch.randn(menu.means.shape, generator=torch.Generator().manual_seed(seed))
-
-
-def step_seed(seed: int, stream: str, step: int) -> int:
-    """A 63-bit seed for draw ``stream`` at ``step``: the draws are a function of
-    (seed, step), not of a generator's history, so runs with any number of processes or
-    layouts (and resumed runs) see the same batches and noise."""
-    digest = hashlib.blake2b(f"{seed}/{stream}/{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def flow_dtype(mixed_precision: str | None, device: torch.device) -> torch.dtype | None:
-    """The flow network's autocast dtype for ``--mixed-precision`` (None: float32)."""
-    if mixed_precision in (None, "no"):
-        return None
-    if mixed_precision == "fp16" and device.type == "cpu":
-        logger.warning("mixed precision fp16 has no effect on the CPU; the flow runs in fp32")
-        return None
-    return MIXED_DTYPES[mixed_precision]
 
 
 def menu_like(menu: Menu, state: dict) -> Menu:
@@ -228,7 +160,8 @@ class Stage2Parts:
     ``parallel``: ``single`` (one process), ``shard`` (this rank owns menu elements
     ``[lo, hi)`` of ``n_elements`` and the whole batch) or ``replicate`` (the whole menu and
     ``1/world`` of the batch; gradients averaged). ``fallback``: posted prices offered as
-    option J (normalised money, on the device), or None.
+    option J (normalised money, on the device), or None. ``step``: the one step
+    (:class:`bundleflow.fast_step.Stage2Step`) in the plan's mode, kernels and layout.
     """
 
     flow: VelocityField
@@ -238,15 +171,13 @@ class Stage2Parts:
     mix_factor: float
     seed: int
     n_elements: int
+    plan: StepPlan
     comm: Comm = field(default_factory=Comm)
     parallel: str = "single"
     lo: int = 0
-    q_dtype: torch.dtype | None = None
-    scaler: object | None = None
     fallback: PostedPrices | None = None
-    kernel_mode: str = "plain"
-    _noise_gen: torch.Generator | None = None
-    _batch_gen: torch.Generator = field(default_factory=torch.Generator)
+    step: Stage2Step | None = None
+    generator: torch.Generator | None = None  # the step's draws (None: default CUDA one)
 
     @property
     def net(self) -> Menu:
@@ -260,26 +191,25 @@ class Stage2Parts:
     def mix_temp(self) -> float:
         return self.schedule.value * self.mix_factor
 
-    # -- the step's draws: functions of (seed, step), the same under any layout
+    def advance(self, step: int) -> torch.Tensor:
+        """Step ``step``: one optimizer step, then the λ update. Returns −R̃ on the device
+        (over the global batch under ``shard``; this rank's part under ``replicate``)."""
+        assert self.step is not None
+        loss = self.step(self.schedule.value, self.mix_temp())
+        self.schedule.update(step, self.mean_support_location)
+        return loss
 
-    def noise(self, step: int) -> torch.Tensor:
-        """ε ``[J_local, D, m]``: this rank's rows of the step's ``[J, D, m]`` draw."""
-        net = self.net
-        if self._noise_gen is None:
-            self._noise_gen = torch.Generator(device=net.means.device)
-        self._noise_gen.manual_seed(step_seed(self.seed, "noise", step))
-        shape = (self.n_elements, *net.means.shape[1:])
-        eps = torch.randn(shape, generator=self._noise_gen, device=net.means.device)
-        return eps[self.lo : self.hi] if self.parallel == "shard" else eps
+    def rng_state(self) -> dict:
+        """The state of the generator the step draws from (for checkpoints)."""
+        if self.generator is not None:
+            return {"generator": self.generator.get_state()}
+        return {"cuda": torch.cuda.get_rng_state(self.plan.device)}
 
-    def batch(self, data: RunData, step: int, size: int) -> torch.Tensor:
-        """This rank's part of the step's global batch of ``size`` valuations."""
-        self._batch_gen.manual_seed(step_seed(self.seed, "batch", step))
-        batch = data.batch(size, self._batch_gen, self.net.means.device)
-        if self.parallel != "replicate":
-            return batch
-        part = size // self.comm.world
-        return batch[self.comm.rank * part : (self.comm.rank + 1) * part]
+    def set_rng_state(self, state: dict) -> None:
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
+        elif self.generator is None and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.plan.device)
 
     # -- whole-menu views (collectives under ``shard``)
 
@@ -336,14 +266,14 @@ def setup_stage2(
     cfg: Config,
     flow: VelocityField,
     data: RunData,
-    device: torch.device,
+    plan: StepPlan,
     *,
-    capturable: bool = False,
     comm: Comm | None = None,
-    mixed_precision: str | None = None,
 ) -> Stage2Parts:
-    """Frozen flow, initial menu (this rank's shard of it), optimizer, λ schedule."""
+    """Frozen flow, initial menu (this rank's shard of it), optimizer, λ schedule, and the
+    one step as ``plan`` says it runs (its draws seeded by ``stage2.seed``)."""
     comm = comm or Comm()
+    device = plan.device
     full = build_menu(cfg, data)  # the same on every rank: one seed
     fallback = build_fallback(cfg, data)
     if fallback is not None and cfg.menu.posted_price_init:
@@ -351,8 +281,7 @@ def setup_stage2(
         price_at_fallback(full, flow, fallback, mix, eval_noise(full, cfg.eval.seed))
         logger.info("menu: elements start at the fallback's price of their lottery")
     parallel = cfg.stage2.parallel if comm.active else "single"
-    lo = 0
-    menu = full
+    lo, menu = 0, full
     if parallel == "shard":
         lo, hi = comm.shard(cfg.menu.size)
         if hi == lo:
@@ -367,134 +296,395 @@ def setup_stage2(
             f"{comm.world} processes (stage2.parallel=replicate splits the batch)"
         )
     menu = menu.to(device)
-    q_dtype = flow_dtype(mixed_precision, device)
-    scaler = None
-    if q_dtype == torch.float16:
-        scaler = torch.amp.GradScaler(device.type)
-    return Stage2Parts(
+    graph = plan.step_mode.value == "graph"
+    parts = Stage2Parts(
         flow=freeze_flow(flow).to(device),
         menu=menu,
-        optimizer=build_optimizer(menu, cfg, device, capturable=capturable),
+        optimizer=build_optimizer(menu, cfg, device, capturable=graph),
         schedule=build_schedule(cfg),
         mix_factor=cfg.stage2.inv_temp.mixture_factor,
         seed=cfg.stage2.seed,
         n_elements=cfg.menu.size,
+        plan=plan,
         comm=comm,
         parallel=parallel,
         lo=lo,
-        q_dtype=q_dtype,
-        scaler=scaler,
         fallback=None if fallback is None else fallback.to(device),
-        kernel_mode=resolve_kernels(cfg.stage2.kernels, device, q_dtype is not None),
+    )
+    parts.step = build_step(parts, cfg, data)
+    return parts
+
+
+def build_step(parts: Stage2Parts, cfg: Config, data: RunData) -> Stage2Step:
+    """The step in the plan's mode. Its draws come from one generator seeded once: a CPU
+    generator on the CPU; on CUDA the default CUDA generator (the graph advances it as eager
+    calls do), so eager and graph runs of one seed draw the same numbers."""
+    plan, s2, device = parts.plan, cfg.stage2, parts.plan.device
+    if device.type == "cuda":
+        torch.cuda.manual_seed(s2.seed)
+        parts.generator = None
+    else:
+        parts.generator = torch.Generator(device=device).manual_seed(s2.seed)
+    sample = None
+    if data.train is None:  # additive: fresh U[0,1]^m draws every step
+
+        def sample(size: int, gen: torch.Generator | None) -> torch.Tensor:
+            draws = torch.rand(size, data.n_items, generator=gen, device=device)
+            return draws / data.scale
+
+    layout = Layout(parts.parallel, parts.comm, parts.lo, parts.n_elements)
+    scaler = torch.amp.GradScaler(device.type) if plan.q_dtype == torch.float16 else None
+    return Stage2Step(
+        parts.net,
+        parts.flow,
+        parts.optimizer,
+        data.train,
+        s2.batch_size,
+        n_steps=cfg.flow.euler_steps,
+        path=s2.path,
+        mode=plan.step_mode.value,
+        tf32=s2.tf32,
+        exact_density_grad=s2.exact_density_grad,
+        q_dtype=plan.q_dtype,
+        generator=parts.generator,
+        fallback=parts.fallback,
+        kernels=plan.kernels.value,
+        layout=layout,
+        scaler=scaler,
+        sample=sample,
     )
 
 
-def sharded_soft_revenue(
-    utilities: torch.Tensor,
-    prices: torch.Tensor,
-    inv_temp: float,
-    comm: Comm,
-    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft revenue when each rank holds the utilities ``[B, J_local]`` of its elements.
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every resumable checkpoint."""
 
-    With a_bj = λ·u_bj, c_b = max(0, max_j a_bj) over all ranks, n_b = Σ_local e^{a−c}·p,
-    d_b = Σ_local e^{a−c}: N = Σ_ranks n, D = Σ_ranks d + e^{−c} (the walk-away column) and
-    R̃ = mean_b N_b / D_b. Only [B]-sized vectors cross ranks. Returns (surrogate, R̃): the
-    surrogate mean_b (n_b/D_b − N_b·d_b/D_b²), with N and D constants, has exactly the
-    gradient of R̃ with respect to this rank's parameters (the other ranks' terms do not
-    depend on them), so no collective needs a backward pass.
+    step: int = 0
+    best_val: float = float("-inf")
+    best_step: int = 0
+    since_best: int = 0
+    wall_before: float = 0.0  # seconds of earlier sessions of this run
+    best_mix_temp: float = 0.0
+    validation_time: float = 0.0  # seconds spent validating (all sessions)
 
-    ``extra = (u_x, c_x)`` (e.g. the fallback), the same ``[B]`` on every rank (every rank
-    holds the whole batch), is counted once like the walk-away column: c includes λ·u_x,
-    and after the reduction N += e^{λu_x−c}·c_x, D += e^{λu_x−c}. It has no parameters.
+
+class Stage2Trainer:
+    """Stage 2 as a recipe: :meth:`fit` steps, validates, checkpoints and freezes.
+
+    Under several processes every rank builds one and calls :meth:`fit`; only the main
+    process logs metrics, evaluates and writes files. The step itself is the one
+    :class:`bundleflow.fast_step.Stage2Step`, in the mode ``plan`` resolved.
     """
-    logits = utilities * inv_temp  # (B, J_local)
-    with torch.no_grad():
-        top = logits.amax(dim=1).clamp(min=0)
-        if extra is not None:
-            extra_logit = extra[0].to(logits.dtype) * inv_temp  # (B,)
-            top = torch.maximum(top, extra_logit)
-        top = comm.all_reduce(top, "max")
-    weights = torch.exp(logits - top[:, None])
-    num = weights @ prices  # (B,)
-    den = weights.sum(dim=1)
-    with torch.no_grad():
-        totals = comm.all_reduce(torch.stack([num, den]).detach())
-        big_n, big_d = totals[0], totals[1] + torch.exp(-top)
-        if extra is not None:
-            extra_weight = torch.exp(extra_logit - top)
-            big_n = big_n + extra_weight * extra[1].to(big_n.dtype)
-            big_d = big_d + extra_weight
-    surrogate = (num / big_d - big_n / big_d**2 * den).mean()
-    return surrogate, (big_n / big_d).mean()
 
+    def __init__(
+        self,
+        cfg: Config,
+        flow: VelocityField,
+        data: RunData,
+        run: Run,
+        plan: StepPlan,
+        *,
+        accelerator=None,
+        show_progress: bool = True,
+    ) -> None:
+        self.cfg, self.data, self.run, self.plan = cfg, data, run, plan
+        self.comm = Comm.from_accelerator(accelerator)
+        self.parts = setup_stage2(cfg, flow, data, plan, comm=self.comm)
+        if self.comm.active:
+            logger.info(
+                "stage 2: {} processes, parallel={} (this rank: elements {}..{})",
+                self.comm.world,
+                self.parts.parallel,
+                self.parts.lo,
+                self.parts.hi - 1,
+            )
+        J, D, m = cfg.menu.size, cfg.menu.support, data.n_items
+        eps = torch.randn((J, D, m), generator=torch.Generator().manual_seed(cfg.eval.seed))
+        self.eps_eval = eps.to(plan.device)
+        self.state = LoopState(best_mix_temp=self.parts.mix_temp())
+        self.ckpt_dir = run.dir / CHECKPOINTS
+        self.data_record = {k: data.info.get(k) for k in ("path", "sha256", "money_scale", "kind")}
+        self.saved_step = -1  # the step of the last resumable checkpoint on disk
+        self.best_menu: dict = {}
+        self.show_progress = show_progress and run.main_process
+        all_min = (lambda t: self.comm.all_reduce(t, "min")) if self.comm.active else None
+        self.guard = FiniteGuard(plan.device, stage="stage 2", all_reduce_min=all_min)
 
-def step_loss(parts: Stage2Parts, cfg: Config, batch, eps) -> tuple[torch.Tensor, torch.Tensor]:
-    """(what to differentiate, −R̃ to report) for one step's batch and noise."""
-    s2, net = cfg.stage2, parts.net
-    kernels = kernels_for(parts.kernel_mode) if s2.path == "fast" else None
-    if parts.parallel != "shard":
-        loss, _ = stage2_loss(
-            net,
-            parts.flow,
-            batch,
-            parts.schedule.value,
-            parts.mix_temp(),
-            eps,
-            n_steps=cfg.flow.euler_steps,
-            path=s2.path,
-            exact_density_grad=s2.exact_density_grad,
-            q_dtype=parts.q_dtype,
-            fallback=parts.fallback,
-            kernels=kernels,
+    # -- one step, validation --------------------------------------------------------------
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step and the λ update; −R̃ on the device (no host sync)."""
+        self.state.step += 1
+        return self.parts.advance(self.state.step)
+
+    def validate(self) -> tuple[float, Menu]:
+        """Hard validation revenue of the frozen menu (main process; broadcast), whole menu."""
+        full = self.parts.full_menu()  # collective under shard
+        val = float("nan")
+        if self.run.main_process:
+            val = (
+                self.frozen(full, self.parts.mix_temp()).revenue(
+                    self.data.val, batch_size=self.cfg.eval.batch_size
+                )
+                * self.data.scale
+            )
+        return self.comm.broadcast_floats([val], self.plan.device)[0], full
+
+    def evaluate(self, elapsed: float) -> bool:
+        """Validate, keep the best, log; True when patience says stop."""
+        started = time.monotonic()
+        val, full = self.validate()
+        st, s2 = self.state, self.cfg.stage2
+        improved = val > st.best_val
+        if improved:
+            st.best_val, st.best_step, st.since_best = val, st.step, 0
+            st.best_mix_temp = self.parts.mix_temp()
+            self.save_best(full, val)
+        else:
+            st.since_best += 1
+        schedule = self.parts.schedule
+        self.run.metrics(
+            stage=2,
+            step=st.step,
+            val_revenue=val,
+            best_val_revenue=st.best_val,
+            inv_temp=schedule.value,
+            wall_time=elapsed,
         )
-        return loss, loss
-    lottery_kw = {
-        "n_steps": cfg.flow.euler_steps,
-        "exact_density_grad": s2.exact_density_grad,
-        "q_dtype": parts.q_dtype,
-    }
-    if kernels is not None:
-        fused = fused_lotteries(
-            net, parts.flow, parts.mix_temp(), eps, kernels=kernels, **lottery_kw
+        logger.info(
+            "stage 2 step {}: validation revenue {:.4g}{} (λ {:.4g}, {:.0f}s)",
+            st.step,
+            val,
+            " *best*" if improved else "",
+            schedule.value,
+            elapsed,
         )
-        utilities = fused_utilities(fused, net.prices, batch, kernels)
-    else:
-        lot = net.lotteries(parts.flow, parts.mix_temp(), eps=eps, path=s2.path, **lottery_kw)
-        utilities = net.utilities(lot, batch)
-    extra = None if parts.fallback is None else parts.fallback.outcome(batch)
-    surrogate, revenue = sharded_soft_revenue(
-        utilities, net.prices, parts.schedule.value, parts.comm, extra
-    )
-    return -surrogate, -revenue
+        gpu = gpu_status_line(self.plan.device)  # None off CUDA: telemetry at this cadence
+        if gpu is not None and self.run.main_process:
+            logger.info("stage 2 step {}: {}", st.step, gpu)
+        st.validation_time += time.monotonic() - started
+        return s2.patience is not None and st.since_best >= s2.patience
 
+    def frozen(self, menu: Menu, mix_temp: float, **kw) -> FrozenMechanism:
+        return FrozenMechanism.freeze(
+            menu,
+            self.parts.flow,
+            mix_temp,
+            eps=self.eps_eval,
+            n_steps=self.cfg.flow.euler_steps,
+            fallback=self.parts.fallback,
+            **kw,
+        )
 
-def train_step(parts: Stage2Parts, cfg: Config, data: RunData, step: int) -> torch.Tensor:
-    """One Stage-2 step (the step's batch and ε, loss, backward, optimizer, λ update).
+    # -- checkpoints -----------------------------------------------------------------------
 
-    Returns −R̃ (over the global batch under ``shard``; this rank's part under ``replicate``).
-    """
-    batch = parts.batch(data, step, cfg.stage2.batch_size)
-    loss, reported = step_loss(parts, cfg, batch, parts.noise(step))
-    optimizer, scaler = parts.optimizer, parts.scaler
-    optimizer.zero_grad(set_to_none=True)
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-    if parts.parallel == "replicate":  # average gradients: one flat all-reduce
-        grads = [p.grad for p in parts.net.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        parts.comm.all_reduce(flat).div_(parts.comm.world)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    parts.schedule.update(step, parts.mean_support_location)
-    return reported.detach()
+    def last_good(self) -> str | None:
+        done = self.saved_step
+        return str(self.ckpt_dir / f"step-{done:09d}") if done >= 0 else None
+
+    def save(self) -> None:
+        """A resumable checkpoint of this step (never of a diverged state)."""
+        st = self.state
+        if self.saved_step == st.step:
+            return  # already on disk
+        self.guard.update(None, self.parts.net.parameters())
+        self.guard.check(st.step, last_good=self.last_good())
+        menu_state, opt_tensors, opt_rest = self.parts.full_state()  # collective under shard
+        self.saved_step = st.step
+        if not self.run.main_process:
+            return
+        extra = {
+            "schedule": self.parts.schedule.state_dict(),
+            "optimizer": opt_rest,
+            "loop": asdict(st),
+            "data": self.data_record,
+            "processes": self.comm.world,
+            "parallel": self.parts.parallel,
+        }
+        components = {"menu": menu_state, "optimizer": opt_tensors, "rng": self.parts.rng_state()}
+        write_checkpoint(
+            self.ckpt_dir / f"step-{st.step:09d}",
+            components,
+            step=st.step,
+            config=to_dict(self.cfg),
+            extra=extra,
+        )
+        prune(self.ckpt_dir, self.cfg.stage2.keep_checkpoints)
+
+    def restore(self) -> None:
+        """Continue from the latest resumable checkpoint."""
+        found = latest(self.ckpt_dir)
+        if found is None:
+            raise BundleflowError(f"{self.ckpt_dir}: no checkpoint to resume from")
+        components, manifest = read_checkpoint(found)
+        extra = manifest["extra"]
+        parts = self.parts
+        parts.load_full_state(components["menu"], components["optimizer"], extra["optimizer"])
+        parts.schedule.load_state_dict(extra["schedule"])
+        known = {f.name for f in fields(LoopState)}
+        self.state = LoopState(**{k: v for k, v in extra["loop"].items() if k in known})
+        parts.set_rng_state(components.get("rng", {}))
+        self.saved_step = self.state.step
+        logger.info("resumed from {} (step {})", found, self.state.step)
+
+    def save_best(self, full: Menu, val: float) -> None:
+        """The menu with the best validation revenue so far, with the λ it was frozen at."""
+        if not self.run.main_process:
+            return
+        extra = {
+            "mix_temp": self.state.best_mix_temp,
+            "inv_temp": self.parts.schedule.value,
+            "val_revenue": val,
+            "data": self.data_record,
+        }
+        replace_checkpoint(
+            self.run.dir / BEST,
+            {"menu": dict(full.state_dict())},
+            step=self.state.step,
+            config=to_dict(self.cfg),
+            extra=extra,
+        )
+        menu = {k: v.detach().cpu().clone() for k, v in full.state_dict().items()}
+        self.best_menu = {"menu": menu, "extra": extra}
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def fit(
+        self, *, max_steps: int | None = None, max_time: float | None = None, resume: bool = False
+    ) -> Stage2Result:
+        s2, st = self.cfg.stage2, self.state
+        total = max_steps or s2.steps
+        max_time = max_time if max_time is not None else s2.max_time
+        if resume:
+            self.restore()
+            st = self.state
+        if self.parts.fallback is not None and st.step == 0:
+            self.evaluate(0.0)  # the untrained menu beside the fallback is a candidate too
+        bar = ProgressBar(
+            total, "stage 2", enabled=None if self.show_progress else False, unit="steps"
+        )
+        start, losses, reason = time.monotonic(), [], "max-steps"
+        with StopRequest() as stop:
+            try:
+                while st.step < total:
+                    losses.append(self.step())
+                    self.guard.update(losses[-1])  # on the device: no sync
+                    elapsed = st.wall_before + time.monotonic() - start
+                    if st.step % s2.log_every == 0:
+                        self.log_progress(losses, elapsed)
+                    at_eval = st.step % s2.eval_every == 0 or st.step == total
+                    if at_eval and self.evaluate(elapsed):
+                        reason = "patience"
+                        break
+                    if st.step % s2.checkpoint_every == 0:
+                        st.wall_before, start = elapsed, time.monotonic()
+                        self.save()
+                    bar(st.step)
+                    reason = self.should_stop(stop, elapsed, max_time) or reason
+                    if reason in ("signal", "max-time"):
+                        break
+            except KeyboardInterrupt:  # a second signal: checkpoint what we have (one process)
+                bar.close()
+                st.wall_before += time.monotonic() - start
+                if not self.comm.active:
+                    self.save()
+                logger.warning(
+                    "interrupted at step {}; resume with --resume {}", st.step, self.run.dir
+                )
+                raise
+        bar.close()
+        st.wall_before += time.monotonic() - start
+        return self.finish(reason)
+
+    def log_progress(self, losses: list[torch.Tensor], elapsed: float) -> None:
+        """Every ``log_every`` steps: the finite check (one sync) and the soft revenue."""
+        st = self.state
+        self.guard.update(losses[-1], self.parts.net.parameters())
+        self.guard.check(st.step, last_good=self.last_good())  # agreed by the ranks
+        mean_loss = torch.stack(losses).mean().reshape(1)
+        losses.clear()
+        if self.parts.parallel == "replicate":
+            mean_loss = self.comm.all_reduce(mean_loss) / self.comm.world
+        soft = -float(mean_loss) * self.data.scale
+        inv = self.parts.schedule.value
+        self.run.metrics(stage=2, step=st.step, soft_revenue=soft, inv_temp=inv, wall_time=elapsed)
+        logger.debug("stage 2 step {} soft revenue {:.4g} λ {:.4g}", st.step, soft, inv)
+
+    def should_stop(self, stop: StopRequest, elapsed: float, max_time: float | None) -> str:
+        """``signal``, ``max-time`` or '' — the ranks' common decision (one collective every
+        ``stage2.sync_every`` steps)."""
+        out_of_time = max_time is not None and elapsed >= max_time
+        if not self.comm.active:
+            by_signal, by_time = stop.requested, out_of_time
+        elif self.state.step % self.cfg.stage2.sync_every:
+            return ""
+        else:
+            flags = torch.tensor(
+                [float(stop.requested), float(out_of_time and self.comm.main)],
+                device=self.plan.device,
+            )
+            by_signal, by_time = (x > 0 for x in self.comm.all_reduce(flags, "max").tolist())
+        return "signal" if by_signal else "max-time" if by_time else ""
+
+    def finish(self, reason: str) -> Stage2Result:
+        """After the loop: a checkpoint; unless stopped by a signal, the frozen best menu."""
+        st = self.state
+        mechanism = None
+        if reason == "signal":
+            self.save()
+            logger.warning(
+                "stopped by a signal at step {}; checkpoint written; resume with --resume {}",
+                st.step,
+                self.run.dir,
+            )
+        else:
+            if st.best_val == float("-inf"):  # stopped before any evaluation: evaluate now
+                self.evaluate(st.wall_before)
+            self.save()
+            mechanism = self.freeze()
+            logger.info(
+                "stage 2 done: {} steps ({}), best validation revenue {:.4g} at step {}",
+                st.step,
+                reason,
+                st.best_val,
+                st.best_step,
+            )
+        return Stage2Result(
+            steps=st.step,
+            best_step=st.best_step,
+            best_val_revenue=st.best_val,
+            stop_reason=reason,
+            wall_time=st.wall_before,
+            mechanism=mechanism,
+            validation_time=st.validation_time,
+        )
+
+    def freeze(self) -> FrozenMechanism | None:
+        """The best validation menu frozen with the recorded noise, saved (main process)."""
+        mech = None
+        if self.run.main_process:
+            if self.best_menu:
+                menu_state, extra = self.best_menu["menu"], self.best_menu["extra"]
+            else:  # the best menu is from before a resume
+                components, manifest = read_checkpoint(self.run.dir / BEST)
+                menu_state, extra = components["menu"], manifest["extra"]
+            best = menu_like(self.parts.net, menu_state).to(self.plan.device)
+            st = self.state
+            meta = {
+                "best_step": st.best_step,
+                "val_revenue": st.best_val,
+                "eval_seed": self.cfg.eval.seed,
+            }
+            mech = self.frozen(
+                best,
+                extra["mix_temp"],
+                inv_temp=extra.get("inv_temp"),
+                money_scale=self.data.scale,
+                meta=meta,
+            ).to("cpu")
+            mech.save(self.run.dir / MECHANISM_FILE)
+        self.comm.barrier()
+        return mech
 
 
 def train_stage2(
@@ -502,353 +692,23 @@ def train_stage2(
     flow: VelocityField,
     data: RunData,
     run: Run,
-    device: torch.device,
+    plan: StepPlan,
     *,
     accelerator=None,
     max_steps: int | None = None,
     max_time: float | None = None,
     resume: bool = False,
     show_progress: bool = True,
-    mixed_precision: str | None = None,
 ) -> Stage2Result:
-    """The Stage-2 loop; a plain function. Under several processes every rank calls it;
-    only the main process logs metrics, evaluates and writes files."""
-    s2 = cfg.stage2
-    comm = Comm.from_accelerator(accelerator)
-    if mixed_precision is None:
-        mixed_precision = accelerator.mixed_precision if accelerator is not None else None
-    mixed = mixed_precision
-    total_steps = max_steps or s2.steps
-    max_time = max_time if max_time is not None else s2.max_time
-    reason = graph_unavailable(device, data.train is not None, accelerator, mixed)
-    if s2.step_mode == "graph" and reason is not None:
-        raise BundleflowError(f"config key 'stage2.step_mode': graph is unavailable: {reason}")
-    use_graph = s2.step_mode != "eager" and reason is None
-    if use_graph:
-        torch.cuda.manual_seed(s2.seed + 2)  # the graph draws batches and ε from this generator
-    elif s2.step_mode == "auto" and device.type == "cuda":
-        logger.info("stage 2: eager steps ({})", reason)
-    parts = setup_stage2(
-        cfg, flow, data, device, capturable=use_graph, comm=comm, mixed_precision=mixed
+    """Stage 2 of a run: build the trainer and fit."""
+    trainer = Stage2Trainer(
+        cfg, flow, data, run, plan, accelerator=accelerator, show_progress=show_progress
     )
-    if comm.active:
-        logger.info(
-            "stage 2: {} processes, parallel={} (this rank: elements {}..{})",
-            comm.world,
-            parts.parallel,
-            parts.lo,
-            parts.hi - 1,
-        )
-    flow, schedule, mix_factor = parts.flow, parts.schedule, parts.mix_factor
-    J, D, m = cfg.menu.size, cfg.menu.support, data.n_items
-    eps_eval = torch.randn((J, D, m), generator=torch.Generator().manual_seed(cfg.eval.seed))
-    eps_eval = eps_eval.to(device)
-    state = {
-        "step": 0,
-        "best_val": float("-inf"),
-        "best_step": 0,
-        "since_best": 0,
-        "wall_before": 0.0,
-        "best_mix_temp": schedule.value * mix_factor,
-    }
-    ckpt_dir = run.dir / CHECKPOINTS
-    data_record = {k: data.info.get(k) for k in ("path", "sha256", "money_scale", "kind")}
-    if resume:
-        rng = _restore(ckpt_dir, parts, state)
-        if use_graph and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-    net: Menu = parts.net
-    stepper = None
-    if use_graph:
-        stepper = Stage2Step(
-            net,
-            flow,
-            parts.optimizer,
-            data.train,
-            s2.batch_size,
-            n_steps=cfg.flow.euler_steps,
-            path=s2.path,
-            mode="graph",
-            tf32=s2.tf32,
-            exact_density_grad=s2.exact_density_grad,
-            q_dtype=parts.q_dtype,
-            fallback=parts.fallback,
-            kernels=parts.kernel_mode,
-        )
-        logger.info("stage 2: CUDA-graph step (captured after {} eager steps)", stepper.warmup)
-    saved_step = {"resumable": state["step"] if resume else -1}
-    best_menu: dict = {}
-
-    guard = FiniteGuard(
-        device,
-        stage="stage 2",
-        all_reduce_min=(lambda t: comm.all_reduce(t, "min")) if comm.active else None,
-    )
-
-    def last_good() -> str | None:
-        done = saved_step["resumable"]
-        return str(ckpt_dir / f"step-{done:09d}") if done >= 0 else None
-
-    def save_resumable() -> None:
-        if saved_step["resumable"] == state["step"]:
-            return  # this step is already on disk
-        guard.update(None, parts.net.parameters())
-        guard.check(state["step"], last_good=last_good())  # never checkpoint a diverged state
-        menu_state, opt_tensors, opt_rest = parts.full_state()  # collective under shard
-        saved_step["resumable"] = state["step"]
-        if not run.main_process:
-            return
-        rng = {"cuda": torch.cuda.get_rng_state(device)} if use_graph else {}
-        components = {"menu": menu_state, "optimizer": opt_tensors}
-        if rng:
-            components["rng"] = rng
-        extra = {
-            "schedule": schedule.state_dict(),
-            "optimizer": opt_rest,
-            "loop": state,
-            "data": data_record,
-            "processes": comm.world,
-            "parallel": parts.parallel,
-        }
-        write_checkpoint(
-            ckpt_dir / f"step-{state['step']:09d}",
-            components,
-            step=state["step"],
-            config=to_dict(cfg),
-            extra=extra,
-        )
-        prune(ckpt_dir, s2.keep_checkpoints)
-
-    def save_best(full: Menu, val: float) -> None:
-        """The menu with the best validation revenue so far, with the λ it was frozen at."""
-        if not run.main_process:
-            return
-        extra = {
-            "mix_temp": state["best_mix_temp"],
-            "inv_temp": schedule.value,
-            "val_revenue": val,
-            "data": data_record,
-        }
-        replace_checkpoint(
-            run.dir / BEST,
-            {"menu": dict(full.state_dict())},
-            step=state["step"],
-            config=to_dict(cfg),
-            extra=extra,
-        )
-        best_menu.clear()
-        best_menu.update(
-            menu={k: v.detach().cpu().clone() for k, v in full.state_dict().items()}, extra=extra
-        )
-
-    def validate() -> tuple[float, Menu]:
-        """Hard validation revenue (main process; broadcast) and the whole menu."""
-        full = parts.full_menu()  # collective under shard
-        val = float("nan")
-        if run.main_process:
-            mech = FrozenMechanism.freeze(
-                full,
-                flow,
-                schedule.value * mix_factor,
-                eps=eps_eval,
-                n_steps=cfg.flow.euler_steps,
-                fallback=parts.fallback,
-            )
-            val = mech.revenue(data.val, batch_size=cfg.eval.batch_size) * data.scale
-        return comm.broadcast_floats([val], device)[0], full
-
-    def evaluate_now(step: int, elapsed: float) -> bool:
-        """Validate, keep the best; True when patience says stop."""
-        val, full = validate()
-        improved = val > state["best_val"]
-        if improved:
-            state.update(
-                best_val=val,
-                best_step=step,
-                since_best=0,
-                best_mix_temp=schedule.value * mix_factor,
-            )
-            save_best(full, val)
-        else:
-            state["since_best"] += 1
-        run.metrics(
-            stage=2,
-            step=step,
-            val_revenue=val,
-            best_val_revenue=state["best_val"],
-            inv_temp=schedule.value,
-            wall_time=elapsed,
-        )
-        logger.info(
-            "stage 2 step {}: validation revenue {:.4g}{} (λ {:.4g}, {:.0f}s)",
-            step,
-            val,
-            " *best*" if improved else "",
-            schedule.value,
-            elapsed,
-        )
-        gpu = gpu_status_line(device) if run.main_process else None  # None off CUDA
-        if gpu is not None:
-            logger.info("stage 2 step {}: {}", step, gpu)
-        return s2.patience is not None and state["since_best"] >= s2.patience
-
-    def agree(stop: StopRequest, elapsed: float, step: int) -> tuple[bool, bool]:
-        """(signal, time): the ranks' common decision; one collective every sync_every steps."""
-        out_of_time = max_time is not None and elapsed >= max_time
-        if not comm.active:
-            return stop.requested, out_of_time
-        if step % s2.sync_every:
-            return False, False
-        flags = torch.tensor(
-            [float(stop.requested), float(out_of_time and comm.main)], device=device
-        )
-        signal_flag, time_flag = comm.all_reduce(flags, "max").tolist()
-        return signal_flag > 0, time_flag > 0
-
-    start = time.monotonic()
-    bar = ProgressBar(
-        total_steps,
-        "stage 2",
-        enabled=None if show_progress and run.main_process else False,
-        unit="steps",
-    )
-    stop_reason = "max-steps"
-    recent_loss = []
-    if parts.fallback is not None and state["step"] == 0:
-        # The untrained menu beside the fallback is a candidate too: with
-        # menu.posted_price_init it earns the fallback's revenue, a floor for selection.
-        evaluate_now(0, 0.0)
-    with StopRequest() as stop:
-        try:
-            while state["step"] < total_steps:
-                state["step"] += 1
-                step = state["step"]
-                if stepper is None:
-                    recent_loss.append(train_step(parts, cfg, data, step))
-                else:
-                    recent_loss.append(stepper(schedule.value, parts.mix_temp()))
-                    schedule.update(step, parts.mean_support_location)
-                guard.update(recent_loss[-1])  # the loss, on the device: no sync
-                elapsed = state["wall_before"] + time.monotonic() - start
-                if step % s2.log_every == 0:
-                    guard.update(recent_loss[-1], net.parameters())
-                    guard.check(step, last_good=last_good())  # one sync, agreed by the ranks
-                    mean_loss = torch.stack(recent_loss).mean().reshape(1)
-                    recent_loss.clear()
-                    if parts.parallel == "replicate":
-                        mean_loss = comm.all_reduce(mean_loss) / comm.world
-                    soft = -float(mean_loss) * data.scale
-                    run.metrics(
-                        stage=2,
-                        step=step,
-                        soft_revenue=soft,
-                        inv_temp=schedule.value,
-                        wall_time=elapsed,
-                    )
-                    logger.debug(
-                        "stage 2 step {} soft revenue {:.4g} λ {:.4g}", step, soft, schedule.value
-                    )
-                at_eval = step % s2.eval_every == 0 or step == total_steps
-                if at_eval and evaluate_now(step, elapsed):
-                    stop_reason = "patience"
-                    break
-                if step % s2.checkpoint_every == 0:
-                    state["wall_before"] = elapsed
-                    start = time.monotonic()
-                    save_resumable()
-                bar(step)
-                by_signal, by_time = agree(stop, elapsed, step)
-                if by_signal:
-                    stop_reason = "signal"
-                    break
-                if by_time:
-                    stop_reason = "max-time"
-                    break
-        except KeyboardInterrupt:  # a second signal: checkpoint what we have (one process)
-            bar.close()
-            state["wall_before"] += time.monotonic() - start
-            if not comm.active:
-                save_resumable()
-            logger.warning(
-                "interrupted at step {}; resume with --resume {}", state["step"], run.dir
-            )
-            raise
-    bar.close()
-    state["wall_before"] += time.monotonic() - start
-    start = time.monotonic()
-
-    def finished(mechanism: FrozenMechanism | None) -> Stage2Result:
-        return Stage2Result(
-            steps=state["step"],
-            best_step=state["best_step"],
-            best_val_revenue=state["best_val"],
-            stop_reason=stop_reason,
-            wall_time=state["wall_before"],
-            mechanism=mechanism,
-        )
-
-    if stop_reason == "signal":
-        save_resumable()
-        logger.warning(
-            "stopped by a signal at step {}; checkpoint written; resume with --resume {}",
-            state["step"],
-            run.dir,
-        )
-        return finished(None)
-    if state["best_val"] == float("-inf"):  # stopped before any evaluation: evaluate now
-        evaluate_now(state["step"], state["wall_before"])
-    save_resumable()
-    mech = None
-    if run.main_process:
-        if best_menu:
-            menu_state, extra = best_menu["menu"], best_menu["extra"]
-        else:  # the best menu is from before a resume
-            components, manifest = read_checkpoint(run.dir / BEST)
-            menu_state, extra = components["menu"], manifest["extra"]
-        best = menu_like(net, menu_state).to(device)
-        mech = FrozenMechanism.freeze(
-            best,
-            flow,
-            extra["mix_temp"],
-            inv_temp=extra.get("inv_temp"),
-            eps=eps_eval,
-            n_steps=cfg.flow.euler_steps,
-            money_scale=data.scale,
-            fallback=parts.fallback,
-            meta={
-                "best_step": state["best_step"],
-                "val_revenue": state["best_val"],
-                "eval_seed": cfg.eval.seed,
-            },
-        ).to("cpu")
-        mech.save(run.dir / MECHANISM_FILE)
-    comm.barrier()
-    logger.info(
-        "stage 2 done: {} steps ({}), best validation revenue {:.4g} at step {}",
-        state["step"],
-        stop_reason,
-        state["best_val"],
-        state["best_step"],
-    )
-    return finished(mech)
-
-
-def _restore(ckpt_dir: Path, parts: Stage2Parts, state: dict) -> dict:
-    found = latest(ckpt_dir)
-    if found is None:
-        raise BundleflowError(f"{ckpt_dir}: no checkpoint to resume from")
-    components, manifest = read_checkpoint(found)
-    extra = manifest["extra"]
-    parts.load_full_state(components["menu"], components["optimizer"], extra["optimizer"])
-    parts.schedule.load_state_dict(extra["schedule"])
-    state.update(extra["loop"])
-    logger.info("resumed from {} (step {})", found, state["step"])
-    return components.get("rng", {})
+    return trainer.fit(max_steps=max_steps, max_time=max_time, resume=resume)
 
 
 def read_mechanism(run_dir: Path) -> FrozenMechanism:
     """A finished run's frozen mechanism; a user error naming what the path lacks otherwise."""
-    from bundleflow.train.run import RUN_INFO, runs_root  # already imported with Run
 
     root = runs_root()
     runs = f"`ls {root}` lists the runs" if root.is_dir() else f"no runs in {root} yet"
@@ -863,7 +723,3 @@ def read_mechanism(run_dir: Path) -> FrozenMechanism:
             f"(resume it with `bundleflow train --resume {run_dir}`)"
         )
     return FrozenMechanism.load(path)
-
-
-def summary_json(result: Stage2Result) -> str:
-    return json.dumps({k: getattr(result, k) for k in ("steps", "best_step", "stop_reason")})
