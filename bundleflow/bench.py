@@ -31,8 +31,9 @@ from bundleflow.flow import VelocityField, default_hidden_sizes
 from bundleflow.fused import resolve_kernels
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow
-from bundleflow.profiling import environment, synchronize
+from bundleflow.profiling import environment
 from bundleflow.schedule import REFERENCE_INITIAL
+from bundleflow.timing import synchronize
 
 # Parity tolerances by precision: relative loss difference, max |Δgrad| / max |grad| per
 # parameter, and the fraction of bundle entries that may differ (an entry flips when its

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
+
+from loguru import logger
 
 from bundleflow.cli_train import add_config_args
 
@@ -53,6 +57,49 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from bundleflow.profiling import profile_command
+    """`bundleflow profile`: resolve config and device, run, write, print the summary."""
+    from bundleflow.config import load_config, parse_set
+    from bundleflow.devices import resolve_device
+    from bundleflow.errors import BundleflowError
+    from bundleflow.paths import runs_root
+    from bundleflow.profiling import REPORT_JSON, REPORT_MD, TRACE, format_markdown, run_profile
 
-    return profile_command(args)
+    for flag in ("steps", "warmup", "stage1_steps", "top"):
+        value = getattr(args, flag)
+        if value < (1 if flag in ("steps", "top") else 0):
+            raise BundleflowError(f"--{flag.replace('_', '-')} {value}: must be positive")
+    overrides = parse_set(args.overrides)
+    if args.device:
+        overrides["device"] = args.device
+    cfg = load_config(args.preset or "default", overrides)
+    choice = resolve_device(cfg.device)
+    logger.info("device: {} ({})", choice.device, choice.reason)
+    out = Path(args.out) if args.out else runs_root() / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BundleflowError(f"--out {out}: cannot create it ({err.strerror})") from err
+    report = run_profile(
+        cfg,
+        choice.device,
+        out,
+        steps=args.steps,
+        warmup=args.warmup,
+        stage1_steps=args.stage1_steps,
+        top_n=args.top,
+        data_file=args.data,
+    )
+    logger.info("profile written to {} ({}, {}, {})", out, REPORT_MD, REPORT_JSON, TRACE)
+    if args.json:
+        summary = {
+            "out": str(out),
+            "environment": report["environment"],
+            "stages": {
+                name: {k: s[k] for k in ("timing", "peak_memory", "gpu_utilization")}
+                for name, s in report["stages"].items()
+            },
+        }
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+    else:
+        sys.stdout.write(format_markdown(report))
+    return 0

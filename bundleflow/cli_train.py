@@ -21,7 +21,7 @@ from bundleflow.evaluate import evaluate_mechanism
 from bundleflow.paths import runs_root
 from bundleflow.report import format_summary, write_run_report
 from bundleflow.timing import Timings
-from bundleflow.train.data import load_run_data
+from bundleflow.train.data import fitted_baselines, load_run_data
 from bundleflow.train.plan import resolve_plan
 from bundleflow.train.run import CONFIG_FILE, RUN_INFO, Run, make_accelerator, open_run
 from bundleflow.train.stage1 import FLOW_FILE, Stage1Stopped, get_flow, load_flow_ckpt
@@ -461,6 +461,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 data.test,
                 data.train_user,
                 batch_size=_eval_batch(config, data.kind),
+                fitted=fitted_baselines(data.train_user),
             )
         report.update(
             run=str(run.dir),

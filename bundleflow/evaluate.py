@@ -96,21 +96,28 @@ def json_safe(value: Any) -> Any:
 
 @torch.no_grad()
 def evaluate_mechanism(
-    mech: FrozenMechanism, test: Tensor, train: Tensor, *, batch_size: int = 1024
+    mech: FrozenMechanism,
+    test: Tensor,
+    train: Tensor,
+    *,
+    batch_size: int = 1024,
+    fitted: FittedBaselines | None = None,
 ) -> dict:
     """Hard revenue of ``mech`` on ``test`` (user units) beside every baseline.
 
-    Baselines are fitted on ``train`` and scored on ``test``; ``baselines`` holds each one's
-    test revenue and ``ratio_to_best_baseline`` the menu's revenue over the best one's with
-    a paired CI. IR is checked on the utilities actually realised: a buyer whose chosen
-    element has negative utility is a violation (must be 0 by construction).
+    Baselines are fitted on ``train`` (or given, already fitted on it, as ``fitted``) and
+    scored on ``test``; ``baselines`` holds each one's test revenue and
+    ``ratio_to_best_baseline`` the menu's revenue over the best one's with a paired CI. IR
+    is checked on the utilities actually realised: a buyer whose chosen element has
+    negative utility is a violation (must be 0 by construction).
     """
     choice, payment, realised_u = (x.cpu() for x in mech.play(test, batch_size=batch_size))
     buys = choice != WALK_AWAY
     J = mech.menu_size
     on_menu = buys & (choice < J)  # choice J: the fallback's posted prices
     revenue = mean_ci(payment)
-    fitted = fit_baselines(train)  # the grand bundle is one of them: fitted once
+    if fitted is None:
+        fitted = fit_baselines(train)  # the grand bundle is one of them: fitted once
     scored, base_pay = score_baselines(fitted, test)
     upper = scored["upper_bound"]["revenue"]["mean"]
     gb_price = fitted.grand_bundle_price

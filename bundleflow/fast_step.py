@@ -45,7 +45,7 @@ from bundleflow.fused import (
     kernels_for,
 )
 from bundleflow.menu import Menu
-from bundleflow.revenue import soft_revenue
+from bundleflow.revenue import sharded_soft_revenue, soft_revenue
 
 StepMode = Literal["auto", "eager", "graph", "compile"]
 STEP_MODES = ("auto", "eager", "graph", "compile")
@@ -98,47 +98,6 @@ def stage2_loss(
     )
     loss = -soft_revenue(menu.utilities(lot, valuations), menu.prices, inv_temp, extra)
     return loss, lot.bundles
-
-
-def sharded_soft_revenue(
-    utilities: torch.Tensor,
-    prices: torch.Tensor,
-    inv_temp: float,
-    comm: Comm,
-    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft revenue when each rank holds the utilities ``[B, J_local]`` of its elements.
-
-    With a_bj = λ·u_bj, c_b = max(0, max_j a_bj) over all ranks, n_b = Σ_local e^{a−c}·p,
-    d_b = Σ_local e^{a−c}: N = Σ_ranks n, D = Σ_ranks d + e^{−c} (the walk-away column) and
-    R̃ = mean_b N_b / D_b. Only [B]-sized vectors cross ranks. Returns (surrogate, R̃): the
-    surrogate mean_b (n_b/D_b − N_b·d_b/D_b²), with N and D constants, has exactly the
-    gradient of R̃ with respect to this rank's parameters (the other ranks' terms do not
-    depend on them), so no collective needs a backward pass.
-
-    ``extra = (u_x, c_x)`` (e.g. the fallback), the same ``[B]`` on every rank (every rank
-    holds the whole batch), is counted once like the walk-away column: c includes λ·u_x,
-    and after the reduction N += e^{λu_x−c}·c_x, D += e^{λu_x−c}. It has no parameters.
-    """
-    logits = utilities * inv_temp  # (B, J_local)
-    with torch.no_grad():
-        top = logits.amax(dim=1).clamp(min=0)
-        if extra is not None:
-            extra_logit = extra[0].to(logits.dtype) * inv_temp  # (B,)
-            top = torch.maximum(top, extra_logit)
-        top = comm.all_reduce(top, "max")
-    weights = torch.exp(logits - top[:, None])
-    num = weights @ prices  # (B,)
-    den = weights.sum(dim=1)
-    with torch.no_grad():
-        totals = comm.all_reduce(torch.stack([num, den]).detach())
-        big_n, big_d = totals[0], totals[1] + torch.exp(-top)
-        if extra is not None:
-            extra_weight = torch.exp(extra_logit - top)
-            big_n = big_n + extra_weight * extra[1].to(big_n.dtype)
-            big_d = big_d + extra_weight
-    surrogate = (num / big_d - big_n / big_d**2 * den).mean()
-    return surrogate, (big_n / big_d).mean()
 
 
 @dataclass(frozen=True)
@@ -370,7 +329,7 @@ class Stage2Step:
             utilities, second = self.menu.utilities(lot, batch), lot.bundles
         extra = None if self.fallback is None else self.fallback.outcome(batch)
         surrogate, revenue = sharded_soft_revenue(
-            utilities, self.menu.prices, inv_temp, self.layout.comm, extra
+            utilities, self.menu.prices, inv_temp, self.layout.comm.all_reduce, extra
         )
         return -surrogate, -revenue, second
 

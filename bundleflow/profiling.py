@@ -15,10 +15,8 @@ and ``profile.json`` (the same numbers).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import math
 import platform
 import statistics
 import sys
@@ -31,8 +29,8 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from bundleflow.config import Config, load_config, parse_set, to_dict
-from bundleflow.errors import BundleflowError
+from bundleflow.config import Config, to_dict
+from bundleflow.timing import step_stats, synchronize
 
 TRACE = "trace.json"
 TRACE_STAGE1 = "trace-stage1.json"
@@ -130,27 +128,6 @@ class GpuSampler:
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def step_stats(seconds: list[float]) -> dict:
-    """Median, p90 (nearest rank), mean, min and max of step times, in milliseconds."""
-    ms = sorted(s * 1e3 for s in seconds)
-    p90 = ms[max(0, math.ceil(0.9 * len(ms)) - 1)]
-    return {
-        "steps": len(ms),
-        "median_ms": round(statistics.median(ms), 3),
-        "p90_ms": round(p90, 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-        "min_ms": round(ms[0], 3),
-        "max_ms": round(ms[-1], 3),
-    }
 
 
 def _device_time(event) -> float:
@@ -423,10 +400,9 @@ def environment(device: torch.device) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
     if device.type == "cuda":
-        from bundleflow.doctor import probe_nvml
+        from bundleflow.telemetry import driver_version
 
-        nvml = probe_nvml()
-        env["driver"] = nvml.driver
+        env["driver"] = driver_version()
     return env
 
 
@@ -505,49 +481,3 @@ def format_markdown(report: dict) -> str:
                 *_ops_table(s["top_device"], "self_device_ms", "device ms", False),
             ]
     return "\n".join(lines) + "\n"
-
-
-def profile_command(args: argparse.Namespace) -> int:
-    """`bundleflow profile`: resolve config and device, run, write, print the summary."""
-    from bundleflow.devices import resolve_device
-    from bundleflow.paths import runs_root
-
-    for flag in ("steps", "warmup", "stage1_steps", "top"):
-        value = getattr(args, flag)
-        if value < (1 if flag in ("steps", "top") else 0):
-            raise BundleflowError(f"--{flag.replace('_', '-')} {value}: must be positive")
-    overrides = parse_set(args.overrides)
-    if args.device:
-        overrides["device"] = args.device
-    cfg = load_config(args.preset or "default", overrides)
-    choice = resolve_device(cfg.device)
-    logger.info("device: {} ({})", choice.device, choice.reason)
-    out = Path(args.out) if args.out else runs_root() / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise BundleflowError(f"--out {out}: cannot create it ({err.strerror})") from err
-    report = run_profile(
-        cfg,
-        choice.device,
-        out,
-        steps=args.steps,
-        warmup=args.warmup,
-        stage1_steps=args.stage1_steps,
-        top_n=args.top,
-        data_file=args.data,
-    )
-    logger.info("profile written to {} ({}, {}, {})", out, REPORT_MD, REPORT_JSON, TRACE)
-    if args.json:
-        summary = {
-            "out": str(out),
-            "environment": report["environment"],
-            "stages": {
-                name: {k: s[k] for k in ("timing", "peak_memory", "gpu_utilization")}
-                for name, s in report["stages"].items()
-            },
-        }
-        sys.stdout.write(json.dumps(summary, default=str) + "\n")
-    else:
-        sys.stdout.write(format_markdown(report))
-    return 0

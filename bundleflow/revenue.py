@@ -8,6 +8,8 @@ elements win ties with it. Without it the numerics are exactly those of the refe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -35,6 +37,48 @@ def soft_revenue(
     logits = torch.cat([utilities, extra_u[:, None], walk_away], dim=1) * inv_temp  # (B, J+2)
     probs = torch.softmax(logits, dim=1)
     return (probs[:, :-2] @ prices + probs[:, -2] * extra_pay).mean()
+
+
+def sharded_soft_revenue(
+    utilities: Tensor,
+    prices: Tensor,
+    inv_temp: float,
+    all_reduce: Callable[[Tensor, str], Tensor],
+    extra: Option | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Soft revenue when each rank holds the utilities ``[B, J_local]`` of its elements;
+    ``all_reduce(tensor, op)`` (``sum`` / ``max``) reduces in place over the ranks.
+
+    With a_bj = λ·u_bj, c_b = max(0, max_j a_bj) over all ranks, n_b = Σ_local e^{a−c}·p,
+    d_b = Σ_local e^{a−c}: N = Σ_ranks n, D = Σ_ranks d + e^{−c} (the walk-away column) and
+    R̃ = mean_b N_b / D_b. Only [B]-sized vectors cross ranks. Returns (surrogate, R̃): the
+    surrogate mean_b (n_b/D_b − N_b·d_b/D_b²), with N and D constants, has exactly the
+    gradient of R̃ with respect to this rank's parameters (the other ranks' terms do not
+    depend on them), so no collective needs a backward pass.
+
+    ``extra = (u_x, c_x)`` (e.g. the fallback), the same ``[B]`` on every rank (every rank
+    holds the whole batch), is counted once like the walk-away column: c includes λ·u_x,
+    and after the reduction N += e^{λu_x−c}·c_x, D += e^{λu_x−c}. It has no parameters.
+    """
+    logits = utilities * inv_temp  # (B, J_local)
+    with torch.no_grad():
+        top = logits.amax(dim=1).clamp(min=0)
+        if extra is not None:
+            extra_logit = extra[0].to(logits.dtype) * inv_temp  # (B,)
+            top = torch.maximum(top, extra_logit)
+        top = all_reduce(top, "max")
+    weights = torch.exp(logits - top[:, None])
+    num = weights @ prices  # (B,)
+    den = weights.sum(dim=1)
+    with torch.no_grad():
+        totals = all_reduce(torch.stack([num, den]).detach(), "sum")
+        big_n, big_d = totals[0], totals[1] + torch.exp(-top)
+        if extra is not None:
+            extra_weight = torch.exp(extra_logit - top)
+            big_n = big_n + extra_weight * extra[1].to(big_n.dtype)
+            big_d = big_d + extra_weight
+    surrogate = (num / big_d - big_n / big_d**2 * den).mean()
+    return surrogate, (big_n / big_d).mean()
 
 
 def hard_choice(utilities: Tensor, payments: Tensor) -> tuple[Tensor, Tensor]:

@@ -76,3 +76,21 @@ def nvml_handle(pynvml, torch_index: int, uuid: str):
                 return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
             return pynvml.nvmlDeviceGetHandleByUUID(entry)
     return pynvml.nvmlDeviceGetHandleByIndex(torch_index)
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver's version through NVML, or None (no NVML, no driver)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - not installed, library not found, driver not loaded
+        return None
+    try:
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()

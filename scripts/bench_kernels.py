@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bundleflow import bench  # noqa: E402
 from bundleflow.fast_step import Stage2Step, make_optimizer  # noqa: E402
-from bundleflow.profiling import environment, synchronize  # noqa: E402
+from bundleflow.profiling import environment  # noqa: E402
+from bundleflow.timing import synchronize  # noqa: E402
 
 
 def main() -> None:

@@ -249,3 +249,31 @@ def test_paired_ratio_ci_width_and_coverage_on_a_known_model():
     assert 0.92 <= covered / reps <= 0.98
     expected = 2 * 1.959964 * 0.1 / (math.sqrt(n) * 2.0)
     assert sum(widths) / reps == pytest.approx(expected, rel=0.05)
+
+
+def test_fitted_baselines_are_cached_by_the_training_split(tmp_path, monkeypatch):
+    """The second run on the same training split reads the fit back (identical prices, no
+    refit); another split is fitted anew."""
+    import bundleflow.train.data as run_data
+    from bundleflow.baselines import fit_baselines
+
+    monkeypatch.setenv("BUNDLEFLOW_CACHE", str(tmp_path))
+    gen = torch.Generator().manual_seed(5)
+    train = torch.zeros(300, 3, 5)
+    train[..., :4] = (torch.rand(300, 3, 4, generator=gen) < 0.5).double()
+    train[..., -1] = torch.rand(300, 3, generator=gen) * 10
+    first = run_data.fitted_baselines(train)
+    direct = fit_baselines(train)
+
+    def refit(_):
+        raise AssertionError("fitted again")
+
+    monkeypatch.setattr(run_data, "fit_baselines", refit)
+    again = run_data.fitted_baselines(train)
+    for fitted in (first, again):
+        assert fitted.grand_bundle_price == direct.grand_bundle_price
+        assert fitted.uniform_price == direct.uniform_price
+        assert torch.equal(fitted.item_prices, direct.item_prices)
+        assert torch.equal(fitted.size_prices, direct.size_prices)
+    with pytest.raises(AssertionError, match="fitted again"):
+        run_data.fitted_baselines(train[:200])

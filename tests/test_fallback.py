@@ -33,11 +33,11 @@ from bundleflow.distributed import Comm
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluate import evaluate_mechanism
 from bundleflow.fallback import PostedPrices, fit_posted_prices
-from bundleflow.fast_step import sharded_soft_revenue, stage2_loss
+from bundleflow.fast_step import stage2_loss
 from bundleflow.flow import VelocityField
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow, lottery_utilities
-from bundleflow.revenue import WALK_AWAY, hard_outcome, soft_revenue
+from bundleflow.revenue import WALK_AWAY, hard_outcome, sharded_soft_revenue, soft_revenue
 from bundleflow.valuations.io import load_dataset
 from tests.conftest import isolated_bundleflow_home
 from tests.test_revenue import ALPHA, BUNDLES, PRICES, VALUATIONS
@@ -221,7 +221,7 @@ def test_sharded_soft_revenue_with_a_fallback_equals_one_process():
         lo, hi = comm.shard(J)
         u_r = u[:, lo:hi].clone().requires_grad_()
         p_r = p[lo:hi].clone().requires_grad_()
-        surrogate, revenue = sharded_soft_revenue(u_r, p_r, lam, comm, extra)
+        surrogate, revenue = sharded_soft_revenue(u_r, p_r, lam, comm.all_reduce, extra)
         surrogate.backward()
         results[rank] = (revenue.detach(), u_r.grad, p_r.grad)
 

@@ -10,7 +10,8 @@ import types
 import torch
 
 from bundleflow.cli import main
-from bundleflow.profiling import GpuSampler, step_stats
+from bundleflow.profiling import GpuSampler
+from bundleflow.timing import step_stats
 from tests.test_doctor import FakeNvml
 
 TINY = [

@@ -87,6 +87,7 @@ class Stage1Trainer:
         show_progress: bool = True,
         checkpoint_dir: Path | None = None,
     ) -> None:
+        built = time.monotonic()
         self.n_items, self.flow_cfg, self.cfg, self.device = n_items, flow_cfg, cfg, device
         self.metrics, self.checkpoint_dir = metrics, checkpoint_dir
         self.key = flow_key(n_items, flow_cfg, cfg)
@@ -124,6 +125,7 @@ class Stage1Trainer:
             self.history = torch.empty(cfg.steps, device=device)
         self.done = 0
         self.show = show_progress and self.rank == 0  # one bar, not one per process
+        self.setup_seconds = time.monotonic() - built
 
     def step(self) -> None:
         """One optimizer step; its loss goes to ``history`` on the device (no host sync)."""
@@ -200,6 +202,7 @@ class Stage1Trainer:
             "loss_last": last,
             "wall_time": seconds,
             "step_mode": mode,
+            "setup_seconds": round(self.setup_seconds, 3),
         }
         if steps_now:
             summary["ms_per_step"] = round(1e3 * seconds / steps_now, 4)
@@ -402,7 +405,11 @@ def get_flow(
         field, noise, summary = train_stage1(n_items, flow_cfg, cfg, device, **train_kw)
         if summary["steps"] == cfg.steps:  # only complete flows enter the shared cache
             try:
+                saving = time.monotonic()
                 save_flow(directory, field, noise, {"summary": summary, "key": key})
+                logger.info(
+                    "stage 1: flow cached in {} ({:.1f} s)", directory, time.monotonic() - saving
+                )
             except FileExistsError:
                 logger.info("another run cached this flow first; keeping theirs")
             except BundleflowError as err:

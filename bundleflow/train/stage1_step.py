@@ -42,6 +42,7 @@ from torch import Tensor
 
 from bundleflow.config import FlowConfig, Stage1Config
 from bundleflow.flow import MixtureNoise, VelocityField, flow_pairs, rectified_flow_loss
+from bundleflow.timing import synchronize
 
 Stage1Mode = Literal["auto", "eager", "graph"]
 STAGE1_MODES = ("auto", "eager", "graph")
@@ -360,14 +361,9 @@ def time_stage1(
     step = Stage1Step(field, noise, cfg, FlowConfig(), device, mode=mode)
     for _ in range(warmup_steps):
         step()
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - start) / steps * 1e3
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
