@@ -760,3 +760,58 @@ def test_stage1_cosine_schedule_is_its_own_cache_entry_and_decays_the_lr(monkeyp
     train_stage1(M, cfg.flow, cfg.stage1, torch.device("cpu"), show_progress=False)
     assert seen[0] == pytest.approx(cfg.stage1.lr)
     assert seen == sorted(seen, reverse=True) and seen[-1] < 0.03 * cfg.stage1.lr
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def test_the_trainer_runs_the_one_step_with_its_seeded_draws(trained):
+    """`bundleflow train` and the bare step (setup_stage2 + Stage2Parts.advance, what bench,
+    profile and the scripts run) end with the same menu, bit for bit: one step
+    implementation, its draws from one generator seeded by stage2.seed."""
+    from bundleflow.train.data import load_run_data
+    from bundleflow.train.plan import resolve_plan
+    from bundleflow.train.stage2 import setup_stage2
+
+    cfg = load_config(str(trained / "config.yaml"))
+    cpu = torch.device("cpu")
+    data = load_run_data(cfg.data, cpu)
+    flow, _ = load_flow_ckpt(str(trained), data.n_items)
+    plan = resolve_plan(cfg, cpu)
+    assert plan.step_mode.value == "eager" and plan.parallel.value == "single"
+    parts = setup_stage2(cfg, flow, data, plan)
+    for step in range(1, cfg.stage2.steps + 1):
+        parts.advance(step)
+    final = sorted((trained / "checkpoints").iterdir())[-1]
+    saved, manifest = read_checkpoint(final)
+    assert manifest["step"] == cfg.stage2.steps
+    for name, value in parts.net.state_dict().items():
+        assert torch.equal(value, saved["menu"][name]), name
+    assert torch.equal(parts.generator.get_state(), saved["rng"]["generator"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_graph_and_eager_steps_agree_over_1000_steps(env):
+    """On CUDA the captured step and the eager step from one seed draw the same numbers (the
+    graph advances the default CUDA generator as eager calls do) and stay together to
+    float rounding over 1,000 steps (fp32 flow network, plain kernels: no compiler)."""
+    from bundleflow.train.data import load_run_data
+    from bundleflow.train.plan import resolve_plan
+    from bundleflow.train.stage2 import setup_stage2
+
+    cuda = torch.device("cuda")
+    sets = ["mixed_precision=no", "stage2.kernels=plain", "stage2.steps=1000", "menu.size=256"]
+    menus, losses = {}, {}
+    for mode in ("eager", "graph"):
+        cfg = load_config("tiny", parse_set([*sets, f"stage2.step_mode={mode}"]))
+        data = load_run_data(cfg.data, cuda)
+        torch.manual_seed(0)
+        flow = VelocityField(data.n_items, 16, 16)
+        parts = setup_stage2(cfg, flow, data, resolve_plan(cfg, cuda))
+        assert parts.step.mode == mode
+        losses[mode] = torch.stack([parts.advance(s) for s in range(1, 1001)]).cpu()
+        menus[mode] = {k: v.detach().cpu() for k, v in parts.net.state_dict().items()}
+    assert torch.allclose(losses["graph"], losses["eager"], rtol=1e-4, atol=1e-6)
+    for name in ("prices", "logits"):
+        assert torch.allclose(menus["graph"][name], menus["eager"][name], rtol=1e-3, atol=1e-5)
