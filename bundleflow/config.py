@@ -135,6 +135,12 @@ class MenuConfig:
     bidder may buy any atom at those prices; still a menu, so DSIC and IR hold): ``none``
     (the reference), ``item`` (item pricing), ``size`` (bundle-size pricing) or ``best``
     (whichever earns more on the training split)."""
+    init_bundles: str = "random"
+    """bundleflow extension: ``random`` (the reference: M ~ N(0, 1)) or ``atoms``: element j
+    starts as a deterministic offer of one bundle, the j-th atom of the training valuations
+    by total value (frequency × value), every support point on that bundle's corner (the
+    flow must map corners to themselves: a wide Stage-1 source, ``flow.log_std``). With
+    ``posted_price_init`` each starts at the fallback's price of that bundle."""
     posted_price_init: bool = False
     """With a fallback: every learned element starts at the posted price of its initial
     lottery, Σ_d α_jd·c(S_jd) (recorded noise, initial λ), so it is weakly worse than the
@@ -264,6 +270,7 @@ CHOICES = {
     "data.values": ("upv", "npv"),
     "data.mode": ("fresh", "fixed"),
     "menu.fallback": ("none", "item", "size", "best"),
+    "menu.init_bundles": ("random", "atoms"),
     "stage2.path": ("fast", "reference"),
     "stage2.step_mode": ("auto", "eager", "graph"),
     "stage2.parallel": ("shard", "replicate"),

@@ -101,3 +101,38 @@ def test_mean_support_location_statistic():
     with torch.no_grad():
         menu.means.fill_(10.0)  # μ → 0.95
     assert abs(menu.mean_support_location(1.0) - 0.95) < 1e-6
+
+
+def test_top_atoms_ranks_distinct_bundles_by_total_value():
+    """Hand-computed: atom {0,1} appears twice (values 3 and 4: total 7), {2} once (value 10),
+    {1} once (value 2); padding rows (empty atoms) never count."""
+    from bundleflow.train.stage2 import top_atoms
+
+    v = torch.zeros(2, 3, 4)  # [N, K, m+1], m = 3
+    v[0, 0] = torch.tensor([1.0, 1, 0, 3])
+    v[0, 1] = torch.tensor([0.0, 0, 1, 10])
+    v[1, 0] = torch.tensor([1.0, 1, 0, 4])
+    v[1, 1] = torch.tensor([0.0, 1, 0, 2])
+    got = top_atoms(v, 5)
+    assert got.tolist() == [[0, 0, 1], [1, 1, 0], [0, 1, 0]]
+    assert top_atoms(v, 1).tolist() == [[0, 0, 1]]
+
+
+def test_atom_initialised_elements_sit_on_their_bundles_corner():
+    """menu.init_bundles=atoms: every support point of element j starts on the corner of the
+    j-th atom (μ = 0.05 + 0.9·sigmoid(±30) rounds to the atom), after the grand bundle."""
+    from bundleflow.config import load_config
+    from bundleflow.train.data import RunData
+    from bundleflow.train.stage2 import build_menu, top_atoms
+
+    gen = torch.Generator().manual_seed(0)
+    v = torch.zeros(40, 3, 6)
+    v[..., :5] = (torch.rand(40, 3, 5, generator=gen) < 0.4).float()
+    v[..., -1] = torch.rand(40, 3, generator=gen) * 10
+    data = RunData(kind="xor", n_items=5, scale=5.0, val=v[:4], test=v[:4], train_user=v)
+    cfg = load_config("tiny", {"menu": {"size": 6, "init_bundles": "atoms"}})
+    assert cfg.menu.grand_bundle_element is False
+    menu = build_menu(cfg, data)
+    expected = top_atoms(v, 6)
+    corners = (menu.support_locations() >= 0.5).float()  # [J, D, m]
+    assert torch.equal(corners, expected[:, None, :].expand_as(corners))

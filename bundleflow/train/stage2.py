@@ -36,6 +36,7 @@ from bundleflow.train.data import RunData
 from bundleflow.train.plan import StepPlan
 from bundleflow.train.run import RUN_INFO, Run
 from bundleflow.train.signals import StopRequest
+from bundleflow.valuations.xor import atoms_and_values
 
 MECHANISM_FILE = "mechanism.safetensors"
 CHECKPOINTS = "checkpoints"
@@ -71,6 +72,18 @@ def build_menu(cfg: Config, data: RunData) -> Menu:
         price_scale=m.price_init,
         generator=gen,
     )
+    if m.init_bundles == "atoms" and data.kind == "xor":
+        first = 1 if m.grand_bundle_element else 0
+        bundles = top_atoms(data.train_user, m.size - first)
+        with torch.no_grad():
+            menu.means[first : first + bundles.shape[0]] = (
+                CORNER_LOGIT * (2 * bundles[:, None, :] - 1)  # every support point on it
+            )
+        logger.info(
+            "menu: elements {}..{} start as the training split's top atoms",
+            first,
+            first + bundles.shape[0] - 1,
+        )
     if m.grand_bundle_element:
         price = fit_grand_bundle_price(data.train_user) / data.scale
         with torch.no_grad():
@@ -80,6 +93,19 @@ def build_menu(cfg: Config, data: RunData) -> Menu:
             "menu: element 0 starts as the grand bundle at price {:.4g}", price * data.scale
         )
     return menu
+
+
+def top_atoms(train_user: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` distinct atoms (bundles) of the XOR valuations ``[N, K, m+1]`` with the
+    largest total value over the split (frequency × value), as 0/1 rows ``[≤ n, m]``."""
+    atoms, values = atoms_and_values(train_user)
+    flat, vals = atoms.reshape(-1, atoms.shape[-1]), values.reshape(-1)
+    real = flat.sum(dim=-1) > 0
+    unique, inverse = torch.unique(flat[real], dim=0, return_inverse=True)
+    total = torch.zeros(unique.shape[0], dtype=torch.float64)
+    total.index_add_(0, inverse, vals[real].double())
+    order = torch.argsort(total, descending=True, stable=True)[:n]
+    return unique[order].float()
 
 
 def build_fallback(cfg: Config, data: RunData) -> PostedPrices | None:
