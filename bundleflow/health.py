@@ -22,7 +22,7 @@ class FiniteGuard:
 
         guard = FiniteGuard(device, stage="stage 2", all_reduce_min=reduce_min_or_None)
         for step in ...:
-            loss = train_step(...)
+            loss = trainer.step()
             guard.update(loss, net.parameters())     # device-side, no host sync
             if step % k == 0:
                 guard.check(step, last_good=latest_checkpoint_path)  # one host sync
