@@ -253,7 +253,7 @@ class Config:
     evaluation): ``no``, ``fp16`` or ``bf16``. Log-densities, bundles, utilities, softmax,
     prices and Adam always stay in fp32. ``null``: accelerate's setting (``accelerate launch
     --mixed_precision`` or its config file), else the measured default: bf16 for Stage 2's
-    flow network on CUDA, fp32 for everything else (see ``bundleflow.train.plan.stage2_precision``)."""
+    flow network on CUDA, fp32 for everything else (``bundleflow.train.plan``)."""
     data: DataConfig = field(default_factory=DataConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
