@@ -8,7 +8,8 @@ Each process runs the trainer's step (``setup_stage2`` + ``Stage2Parts.advance``
 ``bundleflow.train.plan`` resolves it for that many processes: eager; every rank draws the
 whole batch and ε from one seeded generator and takes its part) on a synthetic CATS-like
 pool and a random flow of the preset's width; the global batch is the same for every
-process count, so valuations/s = B / step time. Prints one JSON line (rank 0) with the median step time and valuations/s.
+process count, so valuations/s = B / step time. Prints one JSON line (rank 0) with the
+median step time and valuations/s.
 """
 
 from __future__ import annotations
