@@ -3,12 +3,7 @@
 # paper-m50 wall time with its breakdown, bench at m=50/500, profile of the trained step.
 # Repository root as working directory; results in $OUT/results.tgz (the tool returns 8 files).
 set -u
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-export PYTHONUNBUFFERED=1 BUNDLEFLOW_HOME=/tmp/bf TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-[ -d .shared ] && export BUNDLEFLOW_SHARED=$PWD/.shared
-W=/tmp/w; mkdir -p $W
-save() { tar -C /tmp -czf "$OUT/results.tgz" w; }
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$W/gpu.txt"
 python3 -c "import torch; print(torch.__version__, torch.version.cuda)" >> "$W/gpu.txt"
 # before: the plain Stage-1 loop, 3 seeds at once (launch-bound; GPU tests meanwhile)

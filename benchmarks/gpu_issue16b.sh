@@ -1,14 +1,9 @@
 #!/usr/bin/env bash
-# Issue 16, second H200 call: paper-m50 wall time and breakdown with the old checkpoint
+# Issue 16, for the next H200 call (written 2026-12-01, not yet run: no device was lent): paper-m50 wall time and breakdown with the old checkpoint
 # cadence (every 1,000 steps) and the new defaults (5,000; baselines cached after the first
 # run), each with its own Stage-1 training, warm kernels and cached data; then the GPU tier.
 set -u
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-export PYTHONUNBUFFERED=1 BUNDLEFLOW_HOME=/tmp/bf TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-[ -d .shared ] && export BUNDLEFLOW_SHARED=$PWD/.shared
-W=/tmp/w; mkdir -p $W
-save() { tar -C /tmp -czf "$OUT/results.tgz" w; }
+source benchmarks/gpu_env.sh
 P="python3 -m bundleflow train --preset paper-m50 --no-progress"
 BUNDLEFLOW_CACHE=/tmp/c0 timeout 200 $P > "$W/paper_0_cold.log" 2>&1; save
 for c in A B C; do mkdir -p /tmp/c$c && cp -r /tmp/c0/data /tmp/c$c/; done
