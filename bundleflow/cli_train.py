@@ -183,7 +183,7 @@ def _resume_config(args: argparse.Namespace, overrides: dict) -> Config:
     if args.preset is not None and args.preset != launch.get("preset", args.preset):
         conflict("--preset", args.preset, launch["preset"])
     if overrides:
-        asked = to_flat_dict(load_config(saved, overrides))  # validates keys and types
+        asked = to_flat_dict(replace(recorded, **overrides))  # validates keys and types
         have = to_flat_dict(recorded)
         for key in sorted(k for k in asked if asked[k] != have[k]):
             flag = {"device": "--device", "mixed_precision": "--mixed-precision"}.get(key)
