@@ -335,7 +335,11 @@ def replace_checkpoint(
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
     """Split an optimizer's state dict into tensors and a JSON-able rest."""
-    state = optimizer.state_dict()
+    return flatten_optimizer_state(optimizer.state_dict())
+
+
+def flatten_optimizer_state(state: dict) -> tuple[dict[str, Tensor], dict]:
+    """An optimizer state dict as ``{"INDEX.KEY": tensor}`` plus a JSON-able rest."""
     tensors, scalars = {}, {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
@@ -346,14 +350,17 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tenso
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
+def regroup_optimizer_state(tensors: dict[str, Tensor], rest: dict) -> dict[int, dict]:
+    """Inverse of :func:`flatten_optimizer_state` for the per-parameter ``state`` part."""
+    state: dict[int, dict] = {}
+    for name, value in [*tensors.items(), *rest.get("scalars", {}).items()]:
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return state
+
+
 def load_optimizer_tensors(
     optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], rest: dict
 ) -> None:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    for name, value in rest.get("scalars", {}).items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+    state = regroup_optimizer_state(tensors, rest)
     optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})

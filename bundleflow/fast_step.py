@@ -137,14 +137,17 @@ def tf32_matmul(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def resolve_mode(mode: str, device: torch.device) -> str:
-    """``auto``: graph on CUDA, eager elsewhere. ``graph`` needs CUDA."""
-    if mode not in STEP_MODES:
-        raise ValueError(f"mode must be one of {STEP_MODES}, got {mode!r}")
+def resolve_mode(
+    mode: str, device: torch.device, modes: tuple[str, ...] = STEP_MODES, where: str = "the menu"
+) -> str:
+    """``auto``: graph on CUDA, eager elsewhere. ``graph`` needs CUDA. ``modes``: the step's
+    modes (the Stage-1 step has no ``compile``); ``where``: what lives on ``device``."""
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {modes}, got {mode!r}")
     if mode == "auto":
         return "graph" if device.type == "cuda" else "eager"
     if mode == "graph" and device.type != "cuda":
-        raise ValueError(f"mode 'graph' needs a CUDA device, the menu is on {device}")
+        raise ValueError(f"mode 'graph' needs a CUDA device, {where} is on {device}")
     return mode
 
 

@@ -17,11 +17,13 @@ from loguru import logger
 
 from bundleflow.checkpoint import (
     clean_stale,
+    flatten_optimizer_state,
     latest,
     load_optimizer_tensors,
     optimizer_tensors,
     prune,
     read_checkpoint,
+    regroup_optimizer_state,
     write_checkpoint,
 )
 from bundleflow.config import FlowConfig, Stage1Config
@@ -228,11 +230,7 @@ class Stage1Trainer:
         tensors, header = flow_state(self.net, self.noise)
         if self.stepper is not None:
             state = self.stepper.state_dict()
-            optimizer = state["optimizer"]
-            opt_tensors = {
-                f"{i}.{k}": v for i, entry in optimizer["state"].items() for k, v in entry.items()
-            }
-            opt_rest = {"param_groups": optimizer["param_groups"], "scalars": {}}
+            opt_tensors, opt_rest = flatten_optimizer_state(state["optimizer"])
             rng, history, schedule = state["generator"], state["history"], None
         else:
             opt_tensors, opt_rest = optimizer_tensors(self.optimizer)
@@ -268,13 +266,7 @@ class Stage1Trainer:
         step = int(manifest["step"])
         rng, history = components["rng"]["generator"], components["history"]["loss"]
         if self.stepper is not None:
-            state: dict = {}
-            for name, value in components["optimizer"].items():
-                index, key = name.split(".", 1)
-                state.setdefault(int(index), {})[key] = value
-            for name, value in extra["optimizer"].get("scalars", {}).items():
-                index, key = name.split(".", 1)
-                state.setdefault(int(index), {})[key] = value
+            state = regroup_optimizer_state(components["optimizer"], extra["optimizer"])
             self.stepper.load_state_dict(
                 {"step": step, "generator": rng, "history": history, "optimizer": {"state": state}}
             )

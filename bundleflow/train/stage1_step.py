@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from bundleflow.config import FlowConfig, Stage1Config
+from bundleflow.fast_step import resolve_mode
 from bundleflow.flow import MixtureNoise, VelocityField, flow_pairs, rectified_flow_loss
 from bundleflow.timing import synchronize
 
@@ -50,17 +51,6 @@ LR_SCHEDULES = ("constant", "cosine")
 
 # Without it a CUDA graph can only advance the default CUDA generator on replay.
 GRAPH_REGISTERS_GENERATORS = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
-
-
-def resolve_stage1_mode(mode: str, device: torch.device) -> str:
-    """``auto``: graph on CUDA, eager elsewhere. ``graph`` needs CUDA."""
-    if mode not in STAGE1_MODES:
-        raise ValueError(f"mode must be one of {STAGE1_MODES}, got {mode!r}")
-    if mode == "auto":
-        return "graph" if device.type == "cuda" else "eager"
-    if mode == "graph" and device.type != "cuda":
-        raise ValueError(f"Stage-1 mode 'graph' needs a CUDA device, the step is on {device}")
-    return mode
 
 
 def cosine_next(lr: float, base_lr: float, total: int, done: int) -> float:
@@ -136,7 +126,7 @@ class Stage1Step:
         if cfg.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
         self.device = _on_device(device)
-        self.mode = resolve_stage1_mode(mode, self.device)
+        self.mode = resolve_mode(mode, self.device, STAGE1_MODES, "the Stage-1 step")
         self.field = field.to(self.device)
         self.noise = noise.to(self.device)
         self.batch_size, self.total = cfg.batch_size, cfg.steps
