@@ -14,7 +14,7 @@ import torch
 
 from bundleflow.config import FlowConfig, Stage1Config
 from bundleflow.flow import MixtureNoise, VelocityField
-from bundleflow.train.stage1_step import Stage1Step, cosine_lr, time_stage1
+from bundleflow.train.stage1_step import Stage1Step, cosine_lr
 from tests.conftest import single_torch_thread
 
 one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
@@ -311,11 +311,3 @@ def test_graph_step_resumes_after_capture_and_in_a_new_step():
         fresh()
     torch.testing.assert_close(fresh.history, straight.history, rtol=1e-5, atol=0)
     assert_close_weights(fresh_field, straight_field)
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_graph_step_is_faster_than_eager():
-    eager = time_stage1("eager", 300)
-    graph = time_stage1("graph", 300)
-    assert graph < eager, (eager, graph)
