@@ -30,7 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Each command module registers its own sub-parser and sets `func` (args -> exit code).
-    from bundleflow import cli_bench, cli_config, cli_data, cli_doctor, cli_eval, cli_train
+    from bundleflow import (
+        cli_bench,
+        cli_compare,
+        cli_config,
+        cli_data,
+        cli_doctor,
+        cli_eval,
+        cli_train,
+    )
 
     cli_train.register(sub)
     cli_eval.register(sub)
@@ -38,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_doctor.register(sub)
     cli_bench.register(sub)
     cli_config.register(sub)
+    cli_compare.register(sub)
     return parser
 
 
