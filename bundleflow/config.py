@@ -146,6 +146,14 @@ class MenuConfig:
     lottery, Σ_d α_jd·c(S_jd) (recorded noise, initial λ), so it is weakly worse than the
     fallback for every bidder and the mechanism starts at the fallback's revenue; training
     moves elements below it where that earns more. False: prices start U[0, price_init)."""
+    bundle_grad: str = "none"
+    """bundleflow extension: ``none`` (the reference: bundles S = 1[z_N ≥ 0.5] get no
+    gradient; M moves only through the trace term) or ``straight_through``: the forward
+    pass keeps the hard bundles and values, the backward pass differentiates a relaxed
+    value through z_N and the flow to M — inclusion s = sigmoid((z_N − 0.5)/T), an atom
+    fits with probability Π_{i∈atom} s_i, value max_k b_k·Π s_i (fast path, plain kernels)."""
+    bundle_temp: float = 0.1
+    """T of the relaxed inclusion (``bundle_grad=straight_through``)."""
 
 
 @dataclass(frozen=True)
@@ -271,6 +279,7 @@ CHOICES = {
     "data.mode": ("fresh", "fixed"),
     "menu.fallback": ("none", "item", "size", "best"),
     "menu.init_bundles": ("random", "atoms"),
+    "menu.bundle_grad": ("none", "straight_through"),
     "stage2.path": ("fast", "reference"),
     "stage2.step_mode": ("auto", "eager", "graph"),
     "stage2.parallel": ("shard", "replicate"),
@@ -389,6 +398,14 @@ def _check_choices(config: Config) -> None:
         raise BundleflowError(
             "config key 'menu.posted_price_init' needs a fallback to price against; "
             "set menu.fallback to item, size or best"
+        )
+    if config.menu.bundle_grad != "none" and not config.menu.bundle_temp > 0:
+        raise BundleflowError(
+            f"config key 'menu.bundle_temp' must be positive, got {config.menu.bundle_temp!r}"
+        )
+    if config.menu.bundle_grad != "none" and config.stage2.path != "fast":
+        raise BundleflowError(
+            "config key 'menu.bundle_grad': straight_through needs stage2.path=fast"
         )
     if config.data.kind == "file" and not config.data.path:
         raise BundleflowError("config key 'data.path' is required when data.kind is 'file'")

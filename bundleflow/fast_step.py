@@ -65,6 +65,7 @@ def stage2_loss(
     q_dtype: torch.dtype | None = None,
     fallback: PostedPrices | None = None,
     kernels: Kernels | None = None,
+    bundle_temp: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The training loss −R̃ and the bundles ``[J, D, m]`` for given noise and valuations.
 
@@ -72,9 +73,11 @@ def stage2_loss(
     ``valuations`` here, so a captured step sees each replay's batch).
     ``kernels``: the fused per-point work (:mod:`bundleflow.fused`; fast path only); the
     second value is then 1 − S ``[J·D, m]`` in the oracle's dtype (see :func:`as_bundles`).
+    ``bundle_temp``: straight-through gradient to the bundles (``menu.bundle_grad``; plain
+    kernels only — the fused backward carries the trace term's gradient alone).
     """
     extra = None if fallback is None else fallback.outcome(valuations)
-    if kernels is not None and path == "fast":
+    if kernels is not None and path == "fast" and bundle_temp is None:
         fused = fused_lotteries(
             menu,
             flow,
@@ -95,6 +98,7 @@ def stage2_loss(
         path=path,
         exact_density_grad=exact_density_grad,
         q_dtype=q_dtype,
+        bundle_temp=bundle_temp,
     )
     loss = -soft_revenue(menu.utilities(lot, valuations), menu.prices, inv_temp, extra)
     return loss, lot.bundles
@@ -182,6 +186,8 @@ class Stage2Step:
         scaler: a GradScaler for fp16 (eager steps only).
         mode: ``auto`` | ``eager`` | ``graph`` | ``compile`` (see the module docstring).
         tf32: TF32 for fp32 matrix products in the step (CUDA only; no effect on CPU).
+        bundle_temp: T of the straight-through gradient to the bundles (``menu.bundle_grad``;
+            forces plain kernels), or None (the reference: no gradient through S).
         generator: a generator on the menu's device for eager/compile modes (``graph``
             uses the default CUDA generator: seed it with ``torch.cuda.manual_seed``).
         fallback: posted prices offered beside the menu as option J (normalised money).
@@ -212,6 +218,7 @@ class Stage2Step:
         layout: Layout | None = None,
         scaler: torch.amp.GradScaler | None = None,
         sample: Callable[[int, torch.Generator | None], Tensor] | None = None,
+        bundle_temp: float | None = None,
     ):
         self.device = menu.means.device
         self.mode = resolve_mode(mode, self.device)
@@ -239,6 +246,9 @@ class Stage2Step:
         self.warmup = max(1, warmup)
         self.generator = generator
         self.fallback = None if fallback is None else fallback.to(self.device)
+        self.bundle_temp = bundle_temp
+        if bundle_temp is not None:
+            kernels = "plain"  # the fused backward has no path from the bundles to M
         self.kernel_mode = kernels
         self.kernels = kernels_for(kernels) if path == "fast" else None
         self.calls = 0
@@ -315,6 +325,7 @@ class Stage2Step:
             "n_steps": self.n_steps,
             "exact_density_grad": self.exact_density_grad,
             "q_dtype": self.q_dtype,
+            "bundle_temp": self.bundle_temp,
         }
         if self.layout.parallel != "shard":
             loss, second = self._loss_fn(
@@ -324,6 +335,7 @@ class Stage2Step:
             return loss, loss, second
         kernels = self._live_kernels()
         if kernels is not None and self.path == "fast":
+            kw.pop("bundle_temp")  # None: plain kernels are forced otherwise
             fused = fused_lotteries(self.menu, self.flow, mix_temp, eps, kernels=kernels, **kw)
             utilities = fused_utilities(fused, self.menu.prices, batch, kernels)
             second = fused.lacks

@@ -183,6 +183,7 @@ def integrate(
     path: IntegratorPath = "fast",
     enable_grad: bool = True,
     q_dtype: torch.dtype | None = None,
+    end_grad: bool = False,
 ) -> FlowResult:
     """Push start points through the flow with N Euler steps.
 
@@ -197,18 +198,22 @@ def integrate(
         q_dtype: ``torch.bfloat16``/``torch.float16``: the network's matrix products run
             under autocast in that dtype (fast path only) and Q is returned in float32, so
             the Euler product, the trace term and everything after stay float32.
+        end_grad: keep the graph from z0 to z_N too (fast path only): z_N = z0·Π(1 + Q·σ_i/N)
+            differentiated through z0 and Q (``menu.bundle_grad``). Off, z_N is a constant.
     """
     if path not in ("fast", "reference"):
         raise ValueError(f"path must be 'fast' or 'reference', got {path!r}")
+    if end_grad and path != "fast":
+        raise ValueError("end_grad needs the fast path")
     with torch.set_grad_enabled(enable_grad and torch.is_grad_enabled()):
         if path == "fast":
             sigmas, int_sigma = sigma_grid_integral(field, n_steps, z0)
             q = low_precision_q(field, z0, q_dtype)  # (P, m): the only network evaluation
-            with torch.no_grad():
+            with torch.set_grad_enabled(end_grad and torch.is_grad_enabled()):
                 growth = 1 + q * (sigmas[0].reshape(()) / n_steps)
                 for s in sigmas[1:]:
                     growth = growth * (1 + q * (s.reshape(()) / n_steps))
-                z_n = z0.detach() * growth
+                z_n = (z0 if end_grad else z0.detach()) * growth
             log_det = q.sum(dim=-1) * int_sigma
         else:
             dt = 1.0 / n_steps

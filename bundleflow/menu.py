@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from bundleflow.flow import IntegratorPath, VelocityField, integrate, round_bundles
 from bundleflow.valuations.oracle import bundle_values
+from bundleflow.valuations.xor import xor_relaxed_values
 
 MIXTURE_EPS = 1e-20  # the reference's log(softmax + 1e-20)
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
@@ -50,6 +51,7 @@ class Lotteries:
     alpha: Tensor  # [J, D]
     z_n: Tensor  # [J, D, m]
     bundles: Tensor  # [J, D, m] 0/1
+    inclusion: Tensor | None = None  # [J, D, m] relaxed 1[i ∈ S] with a gradient, or None
 
 
 def log_normal_of_offset(diff: Tensor, scale: Tensor) -> Tensor:
@@ -167,6 +169,7 @@ class Menu(nn.Module):
         generator: torch.Generator | None = None,
         exact_density_grad: bool = False,
         q_dtype: torch.dtype | None = None,
+        bundle_temp: float | None = None,
     ) -> Lotteries:
         """Push every support point through the flow: bundles and their probabilities.
 
@@ -181,6 +184,10 @@ class Menu(nn.Module):
         forward values and the exact gradient (checked against float64 in the tests).
 
         ``q_dtype``: the flow network's precision (see :func:`bundleflow.flow.integrate`).
+
+        ``bundle_temp`` T (``menu.bundle_grad=straight_through``): also return the relaxed
+        inclusion s = sigmoid((z_N − 0.5)/T) with a gradient through z_N and the flow to M;
+        :meth:`utilities` then differentiates the relaxed value while keeping the hard one.
         """
         if eps is None:
             eps = self.draw_noise(generator)
@@ -190,13 +197,24 @@ class Menu(nn.Module):
         diff = (z0 - mu).detach() if exact_density_grad else z0 - mu
         log_p0 = log_normal_of_offset(diff, self.std).sum(dim=-1)  # (J, D)
         log_mix = self.log_mixture_weights(mix_temp)  # (J, D)
-        flowed = integrate(flow, z0.reshape(J * D, m), n_steps, path=path, q_dtype=q_dtype)
+        flowed = integrate(
+            flow,
+            z0.reshape(J * D, m),
+            n_steps,
+            path=path,
+            q_dtype=q_dtype,
+            end_grad=bundle_temp is not None,
+        )
         log_det = flowed.log_det.reshape(J, D)
         int_sigma = flowed.int_sigma
         if int_sigma.dim() > 0:
             int_sigma = int_sigma.reshape(J, D)
         ell, alpha = support_weights(log_p0, log_mix, log_det)
         z_n = flowed.z_n.reshape(J, D, m)
+        inclusion = None
+        if bundle_temp is not None:
+            inclusion = torch.sigmoid((z_n - 0.5) / bundle_temp)
+            z_n = z_n.detach()
         return Lotteries(
             mu=mu,
             z0=z0,
@@ -209,27 +227,68 @@ class Menu(nn.Module):
             alpha=alpha,
             z_n=z_n,
             bundles=round_bundles(z_n),
+            inclusion=inclusion,
         )
 
     def utilities(self, lotteries: Lotteries, valuations: Tensor, **oracle_kw) -> Tensor:
         """u ``[B, J]`` for XOR ``[B, K, m+1]`` or additive ``[B, m]`` valuations."""
         return lottery_utilities(
-            lotteries.bundles, lotteries.alpha, self.prices, valuations, **oracle_kw
+            lotteries.bundles,
+            lotteries.alpha,
+            self.prices,
+            valuations,
+            inclusion=lotteries.inclusion,
+            **oracle_kw,
         )
 
 
+RELAXED_TOP_K = 16
+"""Elements per valuation whose bundles get the straight-through gradient: its best ones by
+hard utility. The soft revenue's gradient to u_bj is weighted by the bidder's softmax
+probability of choosing j, negligible outside its best few elements once λ has grown."""
+
+
+def straight_through_delta(
+    values: Tensor, alpha: Tensor, prices: Tensor, valuations: Tensor, inclusion: Tensor
+) -> Tensor:
+    """Zero ``[B, J, D]`` in value whose gradient is that of the relaxed XOR value
+    (:func:`bundleflow.valuations.xor.xor_relaxed_values`) at each valuation's
+    :data:`RELAXED_TOP_K` best elements (by hard utility)."""
+    B, (J, D, m) = values.shape[0], inclusion.shape
+    k = min(RELAXED_TOP_K, J)
+    with torch.no_grad():
+        top = ((values * alpha).sum(dim=-1) - prices).topk(k, dim=1).indices  # (B, k)
+    chosen = inclusion[top]  # (B, k, D, m)
+    relaxed = xor_relaxed_values(valuations, chosen.reshape(B, k * D, m)).view(B, k, D)
+    delta = (relaxed - relaxed.detach()).to(values.dtype)
+    return torch.zeros_like(values).scatter_add(1, top.unsqueeze(-1).expand(B, k, D), delta)
+
+
 def lottery_utilities(
-    bundles: Tensor, alpha: Tensor, prices: Tensor, valuations: Tensor, **oracle_kw
+    bundles: Tensor,
+    alpha: Tensor,
+    prices: Tensor,
+    valuations: Tensor,
+    *,
+    inclusion: Tensor | None = None,
+    **oracle_kw,
 ) -> Tensor:
     """u_j(v) = Σ_d α_jd v(S_jd) − p_j for bundles ``[J, D, m]``, α ``[J, D]``, p ``[J]``.
 
     XOR valuations ``[B, K, m+1]`` go through the value oracle on all J·D bundles;
     additive ones ``[B, m]`` use v·(Σ_d α_jd S_jd), one ``[B, m] @ [m, J]`` product.
+    ``inclusion`` (relaxed bundles ``[J, D, m]`` with a gradient): straight-through — the
+    values are the hard ones, their gradient that of the relaxed value (XOR:
+    :func:`bundleflow.valuations.xor.xor_relaxed_values`; additive: v·s).
     """
     J, D, m = bundles.shape
     if valuations.dim() == 2:
+        if inclusion is not None:
+            bundles = bundles + (inclusion - inclusion.detach())
         expected_bundle = (alpha.unsqueeze(-1) * bundles).sum(dim=1)  # (J, m)
         return valuations @ expected_bundle.T - prices  # (B, m) @ (m, J) -> (B, J)
     values = bundle_values(valuations, bundles.reshape(J * D, m), **oracle_kw)  # (B, J·D)
     values = values.view(-1, J, D).to(alpha.dtype)
+    if inclusion is not None:
+        values = values + straight_through_delta(values, alpha, prices, valuations, inclusion)
     return (values * alpha).sum(dim=-1) - prices  # (B, J)

@@ -123,6 +123,8 @@ def resolve_plan(
     low = value in ("bf16", "fp16")
     if s2.path != "fast":
         kernels = Choice("plain", f"stage2.path={s2.path}")
+    elif cfg.menu.bundle_grad != "none":
+        kernels = Choice("plain", f"menu.bundle_grad={cfg.menu.bundle_grad}")
     elif s2.kernels != "auto":
         kernels = Choice(resolve_kernels(s2.kernels, device, low), f"stage2.kernels={s2.kernels}")
     else:

@@ -378,6 +378,7 @@ def build_step(parts: Stage2Parts, cfg: Config, data: RunData) -> Stage2Step:
         layout=layout,
         scaler=scaler,
         sample=sample,
+        bundle_temp=cfg.menu.bundle_temp if cfg.menu.bundle_grad != "none" else None,
     )
 
 

@@ -125,6 +125,22 @@ def xor_values_from_lacks(
     return out
 
 
+def xor_relaxed_values(valuations: Tensor, inclusion: Tensor) -> Tensor:
+    """A differentiable stand-in for the XOR value of relaxed bundles, per valuation.
+
+    ``inclusion`` ``[B, A, m]`` holds s_b,a,i ∈ (0, 1), the relaxed 1[i ∈ S] of bundle a
+    offered to valuation b. Atom k fits with "probability" Π_{i∈T_k} s_i (exact when the
+    items are independent coin flips) and the value is max_k b_k·Π_{i∈T_k} s_i — v(S)
+    itself at 0/1 inclusions. Returns ``[B, A]`` (float32) with a gradient to ``inclusion``.
+    """
+    atoms, values = atoms_and_values(valuations.float())  # (B, K, m), (B, K)
+    log_s = inclusion.float().clamp_min(1e-12).log()  # (B, A, m)
+    # e^-30 is "does not fit" at any value scale; the floor also keeps exp() out of the
+    # subnormal range, which is many times slower on CPUs
+    fit = torch.exp(torch.bmm(log_s, atoms.transpose(1, 2)).clamp_min(-30.0))  # (B, A, K)
+    return (fit * values.unsqueeze(1)).amax(dim=-1)
+
+
 def xor_value_bruteforce(valuation: Tensor, bundle: Tensor) -> float:
     """v(S) for one valuation ``[K, m+1]`` and one bundle ``[m]``, by definition.
 
