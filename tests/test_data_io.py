@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -16,6 +18,11 @@ from bundleflow.errors import BundleflowError
 from bundleflow.valuations import io as data_io
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# Written by bundleflow's own safetensors writer (format version 1, before the library wrote
+# them): `bundleflow data generate --dist regions --items 5 --n 40 --seed 7`.
+V1_FILE = Path(__file__).resolve().parent / "data" / "regions-m5-n40-v1.safetensors"
+V1_FILE_SHA256 = "68ac7a8e71e046bee7469b56eb7180abbc1900c7de2a71944d539b193c93b5b4"
+V1_TENSOR_SHA256 = "3d2cb54542287fcc85e82d1b6bbf112f5d44083cbaef4b8fe8dd6c47e898d300"
 CATS_FIXTURES = SHARED / "fixtures" / "cats"
 
 
@@ -51,7 +58,7 @@ def test_generated_set_round_trips_with_metadata(tmp_path):
     data = data_io.load_dataset(out, n_items=8)
     meta = data.metadata
     assert data.valuations.shape == (40, 6, 9)
-    assert meta["format"] == data_io.FORMAT_NAME and meta["format_version"] == 1
+    assert meta["format"] == data_io.FORMAT_NAME and meta["format_version"] == 2
     gen = meta["generator"]
     assert (gen["dist"], gen["n_items"], gen["n"], gen["seed"]) == ("arbitrary", 8, 40, 1)
     assert gen["params"]["budget_factor"] == 1.5 and gen["values"] == "upv"
@@ -74,7 +81,7 @@ def test_same_settings_same_bytes_different_seed_different(tmp_path):
 
 def test_our_files_are_plain_safetensors(tmp_path):
     safetensors = pytest.importorskip("safetensors")
-    pytest.importorskip("numpy")  # the safetensors package may want it; bundleflow does not
+    pytest.importorskip("numpy")  # safetensors.torch writes through numpy (matplotlib has it)
     v = _valuations()
     path = data_io.save_dataset(tmp_path / "v.safetensors", v, {"note": "x"})
     with safetensors.safe_open(str(path), framework="pt") as f:
@@ -89,6 +96,79 @@ def test_reads_files_written_by_the_safetensors_library(tmp_path):
     st.save_file({"x": v.double()}, str(tmp_path / "other.safetensors"))
     data = data_io.load_dataset(tmp_path / "other.safetensors")
     assert torch.equal(data.valuations, v) and data.split.origin == "reference"
+
+
+def _header(raw: bytes) -> tuple[dict, bytes]:
+    """A safetensors file's JSON header and its data section."""
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def test_version_1_files_still_read_as_before():
+    """A file of the former hand-written writer: the same tensor, metadata and split that
+    writer's reader returned (pinned here from it)."""
+    assert _sha(V1_FILE) == V1_FILE_SHA256, "the fixture itself changed"
+    data = data_io.load_dataset(V1_FILE, n_items=5)
+    assert data.valuations.dtype == torch.float32 and data.valuations.shape == (40, 6, 6)
+    assert data_io.tensor_sha256(data.valuations) == V1_TENSOR_SHA256
+    meta = data.metadata
+    assert (meta["format"], meta["format_version"], meta["sha256"]) == (
+        data_io.FORMAT_NAME,
+        1,
+        V1_TENSOR_SHA256,
+    )
+    assert meta["shape"] == [40, 6, 6] and meta["generator"]["seed"] == 7
+    assert (data.split.origin, data.split.train, data.split.val, data.split.test) == (
+        "recorded",
+        (0, 36),
+        (36, 38),
+        (38, 40),
+    )
+
+
+def test_version_2_differs_from_version_1_only_in_the_header_key_order(tmp_path):
+    """Rewriting a version-1 file's tensor and metadata: the same data bytes and header
+    length; the header's JSON differs only in format_version (the library orders a tensor's
+    keys dtype, shape, data_offsets; version 1 sorted them)."""
+    old = data_io.load_dataset(V1_FILE)
+    meta = {k: v for k, v in old.metadata.items() if k not in ("sha256", "shape", "dtype")}
+    path = data_io.save_dataset(tmp_path / "v2.safetensors", old.valuations, meta)
+    (h1, data1), (h2, data2) = _header(V1_FILE.read_bytes()), _header(path.read_bytes())
+    assert data2 == data1 and len(path.read_bytes()) == len(V1_FILE.read_bytes())
+    m1, m2 = (json.loads(h.pop("__metadata__")["bundleflow"]) for h in (h1, h2))
+    assert h1 == h2
+    assert (m1.pop("format_version"), m2.pop("format_version")) == (1, data_io.FORMAT_VERSION)
+    assert m1 == m2
+    again = data_io.load_dataset(path)
+    assert torch.equal(again.valuations, old.valuations)
+    assert again.split.to_dict() == old.split.to_dict()
+
+
+def test_cache_names_survive_the_format_version(tmp_path):
+    """Sets cached before version 2 keep their file names (the cache key did not move)."""
+    settings = data_io.generator_settings("regions", 5, 40, 7)
+    blob = {"settings": settings, "split": list(data_io.DEFAULT_SPLIT), "format_version": 1}
+    want = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+    assert data_io.cache_key(settings, data_io.DEFAULT_SPLIT) == want
+
+
+def test_loaded_data_do_not_depend_on_the_file_afterwards(tmp_path):
+    """The library maps files into memory; the loaded set must be a copy, else a file
+    truncated or copied over in place while a run trains kills it with SIGBUS."""
+    script = (
+        "import sys, torch\n"
+        "from bundleflow.valuations import io\n"
+        "data = io.load_dataset(sys.argv[1])\n"
+        "open(sys.argv[1], 'wb').close()\n"
+        "print(float(data.valuations.sum()))\n"
+    )
+    path = data_io.save_dataset(tmp_path / "v.safetensors", _valuations(n=2000), {})
+    want = float(data_io.load_dataset(path).valuations.sum())
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert float(done.stdout) == want
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):

@@ -7,9 +7,11 @@ the generator settings and seed (enough to regenerate the set bit for bit) and t
 train/val/test split. Files are written atomically (temporary file, fsync, rename): a
 reader sees the old file or the new one, never half of one.
 
-Safetensors is written and read here directly (an 8-byte header length, a JSON header,
-the raw data) so that neither writing nor checking needs numpy; the files are ordinary
-safetensors files that any safetensors reader opens.
+Files are written and read with the safetensors library. Format version 2 (this writer)
+and version 1 (bundleflow's own writer before it; still read) hold the same metadata and the
+same data bytes; they differ only in the order of the keys of the tensor's header entry
+(the library writes ``dtype, shape, data_offsets``, version 1 sorted them), so a set
+regenerated now has another file sha256 but the same recorded tensor sha256.
 
 Every load is validated (:func:`validate_xor`); every problem a user can cause raises
 :class:`~bundleflow.errors.BundleflowError` naming the file (and line, for text files)
@@ -27,6 +29,7 @@ import os
 import pickle
 import shlex
 import sys
+import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,16 +38,21 @@ from typing import BinaryIO
 
 import torch
 from loguru import logger
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from bundleflow import __version__
-from bundleflow.atomic import atomic_open
+from bundleflow.atomic import atomic_open, atomic_path
 from bundleflow.errors import BundleflowError
 from bundleflow.paths import default_cache_dir
 from bundleflow.valuations import cats
 
 FORMAT_NAME = "bundleflow-valuations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: written by the safetensors library; 1 (still read): see above
+# The cache key's version: what a cached file holds, which version 2 did not change. Keeping
+# it keeps the names of the sets already cached (their version-1 files are read as they are).
+_CACHE_KEY_VERSION = 1
 TENSOR_NAME = "valuations"
 METADATA_KEY = "bundleflow"
 DEFAULT_SPLIT = (0.90, 0.05, 0.05)
@@ -52,20 +60,18 @@ DEFAULT_SPLIT = (0.90, 0.05, 0.05)
 REFERENCE_TRAIN_FRACTION = 0.95
 REFERENCE_VAL_FRACTION_OF_TRAIN = 0.05
 
-# Safetensors limits: the reference implementation refuses headers above 100 MB.
-_MAX_HEADER_BYTES = 100_000_000
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# What a data file's tensor may be stored as (it is read as float32); the library knows more.
+_ACCEPTED_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+# The safetensors library's complaints about a damaged file (a phrase of its message) and
+# what we tell the user instead; the first match wins.
+_SAFETENSORS_REASONS = (
+    ("header too small", "shorter than a safetensors header (8 bytes)"),
+    ("invalid header length", "truncated: the safetensors header runs past the end of the file"),
+    ("header too large", "the safetensors header claims more than 100 MB"),
+    ("not fully covered", "truncated or padded: the data section does not match the header"),
+    ("invalid json", "unreadable safetensors header ({message})"),
+    ("offset", "tensor offsets do not match its shape"),
+)  # fmt: skip
 _READ_BLOCK = 1 << 22
 ACCEPTED_FORMATS = (
     "bundleflow .safetensors, the reference tensor [N, K, m+1] in a torch .pt/.pth or a .zip "
@@ -260,7 +266,7 @@ def validate_xor(tensor: object, source: str | os.PathLike, n_items: int | None 
 
 
 # ---------------------------------------------------------------------------------------
-# Safetensors, written and read by hand (no numpy needed)
+# Safetensors, through the safetensors library
 
 
 def _tensor_buffer(t: Tensor) -> ctypes.Array:
@@ -275,17 +281,6 @@ def tensor_sha256(t: Tensor) -> str:
     """sha256 of a tensor's bytes as stored (contiguous, little-endian)."""
     t = t.contiguous()
     return hashlib.sha256(_tensor_buffer(t)).hexdigest()
-
-
-def _safetensors_header(t: Tensor, metadata: dict[str, str]) -> bytes:
-    nbytes = t.numel() * t.element_size()
-    header = {
-        "__metadata__": metadata,
-        TENSOR_NAME: {"dtype": "F32", "shape": list(t.shape), "data_offsets": [0, nbytes]},
-    }
-    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-    return len(raw).to_bytes(8, "little") + raw
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -331,65 +326,49 @@ def save_dataset(path: str | os.PathLike, valuations: Tensor, metadata: dict) ->
         dtype="float32",
         sha256=tensor_sha256(t),
     )
-    header = _safetensors_header(t, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    buffer = _tensor_buffer(t)
-
-    def write(f: BinaryIO) -> None:
-        f.write(header)
-        f.write(buffer)
-
-    _atomic_write(path, write)
+    header = {METADATA_KEY: json.dumps(meta, sort_keys=True)}
+    with atomic_path(path) as tmp:  # a failed write (full disk) becomes one clear error
+        save_file({TENSOR_NAME: t}, str(tmp), metadata=header)
     return path
 
 
-def _read_safetensors(f: BinaryIO, size: int, source: str) -> tuple[Tensor, dict | None]:
+def _library_reason(err: Exception) -> str:
+    """The safetensors library's complaint about a file, in our words where we have them."""
+    message = (str(err).splitlines() or [type(err).__name__])[0]
+    lowered = message.lower()
+    for phrase, reason in _SAFETENSORS_REASONS:
+        if phrase in lowered:
+            return reason.format(message=message.removeprefix("Error while deserializing header: "))
+    return f"not a readable safetensors file ({message})"
+
+
+def _read_safetensors(path: Path, source: str) -> tuple[Tensor, dict | None]:
+    """The valuations tensor of a safetensors file (ours or any other) and our metadata."""
     fix = "the file is truncated or corrupt; regenerate or re-download it"
-    head = f.read(8)
-    if len(head) < 8:
-        raise BundleflowError(f"{source}: shorter than a safetensors header (8 bytes); {fix}")
-    header_len = int.from_bytes(head, "little")
-    if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
-        raise BundleflowError(
-            f"{source}: safetensors header claims {header_len} bytes but the file has {size}; {fix}"
-        )
     try:
-        header = json.loads(f.read(header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleflowError(f"{source}: unreadable safetensors header ({err}); {fix}") from None
-    if not isinstance(header, dict):
-        raise BundleflowError(f"{source}: the safetensors header is not a JSON object; {fix}")
-    raw_meta = header.pop("__metadata__", None) or {}
-    if not isinstance(raw_meta, dict):
-        raise BundleflowError(f"{source}: the safetensors __metadata__ is not an object; {fix}")
-    if TENSOR_NAME in header:
-        name = TENSOR_NAME
-    elif len(header) == 1:
-        name = next(iter(header))
-    else:
-        raise BundleflowError(
-            f"{source}: expected one tensor named {TENSOR_NAME!r}, found {sorted(header)}; "
-            f"save the valuations as {TENSOR_NAME!r}"
-        )
-    info = header[name]
-    try:
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        shape = [int(s) for s in info["shape"]]
-        begin, end = (int(o) for o in info["data_offsets"])
-        if any(s < 0 for s in shape):
-            raise ValueError(f"negative dimension in shape {shape}")
-    except (KeyError, TypeError, ValueError, OverflowError) as err:
-        raise BundleflowError(
-            f"{source}: tensor {name!r} has an unsupported or malformed entry ({err!r}); "
-            "save the valuations as float32"
-        ) from None
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if end - begin != math.prod(shape) * itemsize or begin < 0:
-        raise BundleflowError(f"{source}: tensor {name!r} offsets do not match its shape; {fix}")
-    data_start = 8 + header_len
-    if data_start + end > size:
-        raise BundleflowError(
-            f"{source}: truncated: {size} bytes, but the header needs {data_start + end}; {fix}"
-        )
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+            names = list(f.keys())
+            if TENSOR_NAME in names:
+                name = TENSOR_NAME
+            elif len(names) == 1:
+                name = names[0]
+            else:
+                raise BundleflowError(
+                    f"{source}: expected one tensor named {TENSOR_NAME!r}, found {sorted(names)}; "
+                    f"save the valuations as {TENSOR_NAME!r}"
+                )
+            dtype = f.get_slice(name).get_dtype()
+            if dtype not in _ACCEPTED_DTYPES:
+                raise BundleflowError(
+                    f"{source}: tensor {name!r} has the unsupported dtype {dtype}; save the "
+                    "valuations as float32"
+                )
+            # A copy in memory, not the library's mapping of the file: a data file replaced in
+            # place (cp over it) during a run would otherwise kill the run with SIGBUS.
+            tensor = f.get_tensor(name).clone()
+    except SafetensorError as err:
+        raise BundleflowError(f"{source}: {_library_reason(err)}; {fix}") from None
     meta = None
     if METADATA_KEY in raw_meta:
         try:
@@ -400,27 +379,17 @@ def _read_safetensors(f: BinaryIO, size: int, source: str) -> tuple[Tensor, dict
             ) from None
         if not isinstance(meta, dict):
             raise BundleflowError(f"{source}: the bundleflow metadata is not an object; {fix}")
-    f.seek(data_start + begin)
-    data = bytearray(end - begin)
-    view = memoryview(data)
-    digest = hashlib.sha256()
-    got = 0
-    while got < len(data):
-        n = f.readinto(view[got : got + _READ_BLOCK])
-        if not n:
-            raise BundleflowError(f"{source}: truncated while reading the data; {fix}")
-        digest.update(view[got : got + n])
-        got += n
     recorded = meta.get("sha256") if meta is not None else None
-    if recorded and recorded != digest.hexdigest():
-        regenerate = meta.get("regenerate")
-        raise BundleflowError(
-            f"{source}: checksum mismatch (the data is corrupt: sha256 {digest.hexdigest()[:12]}… "
-            f"≠ recorded {str(recorded)[:12]!r}…); regenerate it"
-            + (f" with `{regenerate}`" if isinstance(regenerate, str) and regenerate else "")
-        )
-    tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-    tensor = tensor.reshape(shape)
+    if recorded:
+        digest = tensor_sha256(tensor)  # the data section's bytes, as the writer hashed them
+        if recorded != digest:
+            regenerate = meta.get("regenerate")
+            raise BundleflowError(
+                f"{source}: checksum mismatch (the data is corrupt: sha256 {digest[:12]}… "
+                f"≠ recorded {str(recorded)[:12]!r}…); regenerate it"
+                + (f" with `{regenerate}`" if isinstance(regenerate, str) and regenerate else "")
+            )
+    shape = list(tensor.shape)
     if meta is not None and "shape" in meta and meta["shape"] != shape:
         raise BundleflowError(
             f"{source}: metadata shape {meta['shape']} ≠ tensor shape {shape}; {fix}"
@@ -508,7 +477,10 @@ def _read_zip(path: Path, source: str) -> tuple[Tensor, dict | None]:
     if not data:
         raise BundleflowError(f"{inner_source}: the file is empty; re-download the zip")
     if inner[0].lower().endswith(".safetensors"):
-        return _read_safetensors(io.BytesIO(data), len(data), inner_source)
+        with tempfile.TemporaryDirectory(prefix="bundleflow-") as tmp:  # the library reads files
+            inner_path = Path(tmp) / "data.safetensors"
+            inner_path.write_bytes(data)
+            return _read_safetensors(inner_path, inner_source)
     return _read_torch(io.BytesIO(data), inner_source), None
 
 
@@ -724,8 +696,7 @@ def read_valuations(path: str | os.PathLike) -> tuple[Tensor, dict | None]:
             "FILE.pt FILE.safetensors`"
         )
     if kind == "safetensors":
-        with path.open("rb") as f:
-            return _read_safetensors(f, size, source)
+        return _read_safetensors(path, source)
     if kind == "torch":
         return _read_torch(path, source), None
     if kind == "zip":
@@ -874,7 +845,7 @@ def generate_dataset(
 
 
 def cache_key(settings: dict, split: tuple[float, float, float]) -> str:
-    blob = {"settings": settings, "split": list(split), "format_version": FORMAT_VERSION}
+    blob = {"settings": settings, "split": list(split), "format_version": _CACHE_KEY_VERSION}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
