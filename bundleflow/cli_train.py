@@ -14,13 +14,14 @@ import torch
 from loguru import logger
 
 from bundleflow.checkpoint import latest
-from bundleflow.config import Config, load_config, parse_set, replace, to_flat_dict
+from bundleflow.config import Config, load_config, parse_set, replace, to_dict, to_flat_dict
 from bundleflow.devices import resolve_device
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluate import evaluate_mechanism
 from bundleflow.paths import runs_root
-from bundleflow.report import format_summary, write_run_report
+from bundleflow.report import comparison_cells, format_summary, write_run_report
 from bundleflow.timing import Timings
+from bundleflow.tracking import REPORT_TO, check_available, open_tracker, report_scalars
 from bundleflow.train.data import fitted_baselines, load_run_data
 from bundleflow.train.plan import resolve_plan
 from bundleflow.train.run import CONFIG_FILE, RUN_INFO, Run, make_accelerator, open_run
@@ -67,6 +68,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-time", type=float, help="stop Stage 2 after this many seconds")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--report-to",
+        choices=REPORT_TO,
+        help="also send metrics, config and report to TensorBoard (RUN_DIR/tensorboard; "
+        "pip install 'bundleflow[tracking]') or W&B (default: none)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -112,6 +119,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         "device": args.device,
         "mixed_precision": args.mixed_precision,
         "flow_ckpt": getattr(args, "flow_ckpt", None),
+        "report_to": args.report_to or "none",
     }
     return config
 
@@ -219,6 +227,10 @@ def _resume_config(args: argparse.Namespace, overrides: dict) -> Config:
         elif was is None:  # a budget the run had none of: this continuation's, recorded
             logger.info("{} {}: a new budget for this run (it was started without)", flag, given)
             launch[attr] = given
+    was = launch.get("report_to") or "none"  # where metrics go changes no result: may change
+    if args.report_to is not None and args.report_to != was:
+        logger.info("--report-to {}: this run reported to {} until now", args.report_to, was)
+    launch["report_to"] = args.report_to or was
     flow_ckpt = getattr(args, "flow_ckpt", None)
     if flow_ckpt and flow_ckpt != launch.get("flow_ckpt"):
         conflict("--flow-ckpt", flow_ckpt, launch.get("flow_ckpt") or "(none: its own Stage 1)")
@@ -246,6 +258,7 @@ def _check_recorded_data(path: Path, sha: str | None) -> None:
 
 def _setup(args: argparse.Namespace):
     config = resolve_config(args)
+    check_available(args.launch["report_to"])  # a missing package: exit 2 before any work
     choice = resolve_device(config.device)
     logger.info("device: {} ({})", choice.device, choice.reason)
     accelerator = make_accelerator(config, choice.device)
@@ -360,6 +373,17 @@ def _shared_flow(config: Config, args, accelerator, run: Run, n_items: int):
 # --------------------------------------------------------------------------- commands
 
 
+def _start_tracking(args: argparse.Namespace, config: Config, run: Run) -> None:
+    """``--report-to``: the run's tracker (every metrics line goes there too, see Run.metrics)
+    with the resolved config as hyperparameters. A resumed run continues where it was."""
+    report_to = args.launch["report_to"]
+    if report_to == "none" or not run.main_process:
+        return
+    run.tracker = open_tracker(report_to, run.dir, to_dict(config))
+    run.tracker.log_hparams(to_dict(config), (run.dir / CONFIG_FILE).read_text())
+    logger.info("reporting to {}: {}", report_to, run.tracker.where)
+
+
 @contextlib.contextmanager
 def _guarded(run: Run, *, resumed: bool):
     """Close the run; on a user error before anything was trained, remove the new run
@@ -380,6 +404,7 @@ def _guarded(run: Run, *, resumed: bool):
 def cmd_train_stage1(args: argparse.Namespace) -> int:
     config, accelerator, run = _setup(args)
     with _guarded(run, resumed=args.resume is not None), _stage1_stop(run):
+        _start_tracking(args, config, run)
         if args.max_steps:
             config = replace(config, stage1={"steps": args.max_steps})
         started = time.monotonic()
@@ -420,6 +445,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, accelerator, run = _setup(args)
     timings = Timings()
     with _guarded(run, resumed=args.resume is not None):
+        _start_tracking(args, config, run)
         with timings.section("data"), accelerator.main_process_first():  # one process
             data = load_run_data(  # generates a cached data set, the others wait
                 config.data, accelerator.device, dataset=getattr(args, "dataset", None)
@@ -532,5 +558,9 @@ def _device_name(device: torch.device) -> str:
 
 
 def write_report(run: Run, report: dict) -> None:
-    """report.json, report.md and the plots (bundleflow.report)."""
+    """report.json, report.md and the plots (bundleflow.report); the tracker's copy."""
     write_run_report(run.dir, report, main_process=run.main_process)
+    if run.tracker is not None:
+        step = (report.get("stage2") or {}).get("steps")
+        summary = format_summary(report, table=False)
+        run.tracker.log_report(summary, comparison_cells(report), report_scalars(report), step)

@@ -80,9 +80,9 @@ def comparison_rows(report: dict) -> list[dict]:
     return rows
 
 
-def comparison_table(report: dict, *, markdown: bool = False) -> str:
-    """Mechanism, test revenue with 95% CI, fraction of E[max value], paired ratio to the
-    best baseline with its 95% CI."""
+def comparison_cells(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The comparison table as (head, rows) of text cells: mechanism, test revenue with 95%
+    CI, fraction of E[max value], paired ratio to the best baseline with its 95% CI."""
     head = ["mechanism", "test revenue", "95% CI", "of E[max]", "÷ best baseline", "paired 95% CI"]
     body = []
     for row in comparison_rows(report):
@@ -97,6 +97,12 @@ def comparison_table(report: dict, *, markdown: bool = False) -> str:
                 "" if ratio is None else _ci([_round(x) for x in ratio["ci95"]]),
             ]
         )
+    return head, body
+
+
+def comparison_table(report: dict, *, markdown: bool = False) -> str:
+    """:func:`comparison_cells` as aligned text or (``markdown``) a markdown table."""
+    head, body = comparison_cells(report)
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in body]

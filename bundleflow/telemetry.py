@@ -10,10 +10,9 @@ def gib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**30:.1f} GiB"
 
 
-def gpu_status_line(device) -> str | None:
-    """``GPU 0 NVIDIA H100 80GB HBM3: util 97%, memory 12.3/79.6 GiB (torch peak 9.8 GiB)``
-    for a CUDA device, None otherwise. Never raises; the trainers log it at the validation
-    (Stage 2) or progress-line (Stage 1) cadence."""
+def _gpu_sample(device) -> dict | None:
+    """index, name, total and torch-peak memory, and NVML's (utilisation %, used, total) of
+    a CUDA device; None off CUDA or when torch cannot say. Never raises."""
     import torch
 
     device = torch.device(device)
@@ -26,8 +25,18 @@ def gpu_status_line(device) -> str | None:
     except Exception:  # noqa: BLE001
         return None
     uuid = str(getattr(props, "uuid", "") or "")
-    nvml = _nvml_sample(index, uuid)
-    text = f"GPU {index} {props.name}: "
+    return {"index": index, "props": props, "peak": peak, "nvml": _nvml_sample(index, uuid)}
+
+
+def gpu_status_line(device) -> str | None:
+    """``GPU 0 NVIDIA H100 80GB HBM3: util 97%, memory 12.3/79.6 GiB (torch peak 9.8 GiB)``
+    for a CUDA device, None otherwise. Never raises; the trainers log it at the validation
+    (Stage 2) or progress-line (Stage 1) cadence."""
+    sample = _gpu_sample(device)
+    if sample is None:
+        return None
+    props, peak, nvml = sample["props"], sample["peak"], sample["nvml"]
+    text = f"GPU {sample['index']} {props.name}: "
     if nvml is None:
         return text + f"util ?, memory ?/{gib(props.total_memory)} (torch peak {gib(peak)})"
     util, used, total = nvml
@@ -36,6 +45,21 @@ def gpu_status_line(device) -> str | None:
         f"util {shown_util}, memory {used / 2**30:.1f}/{total / 2**30:.1f} GiB "
         f"(torch peak {gib(peak)})"
     )
+
+
+def gpu_metrics(device) -> dict[str, float]:
+    """The numbers of :func:`gpu_status_line` for ``metrics.jsonl``: ``gpu_utilization`` (%),
+    ``gpu_memory_used`` and ``torch_peak_memory`` (GiB), those known; {} off CUDA."""
+    sample = _gpu_sample(device)
+    if sample is None:
+        return {}
+    out = {"torch_peak_memory": sample["peak"] / 2**30}
+    if sample["nvml"] is not None:
+        util, used, _ = sample["nvml"]
+        out["gpu_memory_used"] = used / 2**30
+        if util is not None:
+            out["gpu_utilization"] = float(util)
+    return out
 
 
 def _nvml_sample(torch_index: int, uuid: str) -> tuple[int | None, int, int] | None:

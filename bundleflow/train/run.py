@@ -20,6 +20,7 @@ from bundleflow.atomic import atomic_write_bytes, write_error
 from bundleflow.checkpoint import torch_build
 from bundleflow.config import Config, to_dict
 from bundleflow.errors import BundleflowError
+from bundleflow.tracking import Tracker
 
 RUN_INFO = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -86,6 +87,7 @@ class Run:
     config: Config
     main_process: bool = True
     info: dict[str, Any] = field(default_factory=dict)
+    tracker: Tracker | None = None  # --report-to: each metrics line goes there too
     _log_sink: int | None = None
     _log_file: _LogFile | None = None
 
@@ -96,7 +98,7 @@ class Run:
         return path
 
     def metrics(self, **record: Any) -> None:
-        """Append one JSON line to ``metrics.jsonl``."""
+        """Append one JSON line to ``metrics.jsonl`` (and send it to the tracker)."""
         if not self.main_process:
             return
         line = json.dumps(record, default=float) + "\n"
@@ -105,12 +107,17 @@ class Run:
                 handle.write(line)
         except OSError as err:
             raise write_error(self.dir / METRICS_FILE, err) from None
+        if self.tracker is not None:
+            self.tracker.log_record(record)
 
     def update_info(self, **items: Any) -> None:
         self.info.update(items)
         self.write_json(RUN_INFO, self.info)
 
     def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
         if self._log_sink is not None:
             logger.remove(self._log_sink)
             self._log_sink = None

@@ -158,6 +158,7 @@ class Stage1Trainer:
             max_time = None
         bar = ProgressBar(cfg.steps, "stage 1", enabled=None if self.show else False, unit="steps")
         start, first = time.monotonic(), self.done
+        self.logged = (first, start)  # the step and time of the last metrics line (step_time)
         stop = StopRequest() if self.checkpoint_dir is not None and self.world == 1 else None
         with stop if stop is not None else contextlib.nullcontext():
             while self.done < cfg.steps:
@@ -183,8 +184,13 @@ class Stage1Trainer:
         cfg, step = self.cfg, self.done
         if step % cfg.log_every == 0 or step == cfg.steps:
             value = float(self.history[max(0, step - cfg.log_every) : step].mean())
+            now, (last_step, last_time) = time.monotonic(), self.logged
+            self.logged = (step, now)
             if self.metrics is not None:
-                self.metrics(stage=1, step=step, loss=value, wall_time=time.monotonic() - start)
+                step_time = (now - last_time) / max(1, step - last_step)
+                self.metrics(
+                    stage=1, step=step, loss=value, wall_time=now - start, step_time=step_time
+                )
             logger.debug("stage 1 step {} loss {:.5f}", step, value)
 
     def finish(self, seconds: float, steps_now: int):

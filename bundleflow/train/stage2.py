@@ -31,7 +31,7 @@ from bundleflow.menu import Menu, freeze_flow
 from bundleflow.paths import runs_root
 from bundleflow.progress import ProgressBar
 from bundleflow.schedule import InvTempSchedule
-from bundleflow.telemetry import gpu_status_line
+from bundleflow.telemetry import gpu_metrics, gpu_status_line
 from bundleflow.train.data import RunData
 from bundleflow.train.plan import StepPlan
 from bundleflow.train.run import RUN_INFO, Run
@@ -477,6 +477,7 @@ class Stage2Trainer:
             best_val_revenue=st.best_val,
             inv_temp=schedule.value,
             wall_time=elapsed,
+            **gpu_metrics(self.plan.device),  # {} off CUDA
         )
         logger.info(
             "stage 2 step {}: validation revenue {:.4g}{} (λ {:.4g}, {:.0f}s)",
@@ -591,6 +592,7 @@ class Stage2Trainer:
             total, "stage 2", enabled=None if self.show_progress else False, unit="steps"
         )
         start, losses, reason = time.monotonic(), [], "max-steps"
+        self.step_clock = st.wall_before - st.validation_time  # training time (step_time)
         with StopRequest() as stop:
             try:
                 while st.step < total:
@@ -629,12 +631,18 @@ class Stage2Trainer:
         self.guard.update(losses[-1], self.parts.net.parameters())
         self.guard.check(st.step, last_good=self.last_good())  # agreed by the ranks
         mean_loss = torch.stack(losses).mean().reshape(1)
+        n_steps = len(losses)
         losses.clear()
         if self.parts.parallel == "replicate":
             mean_loss = self.comm.all_reduce(mean_loss) / self.comm.world
         soft = -float(mean_loss) * self.data.scale
         inv = self.parts.schedule.value
-        self.run.metrics(stage=2, step=st.step, soft_revenue=soft, inv_temp=inv, wall_time=elapsed)
+        clock = elapsed - st.validation_time  # seconds per step, validation not counted
+        step_time, self.step_clock = (clock - self.step_clock) / n_steps, clock
+        self.run.metrics(
+            stage=2, step=st.step, soft_revenue=soft, inv_temp=inv, wall_time=elapsed,
+            step_time=step_time,
+        )  # fmt: skip
         logger.debug("stage 2 step {} soft revenue {:.4g} λ {:.4g}", st.step, soft, inv)
 
     def should_stop(self, stop: StopRequest, elapsed: float, max_time: float | None) -> str:
