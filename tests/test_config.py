@@ -261,3 +261,13 @@ def test_cli_unknown_key_exits_2_with_one_line(tmp_path):
     assert "'stage2.lrr'" in line
     assert out.stdout == ""
     assert not any(Path(tmp_path).iterdir())  # nothing was created before the config check
+
+
+def test_set_mixed_precision_no_is_fp32_not_a_yaml_boolean():
+    """`--set mixed_precision=no` (documented as the way to ask for fp32) must not fail as
+    YAML's false; other string keys still reject booleans."""
+    from bundleflow.config import load_config, parse_set
+
+    assert load_config("tiny", parse_set(["mixed_precision=no"])).mixed_precision == "no"
+    with pytest.raises(BundleflowError, match="data.dist"):
+        load_config("tiny", parse_set(["data.dist=no"]))
