@@ -204,9 +204,9 @@ class Stage2Config:
     """Steps between metric lines."""
     checkpoint_every: int = 5000
     """Steps between resumable checkpoints (Ctrl-C / SIGTERM also writes one). At paper size
-    a checkpoint holds ~25 MB (menu and Adam state) and 5,000 steps are ~3.5 s on an H200;
-    with one every 1,000 steps, checkpoints and log reads took ≈3 s of a 30,000-step Stage 2
-    (inferred from the run's breakdown against the bench's step time; BENCHMARKS.md)."""
+    a checkpoint holds ~25 MB (menu and Adam state) and 5,000 steps are ~3.5 s on an H200.
+    (Moving from 1,000 to 5,000 did not shorten paper-m50's Stage 2 on an H200: 28.2 s
+    before, 29.5 / 30.5 s after — BENCHMARKS.md; fewer writes, the same time.)"""
     keep_checkpoints: int = 2
     """Resumable checkpoints kept (the best one is kept apart)."""
     path: str = "fast"
