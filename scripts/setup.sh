@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install bundleflow with its dev tools and the tracking extra (tensorboard).
+# Create .venv and install bundleflow with its dev tools and the tracking (tensorboard) and
+# notebook (nbclient, ipykernel) extras.
 # torch is installed first and pinned here (not in pyproject, which keeps a range) so that
 # pip never resolves a multi-GB CUDA build by accident. Override for your machine:
 #   TORCH_SPEC="torch==2.5.1" TORCH_INDEX_URL=https://download.pytorch.org/whl/cu121 bash scripts/setup.sh
@@ -21,6 +22,7 @@ if [ -n "$ASKED_TORCH" ] || ! .venv/bin/python -c "import torch" >/dev/null 2>&1
     .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
   fi
 fi
-# dev: the test tools; tracking: tensorboard, which tests/test_tracking.py reads back
-.venv/bin/python -m pip install --quiet -e ".[dev,tracking]"
+# dev: the test tools; tracking: tensorboard, which tests/test_tracking.py reads back;
+# notebook: the kernel tests/test_notebook.py runs the quickstart notebook in
+.venv/bin/python -m pip install --quiet -e ".[dev,tracking,notebook]"
 .venv/bin/python -c "import torch, bundleflow; print(f'bundleflow {bundleflow.__version__}, torch {torch.__version__}')"
