@@ -35,7 +35,8 @@ DEVCONTAINER = REPO / ".devcontainer" / "devcontainer.json"
 README = REPO / "README.md"
 
 DEFAULT_FLAVOUR = "cu121"
-BASE_IMAGE = "nvidia/cuda:12.1.1-runtime-ubuntu22.04"
+# -base, not -runtime: the torch wheels bring the CUDA libraries (README "Image size")
+BASE_IMAGE = "nvidia/cuda:12.1.1-base-ubuntu22.04"
 TORCH_PIN = "torch==2.5.1+cu121"
 TORCH_INDEX = "https://download.pytorch.org/whl/cu121"
 
@@ -111,6 +112,48 @@ def size_bytes(value: str) -> float:
 
 def flavours() -> list[str]:
     return sorted(p.name for p in REQS.glob("cu*") if p.is_dir())
+
+
+def lock_pins(path: Path) -> dict[str, str]:
+    """``{name: version}`` of a hashed lock."""
+    return {
+        canonical(n): v
+        for n, v in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+) \\$", path.read_text(), re.M)
+    }
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str, str]]:
+    """``(stage, KEYWORD, arguments)`` for every instruction of a Dockerfile: continuation
+    lines joined, comments dropped; ``stage`` is the ``AS`` name of the enclosing FROM."""
+    logical, current = [], ""
+    for line in text.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if current and line.lstrip().startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    out, stage = [], ""
+    for line in logical:
+        keyword, _, args = line.strip().partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            match = re.search(r"\sAS\s+(\S+)\s*$", args, re.I)
+            stage = match.group(1) if match else ""
+        out.append((stage, keyword, args.strip()))
+    return out
+
+
+def dockerfile_env(instructions) -> dict[str, str]:
+    """Every ``ENV KEY=VALUE`` of the Dockerfile (later ones win)."""
+    env = {}
+    for _, keyword, args in instructions:
+        if keyword == "ENV":
+            env.update(re.findall(r"([A-Z_][A-Z0-9_]*)=(\S+)", args))
+    return env
 
 
 # --------------------------------------------------------------------------- compose
@@ -255,7 +298,7 @@ def test_dockerfile_base_and_torch_pin_agree_with_locks_and_readme():
     assert set(stages) == set(flavours())
     for flavour, image in stages.items():
         cuda = f"{flavour[2:4]}.{flavour[4:]}"  # cu121 -> 12.1
-        assert image.startswith(f"nvidia/cuda:{cuda}.") and "runtime-ubuntu22.04" in image
+        assert re.fullmatch(rf"nvidia/cuda:{re.escape(cuda)}\.\d+-base-ubuntu22\.04", image), image
         torch_txt = (REQS / flavour / "torch.txt").read_text()
         pin = re.search(r"^torch==\S+$", torch_txt, re.M).group(0)
         assert pin.endswith(f"+{flavour}")
@@ -282,6 +325,76 @@ def test_dockerfile_has_dev_target_non_root_user_and_build_guard():
     assert "--require-hashes" in text
 
 
+# What an nvidia/cuda -runtime base adds over -base (cuBLAS, cuFFT, cuRAND, cuSOLVER, cuSPARSE,
+# NVRTC, nvJitLink, NCCL; NPP and nvJPEG torch never loads) and -cudnn adds cuDNN: the torch
+# wheels depend on all of them as pip packages, so each flavour's lock must hold them.
+WHEEL_CUDA_LIBRARIES = {
+    "nvidia-cuda-runtime-cu12",
+    "nvidia-cuda-nvrtc-cu12",
+    "nvidia-nvjitlink-cu12",
+    "nvidia-cublas-cu12",
+    "nvidia-cufft-cu12",
+    "nvidia-curand-cu12",
+    "nvidia-cusolver-cu12",
+    "nvidia-cusparse-cu12",
+    "nvidia-nccl-cu12",
+    "nvidia-cudnn-cu12",
+}
+
+
+@pytest.mark.parametrize("flavour", flavours())
+def test_base_image_leaves_the_cuda_libraries_to_the_wheels(flavour):
+    """The -base image (driver hooks, cuda-compat, libcudart) and not -runtime/-devel/-cudnn:
+    the CUDA libraries come once, from the locked wheels that torch loads."""
+    text = DOCKERFILE.read_text()
+    image = re.search(rf"^FROM (\S+) AS cuda-{flavour}$", text, re.M).group(1)
+    assert image.endswith("-base-ubuntu22.04") and not re.search(r"runtime|devel|cudnn", image)
+    assert set(lock_pins(REQS / flavour / "lock.txt")) >= WHEEL_CUDA_LIBRARIES, flavour
+    # scripts/preflight.sh smoke-tests the toolkit with the same image: one pull for both
+    preflight = (REPO / "scripts" / "preflight.sh").read_text()
+    assert re.search(rf"^\s*{flavour}\).*\bBASE={re.escape(image)}\s", preflight, re.M), flavour
+
+
+def test_image_asks_the_container_toolkit_for_the_gpu_itself():
+    """Set in the image, not only inherited from the base: the toolkit mounts the driver
+    (libcuda, nvidia-smi) for these capabilities whatever the base image says."""
+    env = dockerfile_env(dockerfile_instructions(DOCKERFILE.read_text()))
+    assert env.get("NVIDIA_VISIBLE_DEVICES") == "all"
+    assert set(env.get("NVIDIA_DRIVER_CAPABILITIES", "").split(",")) >= {"compute", "utility"}
+
+
+def test_every_pip_step_mounts_the_pip_cache():
+    """A lock change re-runs the pip step but downloads only what changed: every RUN that
+    calls pip mounts BuildKit's cache at the build user's PIP_CACHE_DIR, owned by that user,
+    and nothing switches pip's cache off."""
+    text = DOCKERFILE.read_text()
+    assert re.match(r"# syntax=docker/dockerfile:1(\.\d+)*\n", text)  # RUN --mount: BuildKit
+    instructions = dockerfile_instructions(text)
+    env = dockerfile_env(instructions)
+    cache_dir = env["PIP_CACHE_DIR"]
+    assert cache_dir.startswith("/home/bundleflow/")
+    assert "PIP_NO_CACHE_DIR" not in env
+    assert not [args for _, _, args in instructions if "--no-cache-dir" in args]
+    declared: dict[str, set[str]] = {}
+    pip_steps = 0
+    for stage, keyword, args in instructions:
+        if keyword == "ARG":
+            declared.setdefault(stage, set()).add(args.split("=")[0])
+        if keyword != "RUN" or not re.search(r"\bpip install\b", args):
+            continue
+        pip_steps += 1
+        mounts = [dict(kv.split("=", 1) for kv in m.split(",")) for m in
+                  re.findall(r"--mount=(\S+)", args)]  # fmt: skip
+        cache = [m for m in mounts if m.get("type") == "cache" and m.get("target") == cache_dir]
+        assert cache, f"stage {stage}: a pip step without the cache mount: {args[:80]}"
+        # the build user's own cache; ${UID}/${GID} expand only where the stage declares them
+        assert cache[0].get("uid") == "${UID}" and cache[0].get("gid") == "${GID}", cache[0]
+        assert {"UID", "GID"} <= declared.get(stage, set()), stage
+    assert pip_steps >= 4  # locks + torch, dev tools, the two editable installs
+    # the mount point exists, owned by the user, before the first mount (else ~/.cache is root's)
+    assert re.search(rf'install -d -o "\$\{{UID\}}" -g "\$\{{GID\}}" [^\n]*{cache_dir}\b', text)
+
+
 @pytest.mark.parametrize(
     "lock", ["cu121/lock.txt", "cu124/lock.txt", "cu128/lock.txt", "dev.lock.txt"]
 )
@@ -303,6 +416,34 @@ def test_cu121_lock_holds_the_cu121_torch_dependencies():
         r"^\S+==\S+$", (REQS / DEFAULT_FLAVOUR / "torch-deps.txt").read_text(), re.M
     ):
         assert f"\n{pin} \\" in lock, pin
+
+
+def test_ci_runs_the_fast_tier_on_the_image_torch():
+    """.ci/run tests the torch version the image pins: PyPI's build of it (CUDA 12.4, which
+    runs on the CPU) with the cu124 flavour's lock, i.e. its own CUDA libraries; that lock is
+    the default flavour's apart from those libraries, so the other packages are the image's."""
+
+    def torch_version(flavour: str) -> str:
+        text = (REQS / flavour / "torch.txt").read_text()
+        return re.search(r"^torch==([\d.]+)\+cu\d+$", text, re.M).group(1)
+
+    assert torch_version(DEFAULT_FLAVOUR) == torch_version("cu124")  # the same release
+    default, cu124 = (
+        lock_pins(REQS / DEFAULT_FLAVOUR / "lock.txt"),
+        lock_pins(REQS / "cu124" / "lock.txt"),
+    )
+    differ = {name for name in set(default) | set(cu124) if default.get(name) != cu124.get(name)}
+    assert differ and all(name.startswith("nvidia-") and name.endswith("-cu12") for name in differ)
+    ci = (REPO / ".ci" / "run").read_text()
+    # the version is read from the image's torch.txt, not copied into .ci/run
+    assert f"docker/requirements/{DEFAULT_FLAVOUR}/torch.txt" in ci
+    assert "-r docker/requirements/cu124/lock.txt -r docker/requirements/dev.lock.txt" in ci
+    assert '"torch==$PINNED"' in ci and "--require-hashes" in ci
+    assert re.search(
+        r'^"\$PINNED_VENV/bin/python" -m pytest -q -m "not slow and not gpu"$', ci, re.M
+    )
+    # under .venv/: ignored by git and docker, excluded by ruff
+    assert re.search(r"^PINNED_VENV=\.venv/", ci, re.M)
 
 
 def test_dev_lock_inputs_mirror_the_dev_extra():
@@ -486,6 +627,16 @@ def test_devcontainer_builds_the_dev_target(devcontainer):
     assert "-e ." in devcontainer["postCreateCommand"]
     extensions = devcontainer["customizations"]["vscode"]["extensions"]
     assert {"ms-python.python", "charliermarsh.ruff"} <= set(extensions)
+
+
+def test_readme_says_the_dev_container_is_x86_64_only():
+    """The locks (and the CUDA wheels they pin) are x86_64-only: the README's dev container
+    section says so and sends Apple-silicon Macs to a native venv."""
+    assert re.search(r"^# Generated .* on x86_64-", (REQS / "dev.lock.txt").read_text())
+    readme = README.read_text()
+    section = readme[readme.index("### Dev container") :]
+    section = section[: section.index("\n## ")]
+    assert "x86_64" in section and "Apple-silicon" in section and "scripts/setup.sh" in section
 
 
 def test_devcontainer_run_args_split_gpus_all(devcontainer):
