@@ -10,6 +10,13 @@ whole batch and ε from one seeded generator and takes its part) on a synthetic 
 pool and a random flow of the preset's width; the global batch is the same for every
 process count, so valuations/s = B / step time. Prints one JSON line (rank 0) with the
 median step time and valuations/s.
+
+    python scripts/bench_scaling.py --processes 1,2,4,8 --items 150 --menu 20000 --batch 1024
+
+runs the same benchmark once per process count (``torchrun --nproc_per_node N`` for N > 1),
+one after another, and prints them side by side with the speed-up over one process (the same
+per-GPU step) and the efficiency; counts above the GPUs present are skipped with a line
+saying so (on a machine without CUDA the processes share the CPU: a check, not a figure).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,7 +55,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--parallel", choices=("shard", "replicate"), default="shard")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument(
+        "--processes",
+        help="comma-separated process counts (e.g. 1,2,4,8): run each, print them side by side",
+    )
     args = p.parse_args()
+    if args.processes and "WORLD_SIZE" not in os.environ:
+        sys.exit(side_by_side(args))
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -115,6 +129,59 @@ def main() -> None:
         sys.stdout.write(json.dumps(out) + "\n")
     if world > 1:
         dist.destroy_process_group()
+
+
+def side_by_side(args: argparse.Namespace) -> int:
+    """Run the benchmark for each of ``args.processes`` and print one table (+ JSON lines)."""
+    try:
+        counts = [int(c) for c in args.processes.split(",") if c.strip()]
+    except ValueError:
+        print(f"--processes: expected comma-separated integers, got {args.processes!r}")
+        return 2
+    if not counts or min(counts) < 1:
+        print(f"--processes: expected counts >= 1, got {args.processes!r}")
+        return 2
+    gpus = torch.cuda.device_count()
+    passthrough, argv = [], iter(sys.argv[1:])
+    for a in argv:  # every argument but --processes (one word "--processes=1,2" or two)
+        if a == "--processes":
+            next(argv, None)
+        elif not a.startswith("--processes="):
+            passthrough.append(a)
+    rows = []
+    for n in counts:
+        if gpus and n > gpus:
+            print(f"{n} processes: skipped ({gpus} GPUs here)")
+            continue
+        launcher = [sys.executable]
+        if n > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+        cmd = [*launcher, str(Path(__file__).resolve()), *passthrough]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        if done.returncode != 0 or not lines:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            print(f"{n} processes: failed (exit {done.returncode}): {' | '.join(tail)}")
+            return 1
+        rows.append(json.loads(lines[-1]))
+    if not rows:
+        return 1
+    base = rows[0]["valuations_per_s"] if rows[0]["processes"] == 1 else None
+    print(f"{'processes':>9}  {'parallel':>9}  {'step ms':>8}  {'valuations/s':>12}  "
+          f"{'speed-up':>8}  {'efficiency':>10}")  # fmt: skip
+    for r in rows:
+        speed = r["valuations_per_s"] / base if base else None
+        eff = speed / r["processes"] if speed else None
+        print(f"{r['processes']:>9}  {r['parallel']:>9}  {r['median_step_ms']:>8.3f}  "
+              f"{r['valuations_per_s']:>12.1f}  "
+              f"{'' if speed is None else f'{speed:.2f}x':>8}  "
+              f"{'' if eff is None else f'{eff:.0%}':>10}")  # fmt: skip
+    device = rows[0]["device"]
+    if device == "cpu":
+        print("(no CUDA: the processes share this machine's CPU cores; not a scaling figure)")
+    for r in rows:
+        sys.stdout.write(json.dumps(r) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -240,3 +240,28 @@ def test_stage2_precision_precedence(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     assert stage2_precision(None, cuda) == ("fp16", "accelerate (ACCELERATE_MIXED_PRECISION)")
     assert stage2_precision("no", cuda) == ("no", "bundleflow mixed_precision")
+
+
+def test_bench_scaling_prints_process_counts_side_by_side():
+    """scripts/bench_scaling.py --processes 1,2 runs the trainer's step on 1 and 2 processes
+    (torchrun) and prints both with the speed-up over one process; on the CPU it says the
+    figure is no scaling figure."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_scaling.py"
+    sizes = ["--items", "6", "--menu", "16", "--batch", "8", "--steps", "2", "--warmup", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), "--processes", "1,2", *sizes],
+        capture_output=True, text=True, env=env, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")]
+    assert [r["processes"] for r in rows] == [1, 2]
+    assert [r["parallel"] for r in rows] == ["single", "shard"]
+    table = [ln.split() for ln in done.stdout.splitlines() if ln.split()[:1] in (["1"], ["2"])]
+    speedup = rows[1]["valuations_per_s"] / rows[0]["valuations_per_s"]
+    assert table[0][4] == "1.00x" and table[1][4] == f"{speedup:.2f}x"
+    assert "not a scaling figure" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, str(script), "--processes", "two"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--processes" in bad.stdout
