@@ -76,8 +76,10 @@ def stage2_loss(
     ``bundle_temp``: straight-through gradient to the bundles (``menu.bundle_grad``; plain
     kernels only — the fused backward carries the trace term's gradient alone).
     """
+    if bundle_temp is not None and kernels is not None:
+        raise ValueError("bundle_temp needs the plain kernels (kernels=None)")
     extra = None if fallback is None else fallback.outcome(valuations)
-    if kernels is not None and path == "fast" and bundle_temp is None:
+    if kernels is not None and path == "fast":
         fused = fused_lotteries(
             menu,
             flow,
@@ -187,7 +189,7 @@ class Stage2Step:
         mode: ``auto`` | ``eager`` | ``graph`` | ``compile`` (see the module docstring).
         tf32: TF32 for fp32 matrix products in the step (CUDA only; no effect on CPU).
         bundle_temp: T of the straight-through gradient to the bundles (``menu.bundle_grad``;
-            forces plain kernels), or None (the reference: no gradient through S).
+            needs ``kernels='plain'``), or None (the reference: no gradient through S).
         generator: a generator on the menu's device for eager/compile modes (``graph``
             uses the default CUDA generator: seed it with ``torch.cuda.manual_seed``).
         fallback: posted prices offered beside the menu as option J (normalised money).
@@ -246,9 +248,12 @@ class Stage2Step:
         self.warmup = max(1, warmup)
         self.generator = generator
         self.fallback = None if fallback is None else fallback.to(self.device)
+        if bundle_temp is not None and kernels != "plain":
+            raise ValueError(
+                "bundle_temp needs kernels='plain': the fused backward has no path from the "
+                "bundles to M (resolve_plan chooses plain kernels for menu.bundle_grad)"
+            )
         self.bundle_temp = bundle_temp
-        if bundle_temp is not None:
-            kernels = "plain"  # the fused backward has no path from the bundles to M
         self.kernel_mode = kernels
         self.kernels = kernels_for(kernels) if path == "fast" else None
         self.calls = 0
@@ -325,22 +330,23 @@ class Stage2Step:
             "n_steps": self.n_steps,
             "exact_density_grad": self.exact_density_grad,
             "q_dtype": self.q_dtype,
-            "bundle_temp": self.bundle_temp,
         }
         if self.layout.parallel != "shard":
             loss, second = self._loss_fn(
                 self.menu, self.flow, batch, inv_temp, mix_temp, eps, path=self.path,
-                fallback=self.fallback, kernels=self._live_kernels(), **kw,
+                fallback=self.fallback, kernels=self._live_kernels(),
+                bundle_temp=self.bundle_temp, **kw,
             )  # fmt: skip
             return loss, loss, second
         kernels = self._live_kernels()
         if kernels is not None and self.path == "fast":
-            kw.pop("bundle_temp")  # None: plain kernels are forced otherwise
             fused = fused_lotteries(self.menu, self.flow, mix_temp, eps, kernels=kernels, **kw)
             utilities = fused_utilities(fused, self.menu.prices, batch, kernels)
             second = fused.lacks
         else:
-            lot = self.menu.lotteries(self.flow, mix_temp, eps=eps, path=self.path, **kw)
+            lot = self.menu.lotteries(
+                self.flow, mix_temp, eps=eps, path=self.path, bundle_temp=self.bundle_temp, **kw
+            )
             utilities, second = self.menu.utilities(lot, batch), lot.bundles
         extra = None if self.fallback is None else self.fallback.outcome(batch)
         surrogate, revenue = sharded_soft_revenue(

@@ -104,3 +104,19 @@ def test_config_and_plan():
         load_config("tiny", {"menu": {"bundle_grad": "sometimes"}})
     with pytest.raises(BundleflowError, match="menu.bundle_temp"):
         load_config("tiny", {"menu": {"bundle_grad": "straight_through", "bundle_temp": 0.0}})
+
+
+def test_step_refuses_fused_kernels_with_bundle_grad():
+    """The fused backward carries only the trace term: asking for it with the bundle
+    gradient is an error, not a silent switch (the plan chooses plain kernels)."""
+    from bundleflow.fast_step import Stage2Step, make_optimizer
+
+    torch.manual_seed(0)
+    flow = freeze_flow(VelocityField(4, hidden=8))
+    menu = Menu(4, 6, 2, generator=torch.Generator().manual_seed(0))
+    opt = make_optimizer(menu, None, "eager")
+    pool = one_bidder().expand(3, 2, 5).clone()
+    with pytest.raises(ValueError, match="plain"):
+        Stage2Step(menu, flow, opt, pool, 2, kernels="fused", bundle_temp=0.1)
+    step = Stage2Step(menu, flow, opt, pool, 2, kernels="plain", bundle_temp=0.1)
+    assert torch.isfinite(step(5.0, 0.3))
