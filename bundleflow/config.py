@@ -295,10 +295,6 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-_NO_KEYS = ("mixed_precision",)
-"""String keys with a choice spelled ``no``, which YAML reads as false unless quoted."""
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
@@ -339,8 +335,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise BundleflowError(f"config key {key!r}: expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise BundleflowError(f"config key {key!r}: expected an integer, got {value!r}")
-    if tp is str and value is False and key in _NO_KEYS:
-        return "no"  # YAML 1.1 reads an unquoted `no` as false: `--set mixed_precision=no`
+    if tp is str and isinstance(value, bool) and ("yes" if value else "no") in CHOICES.get(key, ()):
+        return "yes" if value else "no"  # YAML 1.1 reads unquoted no/yes as booleans
     if not isinstance(value, tp):
         raise BundleflowError(
             f"config key {key!r}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
