@@ -11,8 +11,6 @@ run() {  # run VARIANT SEED extra-args...: one paper-m50 run in its own runs roo
   BUNDLEFLOW_HOME=/tmp/w/$v-$s timeout 400 python3 -m bundleflow train --preset paper-m50 \
     --no-progress --set stage1.seed=$s --set stage2.seed=$s "$@" > "$W/$v-$s.log" 2>&1
 }
-keep() { cd /tmp && tar -czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.pt' \
-  --exclude='*.png' --exclude='checkpoints' w; cd - > /dev/null; }
 run W 0 $W_SET; keep
 run W 1 $W_SET & run W 2 $W_SET & run WST 0 $W_SET --set menu.bundle_grad=straight_through & wait; keep
 run WST 1 $W_SET --set menu.bundle_grad=straight_through &

@@ -7,18 +7,10 @@
 set -u
 source benchmarks/gpu_env.sh
 export BUNDLEFLOW_CACHE=/tmp/cache
-keep() { cd /tmp && tar -czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.pt' \
-  --exclude='*.png' --exclude='checkpoints' w; cd - > /dev/null; }
 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > "$W/gpu_tests.log" 2>&1
 echo "rc=$?" >> "$W/gpu_tests.log"; keep; tail -n 2 "$W/gpu_tests.log"
-run() {  # run NAME PRESET args...
-  local n=$1 p=$2; shift 2
-  BUNDLEFLOW_HOME=/tmp/w/$n timeout 110 python3 -m bundleflow train --preset $p --no-progress \
-    "$@" > "$W/$n.log" 2>&1; keep
-  echo "$n: $(grep -h 'menu / best' $W/$n.log) | $(grep -h '^time:' $W/$n.log)"
-}
-run paper_cold paper-m50
-run paper_warm paper-m50
-run arb_d1 arbitrary-upv-m50 --set data.seed=1
-run reg_d1 regions-upv-m50 --set data.seed=1
-run arb_d2 arbitrary-upv-m50 --set data.seed=2
+run_preset paper_cold paper-m50
+run_preset paper_warm paper-m50
+run_preset arb_d1 arbitrary-upv-m50 --set data.seed=1
+run_preset reg_d1 regions-upv-m50 --set data.seed=1
+run_preset arb_d2 arbitrary-upv-m50 --set data.seed=2

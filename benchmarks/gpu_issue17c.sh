@@ -6,17 +6,9 @@
 set -u
 source benchmarks/gpu_env.sh
 export BUNDLEFLOW_CACHE=/tmp/cache
-keep() { cd /tmp && tar -czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.pt' \
-  --exclude='*.png' --exclude='checkpoints' w; cd - > /dev/null; }
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
   tests/test_trainer.py::test_graph_and_eager_steps_agree_over_1000_steps > "$W/gpu_test.log" 2>&1
 echo "rc=$?" >> "$W/gpu_test.log"; keep; tail -n 2 "$W/gpu_test.log"
-run() {  # run NAME PRESET args...
-  local n=$1 p=$2; shift 2
-  BUNDLEFLOW_HOME=/tmp/w/$n timeout 110 python3 -m bundleflow train --preset $p --no-progress \
-    "$@" > "$W/$n.log" 2>&1; keep
-  echo "$n: $(grep -h 'menu / best' $W/$n.log) | $(grep -h '^time:' $W/$n.log)"
-}
-run arb100_d1 arbitrary-upv-m100 --set data.seed=1
-run reg_d2 regions-upv-m50 --set data.seed=2
-run arb_d1_s1 arbitrary-upv-m50 --set data.seed=1 --set stage1.seed=1 --set stage2.seed=1
+run_preset arb100_d1 arbitrary-upv-m100 --set data.seed=1
+run_preset reg_d2 regions-upv-m50 --set data.seed=2
+run_preset arb_d1_s1 arbitrary-upv-m50 --set data.seed=1 --set stage1.seed=1 --set stage2.seed=1
