@@ -189,12 +189,14 @@ def build(cfg: BenchConfig, device: torch.device):
 
 def make_steps(cfg: BenchConfig, flow, menu: Menu, pool: Tensor) -> dict:
     fast_menu, ref_menu = menu, copy.deepcopy(menu)
-    opt = make_optimizer(fast_menu, [{"params": list(fast_menu.parameters()), "lr": LR}], cfg.mode)
+    kernels = resolve_kernels(cfg.kernels, pool.device, cfg.precision == "bf16")
+    params = [{"params": list(fast_menu.parameters()), "lr": LR}]
+    opt = make_optimizer(fast_menu, params, cfg.mode, kernels=kernels)
     fast = Stage2Step(
         fast_menu, flow, opt, pool, cfg.batch,
         n_steps=cfg.n_steps, mode=cfg.mode, tf32=cfg.precision == "tf32",
         q_dtype=torch.bfloat16 if cfg.precision == "bf16" else None, warmup=min(3, cfg.warmup),
-        kernels=resolve_kernels(cfg.kernels, pool.device, cfg.precision == "bf16"),
+        kernels=kernels,
     )  # fmt: skip
     ref = ReferenceStep(ref_menu, flow, pool, cfg.batch, cfg.n_steps)
     return {"fast": (fast, fast_menu), "reference": (ref, ref_menu)}

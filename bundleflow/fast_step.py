@@ -34,6 +34,7 @@ import torch
 from loguru import logger
 from torch import Tensor
 
+from bundleflow.adam import CompiledAdam
 from bundleflow.distributed import Comm
 from bundleflow.fallback import PostedPrices
 from bundleflow.flow import IntegratorPath, VelocityField
@@ -157,13 +158,21 @@ def resolve_mode(
     return mode
 
 
-def make_optimizer(menu: Menu, groups: list[dict] | None, mode: str) -> torch.optim.Adam:
-    """Adam as the step needs it: fused on CUDA, and capturable for ``graph``."""
+def make_optimizer(
+    menu: Menu, groups: list[dict] | None, mode: str, *, kernels: str = "plain"
+) -> torch.optim.Adam:
+    """Adam as the step needs it: on CUDA capturable for ``graph``, and compiled into one
+    elementwise kernel per parameter with the compiled kernels (:mod:`bundleflow.adam`:
+    torch's fused Adam under-fills the GPU on the support locations), else torch's fused
+    Adam. On the CPU torch's Adam."""
     device = menu.means.device
     groups = groups or [{"params": list(menu.parameters()), "lr": 0.3}]
     if device.type != "cuda":
         return torch.optim.Adam(groups)
-    return torch.optim.Adam(groups, fused=True, capturable=resolve_mode(mode, device) == "graph")
+    capturable = resolve_mode(mode, device) == "graph"
+    if kernels == "compiled":
+        return CompiledAdam(groups, capturable=capturable)
+    return torch.optim.Adam(groups, fused=True, capturable=capturable)
 
 
 class Stage2Step:
@@ -300,7 +309,10 @@ class Stage2Step:
         kernels = "plain kernels" if self._live_kernels() is None else self.kernels.description
         if self.kernels is not None and self._live_kernels() is None:
             kernels = f"plain kernels ({self.kernels.fallback_reason})"
-        return f"{flow}; {oracle}; fp32 softmax/Adam; {kernels}"
+        adam = "compiled Adam" if isinstance(self.optimizer, CompiledAdam) else "Adam"
+        if getattr(self.optimizer, "fallback_reason", None):
+            adam = f"Adam run eagerly ({self.optimizer.fallback_reason})"
+        return f"{flow}; {oracle}; fp32 softmax/{adam}; {kernels}"
 
     # ------------------------------------------------------------------ one step
 

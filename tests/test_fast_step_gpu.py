@@ -20,7 +20,7 @@ CFG = bench.BenchConfig(items=50, menu=500, support=8, batch=128, atoms=6, pool=
 
 def setup(mode, tf32=False, q_dtype=None, kernels="plain", exact=False):
     flow, menu, pool, _ = bench.build(CFG, torch.device("cuda"))
-    opt = make_optimizer(menu, None, mode)
+    opt = make_optimizer(menu, None, mode, kernels=kernels)  # as training builds it
     step = Stage2Step(
         menu, flow, opt, pool, CFG.batch, mode=mode, tf32=tf32, q_dtype=q_dtype, kernels=kernels,
         exact_density_grad=exact,

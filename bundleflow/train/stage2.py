@@ -23,7 +23,7 @@ from bundleflow.config import Config, to_dict
 from bundleflow.distributed import Comm
 from bundleflow.errors import BundleflowError
 from bundleflow.fallback import PostedPrices, fit_posted_prices
-from bundleflow.fast_step import Layout, Stage2Step
+from bundleflow.fast_step import Layout, Stage2Step, make_optimizer
 from bundleflow.flow import VelocityField
 from bundleflow.health import FiniteGuard
 from bundleflow.mechanism import FrozenMechanism
@@ -133,18 +133,14 @@ def price_at_fallback(
     menu.prices.copy_((lot.alpha * cost).sum(dim=-1).to(menu.prices.device))
 
 
-def build_optimizer(
-    menu: Menu, cfg: Config, device: torch.device, *, capturable: bool = False
-) -> torch.optim.Adam:
-    """Adam: lr for M and w, a separate (normalised-money) lr for the prices. On CUDA it is
-    fused (one kernel, no host sync) and, for the graph step, capturable."""
+def build_optimizer(menu: Menu, cfg: Config, plan: StepPlan) -> torch.optim.Adam:
+    """Adam: lr for M and w, a separate (normalised-money) lr for the prices, built as the
+    plan's step needs it (:func:`bundleflow.fast_step.make_optimizer`)."""
     groups = [
         {"params": [menu.means, menu.logits], "lr": cfg.stage2.lr},
         {"params": [menu.prices], "lr": cfg.stage2.price_lr},
     ]
-    if device.type != "cuda":
-        return torch.optim.Adam(groups)
-    return torch.optim.Adam(groups, fused=True, capturable=capturable)
+    return make_optimizer(menu, groups, plan.step_mode.value, kernels=plan.kernels.value)
 
 
 def build_schedule(cfg: Config) -> InvTempSchedule:
@@ -322,11 +318,10 @@ def setup_stage2(
             f"{comm.world} processes (stage2.parallel=replicate splits the batch)"
         )
     menu = menu.to(device)
-    graph = plan.step_mode.value == "graph"
     parts = Stage2Parts(
         flow=freeze_flow(flow).to(device),
         menu=menu,
-        optimizer=build_optimizer(menu, cfg, device, capturable=graph),
+        optimizer=build_optimizer(menu, cfg, plan),
         schedule=build_schedule(cfg),
         mix_factor=cfg.stage2.inv_temp.mixture_factor,
         seed=cfg.stage2.seed,
