@@ -5,7 +5,9 @@
 set -u
 source benchmarks/gpu_env.sh
 export BUNDLEFLOW_CACHE=/tmp/cache
-timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider -x > "$W/gpu_tier.log" 2>&1
+part=${1:-all}  # tier | runs | all (one device call each: tier ≈ 8 min, runs ≈ 6 min)
+if [ "$part" != runs ]; then
+timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -x > "$W/gpu_tier.log" 2>&1
 echo "rc=$?" >> "$W/gpu_tier.log"; keep; tail -n 3 "$W/gpu_tier.log"
 timeout 120 python3 scripts/bench_adam.py > "$W/bench_adam.json" 2> "$W/bench_adam.err"; keep
 cat "$W/bench_adam.json"; tail -n 3 "$W/bench_adam.err"
@@ -17,6 +19,8 @@ d = json.load(open(sys.argv[1]))
 print(sys.argv[1], d["fast"]["median_ms"], d["reference"]["median_ms"], d["ratio"], d["parity_ok"], d["fast"].get("precision"))
 PY
 done
+fi
+[ "$part" = tier ] && exit 0
 timeout 100 python3 -m bundleflow profile --preset paper-m50 --steps 20 --out /tmp/prof \
   > "$W/profile.log" 2>&1; cp /tmp/prof/profile.md "$W/profile.md" 2>/dev/null; keep
 grep -i "adam\|median\|utilis" "$W/profile.md" | head -8
