@@ -1,0 +1,133 @@
+"""Price polish: coordinate ascent on the hard revenue of a frozen menu's prices.
+
+Stage 2 optimises a soft (softmax) revenue; what is reported is the hard one (argmax, IR).
+Given the frozen lotteries, each element's expected value w_ij = Σ_d α_jd v_i(S_jd) is
+fixed, so the hard training revenue as a function of one price p_j, the others held, is
+piecewise linear with its maxima just below the thresholds t_i = w_ij − u_i^{−j}, where
+u_i^{−j} is bidder i's best utility without element j (the other elements, the posted-price
+fallback, walking away at 0). With the thresholds sorted, R(p) over every candidate is one
+cumulative sum: the exact best price for element j in O(N log N). Elements are visited in a
+seeded random order; a round visits each once; every accepted change raises the training
+revenue, so the polish never lowers it.
+
+A menu with other prices is still a menu: DSIC and IR hold as before. Validation picks the
+round to keep (round 0, the unpolished menu, included), so the validation revenue never
+drops either. Tensors only; the one Python loop is over the coordinate-ascent visits (each
+visit depends on the previous one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PolishResult:
+    prices: Tensor
+    round_kept: int
+    train_revenue: list[float] = field(default_factory=list)
+    val_revenue: list[float] = field(default_factory=list)
+    changed: list[int] = field(default_factory=list)
+
+
+def _options(values: Tensor, prices: Tensor, fb_u: Tensor) -> Tensor:
+    """Utilities ``[N, J+2]``: the J elements, the fallback, walking away (0)."""
+    n = values.shape[0]
+    return torch.cat([values - prices, fb_u[:, None], values.new_zeros(n, 1)], dim=1)
+
+
+def _payments(idx: Tensor, prices: Tensor, fb_pay: Tensor) -> Tensor:
+    """Payment of option ``idx [N]`` (J = fallback, J+1 = walk away) for each row."""
+    J = prices.shape[0]
+    el = prices[idx.clamp(max=J - 1)]
+    return torch.where(idx < J, el, torch.where(idx == J, fb_pay, torch.zeros_like(fb_pay)))
+
+
+def hard_revenue_of(values: Tensor, prices: Tensor, fb_u: Tensor, fb_pay: Tensor) -> float:
+    """Mean payment under the hard rule (ties to the lowest index, fallback after the
+    elements, buy iff the best utility ≥ 0)."""
+    u = _options(values, prices, fb_u)
+    best = u.argmax(dim=1)  # first maximum: lowest index; walk-away column is last
+    return float(_payments(best, prices, fb_pay).mean())
+
+
+def polish_prices(
+    values: Tensor,
+    prices: Tensor,
+    fb_u: Tensor,
+    fb_pay: Tensor,
+    *,
+    rounds: int = 3,
+    margin: float = 1e-6,
+    min_buyers: int = 1,
+    val: tuple[Tensor, Tensor, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> PolishResult:
+    """Coordinate ascent on the prices ``[J]`` for element values ``[N, J]``.
+
+    ``fb_u``/``fb_pay`` ``[N]``: the fallback's utility (−inf: none) and payment.
+    ``margin``: a new price sits this far below the marginal bidder's threshold (strict
+    preference, so ties never decide). ``min_buyers``: a price must sell to at least this
+    many training bidders (a floor against prices fitted to one valuation). ``val``:
+    (values, fb_u, fb_pay) of the validation split; the round with the best validation
+    revenue is returned (round 0 = the input prices).
+    """
+    values = values.to(torch.float64)
+    fb_u = fb_u.to(torch.float64)
+    fb_pay = fb_pay.to(torch.float64)
+    prices = prices.to(torch.float64).clone()
+    n, J = values.shape
+    u = _options(values, prices, fb_u)
+    top_u, top_i = u.topk(2, dim=1)
+    ranks = torch.arange(1, n + 1, dtype=torch.float64, device=values.device)
+
+    def val_rev(p: Tensor) -> float:
+        if val is None:
+            return float("nan")
+        vv, vu, vp = (x.to(torch.float64) for x in val)
+        return hard_revenue_of(vv, p, vu, vp)
+
+    result = PolishResult(prices=prices.clone(), round_kept=0)
+    result.train_revenue.append(hard_revenue_of(values, prices, fb_u, fb_pay))
+    result.val_revenue.append(val_rev(prices))
+    result.changed.append(0)
+    best_val, best_prices = result.val_revenue[0], prices.clone()
+    for r in range(1, rounds + 1):
+        changed = 0
+        for j in torch.randperm(J, generator=generator).tolist():
+            first = top_i[:, 0] == j
+            alt_u = torch.where(first, top_u[:, 1], top_u[:, 0])
+            alt_i = torch.where(first, top_i[:, 1], top_i[:, 0])
+            alt_pay = _payments(alt_i, prices, fb_pay)
+            t = values[:, j] - alt_u  # buys j iff p_j < t
+            ts, order = torch.sort(t, descending=True)
+            cum = torch.cumsum(alt_pay[order], dim=0)
+            cand = ts - margin
+            gain = ranks * cand - cum
+            ok = (cand >= 0) & (ranks >= min_buyers) & torch.isfinite(cand)
+            gain = torch.where(ok, gain, torch.full_like(gain, -torch.inf))
+            k = int(gain.argmax())
+            buyers = t > prices[j]
+            current = float(((prices[j] - alt_pay) * buyers).sum())
+            if not bool(ok[k]) or float(gain[k]) <= current + 1e-9 * n:
+                continue
+            prices[j] = cand[k]
+            changed += 1
+            col = values[:, j] - prices[j]
+            u[:, j] = col
+            rows = (top_i[:, 0] == j) | (top_i[:, 1] == j) | (col > top_u[:, 1])
+            if bool(rows.any()):
+                sub_u, sub_i = u[rows].topk(2, dim=1)
+                top_u[rows], top_i[rows] = sub_u, sub_i
+        result.train_revenue.append(hard_revenue_of(values, prices, fb_u, fb_pay))
+        result.val_revenue.append(val_rev(prices))
+        result.changed.append(changed)
+        if val is not None and result.val_revenue[-1] > best_val:
+            best_val, best_prices, result.round_kept = result.val_revenue[-1], prices.clone(), r
+        if changed == 0:
+            break
+    result.prices = best_prices if val is not None else prices
+    return result
