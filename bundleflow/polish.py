@@ -46,6 +46,14 @@ def _payments(idx: Tensor, prices: Tensor, fb_pay: Tensor) -> Tensor:
     return torch.where(idx < J, el, torch.where(idx == J, fb_pay, torch.zeros_like(fb_pay)))
 
 
+def _top2(u: Tensor) -> tuple[Tensor, Tensor]:
+    """The two best options per row, ties in the hard rule's order (lowest index first:
+    ``topk`` does not promise that, and a bidder indifferent between the fallback and
+    walking away buys)."""
+    vals, idx = torch.sort(u, dim=1, descending=True, stable=True)
+    return vals[:, :2], idx[:, :2]
+
+
 def hard_revenue_of(values: Tensor, prices: Tensor, fb_u: Tensor, fb_pay: Tensor) -> float:
     """Mean payment under the hard rule (ties to the lowest index, fallback after the
     elements, buy iff the best utility ≥ 0)."""
@@ -81,7 +89,7 @@ def polish_prices(
     prices = prices.to(torch.float64).clone()
     n, J = values.shape
     u = _options(values, prices, fb_u)
-    top_u, top_i = u.topk(2, dim=1)
+    top_u, top_i = _top2(u)
     ranks = torch.arange(1, n + 1, dtype=torch.float64, device=values.device)
 
     def val_rev(p: Tensor) -> float:
@@ -120,7 +128,7 @@ def polish_prices(
             u[:, j] = col
             rows = (top_i[:, 0] == j) | (top_i[:, 1] == j) | (col > top_u[:, 1])
             if bool(rows.any()):
-                sub_u, sub_i = u[rows].topk(2, dim=1)
+                sub_u, sub_i = _top2(u[rows])
                 top_u[rows], top_i[rows] = sub_u, sub_i
         result.train_revenue.append(hard_revenue_of(values, prices, fb_u, fb_pay))
         result.val_revenue.append(val_rev(prices))

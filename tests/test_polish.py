@@ -72,3 +72,16 @@ def test_validation_keeps_the_input_when_every_round_is_worse_there():
     res = polish_prices(values, _col(3.0), _col(NONE, NONE), _col(0, 0), val=val)
     assert res.round_kept == 0 and float(res.prices[0]) == 3.0
     assert res.val_revenue[0] == 3.0 and res.val_revenue[1] == 0.0
+
+
+def test_a_bidder_indifferent_between_the_fallback_and_walking_away_buys():
+    """The hard rule buys at utility 0, so a bidder whose fallback utility is exactly 0 pays
+    the fallback's price; the line search must see that payment as what a sale of the
+    element displaces (a top-2 in arbitrary tie order saw walking away, paying 0, and sold).
+    One bidder values the element at 7 and pays 7.5 at the fallback with utility 0: selling
+    the element at 7 would lose 0.5, so it stays unsold."""
+    values = torch.full((1, 40), 7.0, dtype=torch.float64)  # 40 elements: topk's tie order
+    fb_u, fb_pay = _col(0), _col(7.5)  # depends on the width; at 40 it put walking away first
+    res = polish_prices(values, torch.full((40,), 100.0, dtype=torch.float64), fb_u, fb_pay)
+    assert bool((res.prices == 100.0).all()) and res.changed == [0, 0]
+    assert res.train_revenue[-1] == 7.5
