@@ -200,6 +200,13 @@ class Stage2Config:
     """Steps between validation evaluations."""
     patience: int | None = None
     """Stop after this many evaluations without a better validation revenue."""
+    select_min_z: float = 1.96
+    """bundleflow extension, with a fallback only: a trained menu replaces the untrained one
+    (the first validation, at step 0) as the best only where its paired validation gain over
+    the fallback alone is significant, z = mean(d)/SE(d) ≥ this (d: per-valuation payments
+    minus the fallback's). Learned elements that only win by validation noise lost on test
+    (BENCHMARKS.md "Revenue, issue 17, third pass"). 0: any higher validation revenue wins,
+    as before."""
     log_every: int = 200
     """Steps between metric lines."""
     checkpoint_every: int = 5000

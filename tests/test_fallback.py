@@ -400,3 +400,28 @@ def test_train_with_a_fallback_never_falls_below_it(env, capsys):
     assert main(["menu", "show", str(run)]) == 0
     assert "fallback" in capsys.readouterr().out
     assert Path(run / "report.md").read_text().count("fallback") >= 1
+
+
+def test_selection_keeps_the_untrained_menu_unless_the_gain_over_the_fallback_is_significant(
+    env,
+):
+    """``stage2.select_min_z``: after step 0 a menu becomes the best only where its paired
+    validation gain over the fallback alone has z ≥ the threshold. The metrics record z; the
+    best validation revenue follows that rule; a threshold no gain can reach keeps step 0."""
+    extra = ["menu.fallback=best", "menu.posted_price_init=true"]
+    for z_min in (0.0, 1e9):
+        runs = env / f"runs-z{z_min:g}"
+        args = ["train", *CPU_ARGS, "--runs-dir", str(runs)]
+        assert main([*args, *_sets([*extra, f"stage2.select_min_z={z_min}"])]) == 0
+        run = _only_run(runs)
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in records if "val_revenue" in r]
+        assert evals[0]["step"] == 0 and abs(evals[0]["val_gain_z"]) < 1e-6  # d ≡ 0 at step 0
+        best = evals[0]["val_revenue"]
+        for r in evals[1:]:
+            if r["val_revenue"] > best and r["val_gain_z"] >= z_min:
+                best = r["val_revenue"]
+            assert r["best_val_revenue"] == pytest.approx(best)
+        report = json.loads((run / "report.json").read_text())
+        if z_min == 1e9:
+            assert report["stage2"]["best_step"] == 0

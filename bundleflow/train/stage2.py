@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -427,6 +428,7 @@ class Stage2Trainer:
         self.ckpt_dir = run.dir / CHECKPOINTS
         self.data_record = {k: data.info.get(k) for k in ("path", "sha256", "money_scale", "kind")}
         self.saved_step = -1  # the step of the last resumable checkpoint on disk
+        self._fallback_val: torch.Tensor | None = None  # the fallback alone's val payments
         self.best_menu: dict = {}
         self.show_progress = show_progress and run.main_process
         all_min = (lambda t: self.comm.all_reduce(t, "min")) if self.comm.active else None
@@ -439,25 +441,42 @@ class Stage2Trainer:
         self.state.step += 1
         return self.parts.advance(self.state.step)
 
-    def validate(self) -> tuple[float, Menu]:
-        """Hard validation revenue of the frozen menu (main process; broadcast), whole menu."""
+    def validate(self) -> tuple[float, float, Menu]:
+        """Hard validation revenue of the frozen menu (main process; broadcast), whole menu,
+        and the z-score of its paired gain over the fallback alone (+inf without one)."""
         full = self.parts.full_menu()  # collective under shard
-        val = float("nan")
+        val, z = float("nan"), float("nan")
         if self.run.main_process:
-            val = (
-                self.frozen(full, self.parts.mix_temp()).revenue(
-                    self.data.val, batch_size=self.cfg.eval.batch_size
-                )
-                * self.data.scale
-            )
-        return self.comm.broadcast_floats([val], self.plan.device)[0], full
+            mech = self.frozen(full, self.parts.mix_temp())
+            payments = mech.outcome(self.data.val, batch_size=self.cfg.eval.batch_size)[1]
+            val = float(payments.double().mean()) * self.data.scale
+            z = self.gain_z(payments)
+        val, z = self.comm.broadcast_floats([val, z], self.plan.device)
+        return val, z, full
+
+    def gain_z(self, payments: torch.Tensor) -> float:
+        """mean(d)/SE(d) for d = payments − the fallback alone's payments on validation."""
+        fallback = self.parts.fallback
+        if fallback is None:
+            return float("inf")
+        if self._fallback_val is None:
+            val = self.data.val.to(payments.device)
+            utility, pay = fallback.to(payments.device).outcome(val)
+            self._fallback_val = torch.where(utility >= 0, pay, 0.0).double()  # IR: else walk
+        d = payments.double() - self._fallback_val
+        se = float(d.std(unbiased=True)) / d.numel() ** 0.5 if d.numel() > 1 else 0.0
+        mean = float(d.mean())
+        if se == 0.0:
+            return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+        return mean / se
 
     def evaluate(self, elapsed: float) -> bool:
         """Validate, keep the best, log; True when patience says stop."""
         started = time.monotonic()
-        val, full = self.validate()
+        val, z, full = self.validate()
         st, s2 = self.state, self.cfg.stage2
-        improved = val > st.best_val
+        # the first validation is always a candidate; later ones must beat the fallback alone
+        improved = val > st.best_val and (st.best_val == -math.inf or z >= s2.select_min_z)
         if improved:
             st.best_val, st.best_step, st.since_best = val, st.step, 0
             st.best_mix_temp = self.parts.mix_temp()
@@ -470,6 +489,7 @@ class Stage2Trainer:
             step=st.step,
             val_revenue=val,
             best_val_revenue=st.best_val,
+            val_gain_z=z,
             inv_temp=schedule.value,
             wall_time=elapsed,
             **gpu_metrics(self.plan.device),  # {} off CUDA
