@@ -489,7 +489,7 @@ class Stage2Trainer:
             step=st.step,
             val_revenue=val,
             best_val_revenue=st.best_val,
-            val_gain_z=z,
+            val_gain_z=z if math.isfinite(z) else None,  # None (null): no fallback to beat
             inv_temp=schedule.value,
             wall_time=elapsed,
             **gpu_metrics(self.plan.device),  # {} off CUDA
