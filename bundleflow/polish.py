@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from bundleflow.revenue import hard_revenue
+
 
 @dataclass
 class PolishResult:
@@ -55,11 +57,9 @@ def _top2(u: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def hard_revenue_of(values: Tensor, prices: Tensor, fb_u: Tensor, fb_pay: Tensor) -> float:
-    """Mean payment under the hard rule (ties to the lowest index, fallback after the
-    elements, buy iff the best utility ≥ 0)."""
-    u = _options(values, prices, fb_u)
-    best = u.argmax(dim=1)  # first maximum: lowest index; walk-away column is last
-    return float(_payments(best, prices, fb_pay).mean())
+    """Mean payment under the hard rule (:func:`bundleflow.revenue.hard_revenue`: ties to
+    the lowest index, the fallback after the elements, buy iff the best utility ≥ 0)."""
+    return float(hard_revenue(values - prices, prices, (fb_u, fb_pay)))
 
 
 def polish_prices(
@@ -92,11 +92,10 @@ def polish_prices(
     top_u, top_i = _top2(u)
     ranks = torch.arange(1, n + 1, dtype=torch.float64, device=values.device)
 
+    val64 = None if val is None else tuple(x.to(torch.float64) for x in val)
+
     def val_rev(p: Tensor) -> float:
-        if val is None:
-            return float("nan")
-        vv, vu, vp = (x.to(torch.float64) for x in val)
-        return hard_revenue_of(vv, p, vu, vp)
+        return float("nan") if val64 is None else hard_revenue_of(val64[0], p, *val64[1:])
 
     result = PolishResult(prices=prices.clone(), round_kept=0)
     result.train_revenue.append(hard_revenue_of(values, prices, fb_u, fb_pay))

@@ -19,7 +19,8 @@ import torch
 from bundleflow.baselines import effective_size_prices, fit_bundle_size_prices
 from bundleflow.evaluate import paired_ratio_ci
 from bundleflow.fallback import PostedPrices
-from bundleflow.polish import _options, _payments, polish_prices
+from bundleflow.polish import polish_prices
+from bundleflow.revenue import hard_outcome
 from bundleflow.valuations import io as data_io
 from bundleflow.valuations.xor import atoms_and_values
 
@@ -56,7 +57,7 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
 
     def pay(prices):
-        return _payments(_options(te[0], prices, te[1]).argmax(dim=1), prices, te[2])
+        return hard_outcome(te[0] - prices, prices, (te[1], te[2]))[1]
 
     before, after = pay(start), pay(res.prices)
     r = paired_ratio_ci(after, before)

@@ -31,6 +31,7 @@ from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow
 from bundleflow.paths import runs_root
 from bundleflow.progress import ProgressBar
+from bundleflow.revenue import hard_choice
 from bundleflow.schedule import InvTempSchedule
 from bundleflow.telemetry import gpu_metrics, gpu_status_line
 from bundleflow.train.data import RunData
@@ -462,7 +463,7 @@ class Stage2Trainer:
         if self._fallback_val is None:
             val = self.data.val.to(payments.device)
             utility, pay = fallback.to(payments.device).outcome(val)
-            self._fallback_val = torch.where(utility >= 0, pay, 0.0).double()  # IR: else walk
+            self._fallback_val = hard_choice(utility[:, None], pay[:, None])[1].double()
         d = payments.double() - self._fallback_val
         se = float(d.std(unbiased=True)) / d.numel() ** 0.5 if d.numel() > 1 else 0.0
         mean = float(d.mean())
