@@ -12,7 +12,7 @@ keep() { (cd /tmp && tar -czf "$OUT/results.tgz" --exclude='*.safetensors' --exc
 # run_preset NAME PRESET ARGS...: one training run in its own runs root, one line of results
 run_preset() {
   local n=$1 p=$2; shift 2
-  BUNDLEFLOW_HOME=/tmp/w/$n timeout 110 python3 -m bundleflow train --preset $p --no-progress \
+  BUNDLEFLOW_HOME=/tmp/w/$n timeout ${RUN_TIMEOUT:-110} python3 -m bundleflow train --preset $p --no-progress \
     "$@" > "$W/$n.log" 2>&1; keep
   echo "$n: $(grep -h 'menu / best' $W/$n.log) | $(grep -h '^time:' $W/$n.log)"
 }

@@ -26,11 +26,16 @@ from bundleflow.valuations.io import read_valuations
 
 def revenue(vals: torch.Tensor, delta: torch.Tensor, eff: torch.Tensor) -> torch.Tensor:
     """Payments ``[N]`` under c(T) = eff[|T|] + δ·T."""
-    atoms, values = vals[..., :-1], vals[..., -1]
-    values = torch.where(atoms.sum(-1) > 0, values, -math.inf)
-    cost = eff[atoms.sum(-1).round().long()] + (atoms * delta).sum(-1)
+    atoms = vals[..., :-1]
+    return _pay(vals[..., -1], atoms.sum(-1), eff, (atoms * delta).sum(-1))
+
+
+def _pay(values, sizes, eff, item_cost):
+    """Payments ``[..., N]`` for atom values/sizes ``[N, K]`` and item costs ``[..., N, K]``."""
+    values = torch.where(sizes > 0, values, -math.inf)
+    cost = eff[sizes.round().long()] + item_cost
     best, k = (values - cost).max(-1)
-    pay = cost.gather(-1, k[:, None]).squeeze(-1)
+    pay = cost.gather(-1, k[..., None]).squeeze(-1)
     return torch.where(best >= 0, pay, 0.0)
 
 
@@ -39,31 +44,35 @@ def ascend(train: torch.Tensor, val: torch.Tensor, test: torch.Tensor) -> None:
     eff = baselines.effective_size_prices(baselines.fit_bundle_size_prices(train))
     base_eff, delta = eff.clone(), torch.zeros(m, dtype=torch.float64)
     scale = float(eff[torch.isfinite(eff)].max())
-    print(f"bundle-size pricing: train {float(revenue(train, delta, eff).mean()):.2f}")
+    atoms, values, sizes = train[..., :-1], train[..., -1], train[..., :-1].sum(-1)
+    print(f"bundle-size pricing: train {float(revenue(train, delta, eff).mean()):.2f}", flush=True)
     for rnd, width in enumerate([0.2, 0.1, 0.05, 0.025, 0.0125]):
-        for i in range(m):  # a loop over items (coordinates), not valuations
-            grid = delta[i] + torch.linspace(-width, width, 41, dtype=torch.float64) * scale
-            scores = []
-            for g in grid:
-                trial = delta.clone()
-                trial[i] = g
-                scores.append(float(revenue(train, trial, eff).mean()))
-            delta[i] = grid[max(range(len(scores)), key=scores.__getitem__)]
+        steps = torch.arange(-20, 21, dtype=torch.float64) * (width / 20 * scale)  # exact 0
+        item_cost = (atoms * delta).sum(-1)
+        for i in range(m):  # a loop over items (coordinates); the 41 candidates in one batch
+            grid = delta[i] + steps
+            trial_cost = item_cost + (grid[:, None, None] - delta[i]) * atoms[None, ..., i]
+            scores = _pay(values, sizes, eff, trial_cost).mean(-1)
+            best = int(scores.argmax())
+            item_cost = trial_cost[best]
+            delta[i] = grid[best]
         for s in range(1, m + 1):
             if not math.isfinite(float(eff[s])):
                 continue
-            grid = eff[s] + torch.linspace(-width, width, 41, dtype=torch.float64) * scale
+            grid = eff[s] + steps
             scores = []
             for g in grid:
                 trial = eff.clone()
                 trial[s] = g
-                scores.append(
-                    float(revenue(train, delta, baselines.effective_size_prices(trial)).mean())
-                )
+                trial = baselines.effective_size_prices(trial)
+                scores.append(float(_pay(values, sizes, trial, item_cost).mean()))
             eff[s] = grid[max(range(len(scores)), key=scores.__getitem__)]
             eff = baselines.effective_size_prices(eff)
         figures = [float(revenue(x, delta, eff).mean()) for x in (train, val, test)]
-        print(f"round {rnd}: train {figures[0]:.2f}  val {figures[1]:.2f}  test {figures[2]:.2f}")
+        print(
+            f"round {rnd}: train {figures[0]:.2f}  val {figures[1]:.2f}  test {figures[2]:.2f}",
+            flush=True,
+        )
     zero = torch.zeros(m, dtype=torch.float64)
     diff = revenue(test, delta, eff) - revenue(test, zero, base_eff)
     half = 1.96 * float(diff.std()) / math.sqrt(diff.numel())
