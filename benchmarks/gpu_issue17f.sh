@@ -21,7 +21,7 @@ case "${1:?part}" in
     done ;;
   additive)
     for s in 0 1 2; do for m in ${M_LIST:-10 4 2 3 5 6 7 8 9}; do
-      [ $((SECONDS - start)) -gt 520 ] && break 2
+      [ $((SECONDS - start)) -gt ${LIMIT:-520} ] && break 2
       run_preset add_m${m}_s$s additive-m2 --set data.n_items=$m --set menu.fallback=best \
         --set menu.posted_price_init=true --set flow.log_std=-1 --set stage1.seed=$s \
         --set stage2.seed=$s --set data.seed=$s
