@@ -7,9 +7,10 @@ hard test revenue of the frozen menu), pushes 8,192 menu-initialisation points
 (0.05 + 0.9·sigmoid(10·N(0,1)), where Stage-2 support points start) through the flow and
 prints the proxies: agreement of the bundle with rounding z0 at 0.5; mean distance of z_N
 from 0.5 (how decided the end points are) and from the nearest of 0 and 1 (how far the flow
-overshoots or falls short of the corners it should reach); the share of distinct bundles; mean bundle size
-÷ m; and the share of items whose inclusion flips when the start point moves by N(0, 0.05²)
-(how much the flow's bundle responds to the support locations Stage 2 moves). Then the
+overshoots or falls short of the corners it should reach); the share of distinct bundles;
+mean bundle size ÷ m; and the share of items whose inclusion flips when the start point
+moves by N(0, 0.05²) (how much the flow's bundle responds to the support locations Stage 2
+moves). Then the
 Spearman rank correlation of each proxy with the test revenue across the runs given.
 """
 
