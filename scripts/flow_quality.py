@@ -26,8 +26,8 @@ from bundleflow.flow import integrate, round_bundles
 from bundleflow.train.stage1 import load_flow
 
 
-def proxies(flow_dir: Path, n_points: int = 8192) -> dict[str, float]:
-    field, _, _ = load_flow(flow_dir)
+def proxies(field, n_points: int = 8192) -> dict[str, float]:
+    """The proxies of a velocity field (see the module's docstring)."""
     m = field.n_items
     gen = torch.Generator().manual_seed(0)
     z0 = 0.05 + 0.9 * torch.sigmoid(10 * torch.randn(n_points, m, generator=gen))
@@ -59,7 +59,8 @@ def main() -> None:
         flow = json.loads((run / "flow.json").read_text())
         report = json.loads((run / "report.json").read_text())
         log_std = json.loads((Path(flow["path"]) / "manifest.json").read_text())
-        row = {"run": str(run), "revenue": report["revenue"]["mean"], **proxies(Path(flow["path"]))}
+        field = load_flow(Path(flow["path"]))[0]
+        row = {"run": str(run), "revenue": report["revenue"]["mean"], **proxies(field)}
         row["log_std"] = log_std.get("extra", {}).get("flow", {}).get("noise_log_std")
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -64,3 +64,23 @@ def test_relaxation_features_by_hand():
     assert v.tolist() == [10.0, 4.0] and s.tolist() == [2, 1] and k.tolist() == [2, 1]
     assert b.tolist() == [1, 0]  # r2 = 0.6 above the edge 0.5; a single atom has r2 = 0
     assert not math.isnan(float(edges[0]))
+
+
+def test_flow_quality_proxies_of_a_flow_that_empties_every_bundle():
+    # Q ≡ -5 and σ ≡ 1: each of the 5 Euler steps multiplies z by (1 - 5/5) = 0, so every end
+    # point is 0: all bundles empty, exactly at a corner, and no start point's move flips one.
+    from bundleflow.flow import VelocityField
+
+    quality = _load("flow_quality")
+    field = VelocityField(6, 8, 8)
+    with torch.no_grad():
+        for layer in (field.fc3, field.fct2):
+            layer.weight.zero_()
+        field.fc3.bias.fill_(-5.0)
+        field.fct2.bias.fill_(1.0)
+    got = quality.proxies(field, n_points=4096)
+    assert got["size/m"] == 0.0 and got["flips"] == 0.0 and got["off_corner"] == 0.0
+    assert got["decided"] == pytest.approx(0.5)
+    assert got["distinct"] == 1 / 4096
+    assert got["agree_0.5"] == pytest.approx(0.5, abs=0.02)  # the share of z0 below 0.5
+    assert quality.spearman([1.0, 2.0, 3.0], [30.0, 20.0, 10.0]) == pytest.approx(-1.0)
