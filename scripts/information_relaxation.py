@@ -53,14 +53,21 @@ def fit(keys: torch.Tensor, v: torch.Tensor) -> dict[int, float]:
     return {int(c): monopoly(v[keys == c]) for c in keys.unique() if (keys == c).sum() >= MIN_CELL}
 
 
+def _lookup(keys: torch.Tensor, table: dict[int, float]) -> torch.Tensor:
+    """``table[key]`` per entry of ``keys`` (inf where absent)."""
+    if not table:
+        return torch.full(keys.shape, math.inf, dtype=torch.float64)
+    known = torch.tensor(sorted(table), dtype=keys.dtype)
+    prices = torch.tensor([table[int(x)] for x in known], dtype=torch.float64)
+    keys = keys.contiguous()
+    at = torch.searchsorted(known, keys).clamp(max=len(known) - 1)
+    return torch.where(known[at] == keys, prices[at], math.inf)
+
+
 def pay(keys, size_keys, v, cell_prices, size_prices):
-    price = torch.tensor(
-        [
-            cell_prices.get(int(c), size_prices.get(int(s), math.inf))
-            for c, s in zip(keys, size_keys, strict=True)
-        ],
-        dtype=torch.float64,
-    )
+    """Payments: the cell's price, else the size's (inf: never sold); a buyer pays if V ≥ it."""
+    cell = _lookup(keys, cell_prices)
+    price = torch.where(torch.isfinite(cell), cell, _lookup(size_keys, size_prices))
     return torch.where(v >= price, price, 0.0)
 
 

@@ -8,7 +8,7 @@ every k = 1..m with every q; prices by the exact coordinate ascent of bundleflow
 the file's training split beside bundle-size pricing fitted there, validation picking the
 round; prints the test revenue with and without the lotteries (paired 95% CI).
 
-    python scripts/size_lottery_experiment.py DATA.safetensors --kind choice [--sizes 2,3,4,5,6]
+    python scripts/size_lottery_experiment.py DATA.safetensors --kind choice [--names 2,3,4,5,6]
 
 Option (k, n, p), "choice lotteries": name n distinct bundles of k items, receive one of them
 uniformly at random, for p. A bidder whose atoms have size k values it at the mean of its n
