@@ -58,10 +58,9 @@ def main() -> None:
     for run in map(Path, sys.argv[1:]):
         flow = json.loads((run / "flow.json").read_text())
         report = json.loads((run / "report.json").read_text())
-        log_std = json.loads((Path(flow["path"]) / "manifest.json").read_text())
-        field = load_flow(Path(flow["path"]))[0]
+        field, noise, _ = load_flow(Path(flow["path"]))
         row = {"run": str(run), "revenue": report["revenue"]["mean"], **proxies(field)}
-        row["log_std"] = log_std.get("extra", {}).get("flow", {}).get("noise_log_std")
+        row["log_std"] = noise.log_std
         rows.append(row)
         print(json.dumps(row), flush=True)
     if len(rows) > 2:

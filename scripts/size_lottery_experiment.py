@@ -54,11 +54,16 @@ def choice_values(valuations: torch.Tensor, names: list[int]) -> torch.Tensor:
     order = values.argsort(dim=1, descending=True)
     v = values.gather(1, order).clamp(min=0.0)  # (N, K), best first, padding -> 0
     s = sizes.gather(1, order)[:, :1].long()  # every atom of a bidder has one size
+    supersets = [  # per k: size-k supersets of one atom of size j, for j = 0..m
+        torch.tensor(
+            [math.comb(m - j, k - j) if j <= k else 0 for j in range(m + 1)], dtype=torch.float64
+        )
+        for k in range(m + 1)
+    ]
     cols = []
     for n in names:
         for k in range(1, m + 1):
-            copies = torch.tensor([math.comb(m - j, k - j) if j <= k else 0 for j in range(m + 1)],
-                                  dtype=torch.float64)[s]  # (N, 1) supersets per atom  # fmt: skip
+            copies = supersets[k][s]  # (N, 1) supersets per atom
             taken = torch.zeros_like(v[:, 0])
             total = torch.zeros_like(v[:, 0])
             for j in range(v.shape[1]):  # a loop over the ≤ 6 atom ranks, not valuations
