@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv and install bundleflow with its dev tools and the tracking (tensorboard) and
 # notebook (nbclient, ipykernel) extras.
-# torch is installed first and pinned here (not in pyproject, which keeps a range) so that
-# pip never resolves a multi-GB CUDA build by accident. Override for your machine:
-#   TORCH_SPEC="torch==2.5.1" TORCH_INDEX_URL=https://download.pytorch.org/whl/cu121 bash scripts/setup.sh
+# torch is installed first and pinned here (not in pyproject, which keeps a range), from the
+# index that fits this machine (bundleflow/torch_index.py, the README's driver table): no
+# NVIDIA driver -> the CPU build; a driver -> the newest CUDA build it runs. It prints what it
+# chose and why; when that index is unreachable it says so and installs from pip's own index.
+# Override for your machine:
+#   TORCH_SPEC="torch==2.13.0+cu126" bash scripts/setup.sh          (that build, from its index)
+#   TORCH_SPEC="torch==2.5.1" TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,9 +21,13 @@ fi
 # installed one does not match it, e.g. a CPU wheel replaced by a CUDA one).
 if [ -n "$ASKED_TORCH" ] || ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    echo "setup: $TORCH_SPEC from TORCH_INDEX_URL=$TORCH_INDEX_URL (given)"
     .venv/bin/python -m pip install --quiet "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
   else
-    .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
+    # stdout: the pip arguments, one a line; stderr: what was chosen and why
+    mapfile -t TORCH_ARGS < <(.venv/bin/python bundleflow/torch_index.py --spec "$TORCH_SPEC")
+    [ "${#TORCH_ARGS[@]}" -gt 0 ] || { echo "setup: could not choose a torch build" >&2; exit 1; }
+    .venv/bin/python -m pip install --quiet "${TORCH_ARGS[@]}"
   fi
 fi
 # dev: the test tools; tracking: tensorboard, which tests/test_tracking.py reads back;

@@ -676,3 +676,151 @@ def test_env_example_documents_every_variable_the_code_reads():
         re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (REPO / ".env.example").read_text(), re.M)
     )
     assert read <= documented, f"undocumented in .env.example: {sorted(read - documented)}"
+
+
+# --------------------------------------------------------------------------- the right torch
+
+TORCH_INDEX_PY = REPO / "bundleflow" / "torch_index.py"
+
+
+@pytest.mark.parametrize(
+    ("driver", "caps", "flavour", "words"),
+    [
+        (None, [], "cpu", "no NVIDIA driver"),
+        ("580.82.07", [(9, 0)], "cu130", ">= 580.65.06 (CUDA 13.0)"),
+        ("580.65.06", [(12, 0)], "cu130", "newest CUDA build"),
+        ("580.82.07", [(9, 0), (7, 0)], "cu126", "no sm_70 kernels in CUDA 13 builds"),
+        ("575.51.03", [(9, 0)], "cu126", ">= 560.28.03 (CUDA 12.6)"),
+        ("560.28.03", [], "cu126", "newest CUDA build"),
+        ("535.183.01", [(8, 0)], "cu126", "minor-version compatibility (>= 525.60.13"),
+        ("525.60.13", [], "cu126", "minor-version compatibility"),
+        ("470.256.02", [(7, 0)], "cpu", "older than every CUDA build"),
+    ],
+)
+def test_torch_build_follows_the_driver(driver, caps, flavour, words):
+    from bundleflow.torch_index import choose
+
+    choice = choose("2.13.0", driver, caps)
+    assert choice.flavour == flavour and words in choice.why, choice
+    assert choice.index_url == f"https://download.pytorch.org/whl/{flavour}"
+    assert bool(choice.warning) == (driver == "470.256.02")  # a GPU the CPU build ignores
+
+
+def test_torch_build_of_other_release_lines():
+    from bundleflow.torch_index import choose, cuda_flavours
+
+    assert choose("2.5.1", "550.54.15").flavour == "cu124"  # the image's torch
+    assert choose("2.5.1", "530.30.02").flavour == "cu121"
+    assert choose("2.11.0", "570.124.06").flavour == "cu128"  # 2.11 still has cu128
+    assert choose("2.13.0", "570.124.06").flavour == "cu126"  # 2.13 has not
+    assert cuda_flavours("2.13.0+cpu") == ("cu126", "cu130")
+    assert cuda_flavours("3.1.0") == cuda_flavours("2.14.0")  # later lines: the last row
+
+
+def fake_nvidia_smi(directory: Path, output: str, code: int = 0) -> Path:
+    """An nvidia-smi on PATH that prints ``output`` for the CSV queries and exits ``code``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\nprintf '%s' '{output}'\nexit {code}\n")
+    script.chmod(0o755)
+    return directory
+
+
+def run_torch_index(path_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """scripts/setup.sh's call, with only ``path_dir`` on PATH (no real nvidia-smi)."""
+    return subprocess.run(
+        [sys.executable, str(TORCH_INDEX_PY), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": str(path_dir)},
+        cwd=REPO,
+    )
+
+
+@pytest.fixture
+def local_index(tmp_path):
+    """A PyTorch-like index on the loopback: ``/cpu/torch/`` and ``/cu130/torch/`` exist."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "index"
+    for flavour in ("cpu", "cu126", "cu130"):
+        (root / flavour / "torch").mkdir(parents=True)
+        (root / flavour / "torch" / "index.html").write_text("<html></html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("smi_output", "smi_code", "flavour", "says"),
+    [
+        ("580.82.07, 9.0\n580.82.07, 9.0\n", 0, "cu130", "driver 580.82.07 >= 580.65.06"),
+        ("550.54.15, 8.6\n", 0, "cu126", "minor-version compatibility"),
+        ("NVIDIA-SMI has failed because it couldn't communicate with the driver", 9, "cpu",
+         "no NVIDIA driver"),
+        (None, 0, "cpu", "no NVIDIA driver"),  # no nvidia-smi at all
+    ],
+)  # fmt: skip
+def test_setup_chooses_the_index_from_nvidia_smi(
+    tmp_path, local_index, smi_output, smi_code, flavour, says
+):
+    bin_dir = tmp_path / "bin"
+    if smi_output is None:
+        bin_dir.mkdir()
+    else:
+        fake_nvidia_smi(bin_dir, smi_output, smi_code)
+    result = run_torch_index(bin_dir, "--spec", "torch==2.13.0", "--index-base", local_index)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["torch==2.13.0", "--index-url", local_index + flavour]
+    assert f"setup: torch 2.13.0: the {flavour} build (" in result.stderr and says in result.stderr
+    assert f"installing torch==2.13.0 from {local_index}{flavour}" in result.stderr
+
+
+def test_setup_falls_back_to_pip_index_quickly_when_the_torch_index_is_unreachable(tmp_path):
+    """What runs here and in CI (only PyPI answers): the CPU choice, then pip's own index,
+    saying why; a refused connection costs no time."""
+    import time
+
+    start = time.monotonic()
+    result = run_torch_index(
+        tmp_path, "--spec", "torch==2.13.0", "--index-base", "http://127.0.0.1:9/"
+    )
+    assert time.monotonic() - start < 30
+    assert result.returncode == 0 and result.stdout.splitlines() == ["torch==2.13.0"]
+    assert "the cpu build (no NVIDIA driver" in result.stderr
+    assert "http://127.0.0.1:9/cpu is unreachable" in result.stderr
+    assert "from pip's own index instead" in result.stderr
+
+
+def test_torch_spec_overrides_the_choice(tmp_path, local_index):
+    fake_nvidia_smi(tmp_path, "580.82.07, 9.0\n")
+    named = run_torch_index(tmp_path, "--spec", "torch==2.13.0+cu126", "--index-base", local_index)
+    assert named.stdout.splitlines() == [
+        "torch==2.13.0+cu126",
+        "--index-url",
+        local_index + "cu126",
+    ]
+    assert "TORCH_SPEC names the cu126 build" in named.stderr
+    ranged = run_torch_index(tmp_path, "--spec", "torch>=2.5")
+    assert (
+        ranged.stdout.splitlines() == ["torch>=2.5"] and "pip's own index decides" in ranged.stderr
+    )
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert 'bundleflow/torch_index.py --spec "$TORCH_SPEC"' in setup
+    assert '--index-url "$TORCH_INDEX_URL"' in setup  # TORCH_INDEX_URL still wins
+
+
+def test_readme_driver_table_is_the_one_setup_uses():
+    from bundleflow.torch_index import DEFAULT_TORCH, driver_table
+
+    assert driver_table(DEFAULT_TORCH) in README.read_text()
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert f"TORCH_SPEC:-torch=={DEFAULT_TORCH}" in setup
