@@ -17,7 +17,7 @@ from loguru import logger
 
 from bundleflow.errors import BundleflowError
 from bundleflow.progress import ProgressBar
-from bundleflow.valuations import cats
+from bundleflow.valuations import cats, known, known_data
 from bundleflow.valuations import io as data_io
 from bundleflow.valuations.stats import dataset_stats
 
@@ -63,15 +63,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     gen = actions.add_parser(
         "generate",
-        help="generate a CATS arbitrary/regions data set",
+        help="generate a CATS or a known-optimum data set",
         description=(
-            "Generate N CATS XOR valuations (one bidder per sample) and save them with their "
-            "settings, seed, split and checksum. Same settings and seed give the same bytes."
+            "Generate N CATS XOR valuations (--dist; one bidder per sample), or a setting with "
+            "a known optimal revenue (--setting; its optimum goes into the file's metadata), "
+            "and save them with their settings, seed, split and checksum. Same settings and "
+            "seed give the same bytes."
         ),
     )
-    gen.add_argument("--dist", required=True, choices=cats.DISTRIBUTIONS)
-    gen.add_argument("--items", required=True, type=int, metavar="M", help="number of goods m")
-    gen.add_argument("--n", required=True, type=int, metavar="N", help="number of samples")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dist", choices=cats.DISTRIBUTIONS, help="a CATS distribution")
+    source.add_argument(
+        "--setting", choices=known.SETTINGS, help="a known-optimum setting (spec/optima.md)"
+    )
+    gen.add_argument(
+        "--items",
+        type=int,
+        default=None,
+        metavar="M",
+        help="number of goods m (required with --dist; --setting: the setting's default)",
+    )
+    gen.add_argument(
+        "--n",
+        required=True,
+        type=int,
+        metavar="N",
+        help="number of samples (--setting: training samples; see --val-n, --test-n)",
+    )
     gen.add_argument("--seed", required=True, type=int, metavar="S")
     gen.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
     gen.add_argument(
@@ -93,6 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="TRAIN,VAL,TEST",
         help="contiguous split fractions, recorded in the file (default 0.90,0.05,0.05)",
     )
+    _known_args(gen)
     params = gen.add_argument_group("CATS parameters (CATS 2.2 defaults)")
     defaults = cats.CatsParams()
     for f in fields(cats.CatsParams):
@@ -142,6 +161,87 @@ def register(sub: argparse._SubParsersAction) -> None:
     conv.set_defaults(func=cmd_convert)
 
 
+def _known_args(gen: argparse.ArgumentParser) -> None:
+    group = gen.add_argument_group("known-optimum settings (--setting)")
+    group.add_argument(
+        "--val-n",
+        type=int,
+        default=known_data.DEFAULT_VAL,
+        metavar="N",
+        help=f"validation samples (default {known_data.DEFAULT_VAL})",
+    )
+    group.add_argument(
+        "--test-n",
+        type=int,
+        default=known_data.DEFAULT_TEST,
+        metavar="N",
+        help=f"test samples (default {known_data.DEFAULT_TEST}: a 1%% room needs ≥ 10⁵)",
+    )
+    group.add_argument(
+        "--high",
+        type=float,
+        default=None,
+        metavar="X",
+        help="specialists: the flexible type's value (1.9); unit-demand: values ≤ this (3)",
+    )
+    group.add_argument(
+        "--low", type=float, default=None, metavar="X", help="unit-demand: values ≥ this (2)"
+    )
+    group.add_argument(
+        "--catalogue-size", type=int, default=None, metavar="K", help="catalogue: bundles (100)"
+    )
+    group.add_argument(
+        "--synergy-max",
+        type=float,
+        default=None,
+        metavar="X",
+        help="catalogue: synergy log-uniform on [1, X] (4)",
+    )
+    group.add_argument(
+        "--catalogue-seed",
+        type=int,
+        default=None,
+        metavar="S",
+        help="catalogue: seed of the catalogue, apart from --seed (0)",
+    )
+
+
+KNOWN_FLAGS = ("items", "high", "low", "catalogue_size", "synergy_max", "catalogue_seed")
+
+
+def _generate_known(args: argparse.Namespace) -> dict:
+    """``--setting``: the set, its optimum in the metadata; returns the printed record."""
+    given = {k: getattr(args, k) for k in KNOWN_FLAGS if getattr(args, k) is not None}
+    allowed = set(known.DEFAULTS[args.setting]) | {"n_items"}
+    params = {("n_items" if k == "items" else k): v for k, v in given.items()}
+    extra = sorted(set(params) - allowed)
+    if extra:
+        flags = ", ".join(
+            "--" + ("items" if k == "n_items" else k).replace("_", "-") for k in extra
+        )
+        raise BundleflowError(f"--setting {args.setting} does not take {flags}")
+    setting = known_data.setting_or_error(args.setting, **params)
+    sizes = {"train": args.n, "val": args.val_n, "test": args.test_n}
+    start = time.perf_counter()
+    path = known_data.generate_known_dataset(args.out, setting, sizes, args.seed)
+    seconds = time.perf_counter() - start
+    data = data_io.load_dataset(path)  # read back: validates and checks the checksum
+    logger.info("wrote {} ({} valuations) in {:.1f}s", path, sum(sizes.values()), seconds)
+    opt = setting.optimum
+    return {
+        "out": str(path),
+        "seconds": round(seconds, 3),
+        "sha256": data.metadata["sha256"],
+        "split": data.split.sizes(),
+        "setting": opt.setting,
+        "parameters": opt.parameters,
+        "optimum": opt.optimum,
+        "best_deterministic": opt.best_deterministic,
+        "best_posted_price": opt.best_posted_price,
+        **dataset_stats(data.valuations),
+    }
+
+
 def _emit(result: dict, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
@@ -157,6 +257,11 @@ def _emit(result: dict, as_json: bool) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.setting is not None:
+        _emit(_generate_known(args), args.json)
+        return 0
+    if args.items is None:
+        raise BundleflowError("--dist needs --items M (the number of goods)")
     overrides = {
         f.name: getattr(args, f.name)
         for f in fields(cats.CatsParams)
@@ -212,6 +317,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
         result["generator"] = generator
     if "regenerate" in data.metadata:
         result["regenerate"] = data.metadata["regenerate"]
+    if "known" in data.metadata:
+        result["known"] = {
+            k: data.metadata["known"].get(k)
+            for k in ("setting", "parameters", "optimum", "best_deterministic", "best_posted_price")
+        }
     _emit(result, args.json)
     return 0
 

@@ -47,7 +47,12 @@ class DataConfig:
     """Where valuations come from and how money is normalised."""
 
     kind: str = "cats"
-    """``cats`` (generated CATS set, cached), ``file`` (``path``) or ``additive`` (U[0,1]^m)."""
+    """``cats`` (generated CATS set, cached), ``file`` (``path``), ``additive`` (U[0,1]^m) or
+    ``known`` (a setting with a known optimal revenue, ``setting``; generated, cached)."""
+    setting: str = "specialists"
+    """Known-optimum setting (kind ``known``): ``specialists``, ``unit-demand``,
+    ``additive-ddt``, ``additive-uniform`` or ``catalogue`` (spec/optima.md). m is
+    ``n_items`` (unit-demand and additive-ddt: 2)."""
     dist: str = "arbitrary"
     """CATS distribution: ``arbitrary`` or ``regions``."""
     values: str = "upv"
@@ -70,6 +75,24 @@ class DataConfig:
     """Additive: fixed validation draws."""
     additive_test_samples: int = 1_000_000
     """Additive: fixed test draws."""
+    known_val_samples: int = 20_000
+    """Known settings: validation valuations (training: ``n_samples``)."""
+    known_test_samples: int = 100_000
+    """Known settings: test valuations (≥ 10⁵ resolves a 1% room; the hard evaluation is
+    cheap)."""
+    specialist_value: float = 1.9
+    """specialists: the flexible type's value for its one item (the specialist's: 1 each)."""
+    unit_low: float = 2.0
+    """unit-demand: values U[unit_low, unit_high] per item."""
+    unit_high: float = 3.0
+    """unit-demand: values U[unit_low, unit_high] per item."""
+    catalogue_size: int = 100
+    """catalogue: K public bundles of 3–5 items, none inside another."""
+    synergy_max: float = 4.0
+    """catalogue: each bundle's synergy is log-uniform on [1, synergy_max]."""
+    catalogue_seed: int = 0
+    """catalogue: seed of the catalogue (bundles, item values, synergies), apart from
+    ``seed`` (the bidders' draws)."""
 
 
 @dataclass(frozen=True)
@@ -280,7 +303,14 @@ class Config:
 CHOICES = {
     "device": ("auto", "cuda", "mps", "cpu"),
     "mixed_precision": (None, "no", "fp16", "bf16"),
-    "data.kind": ("cats", "file", "additive"),
+    "data.kind": ("cats", "file", "additive", "known"),
+    "data.setting": (
+        "specialists",
+        "unit-demand",
+        "additive-ddt",
+        "additive-uniform",
+        "catalogue",
+    ),
     "data.dist": ("arbitrary", "regions"),
     "data.values": ("upv", "npv"),
     "data.mode": ("fresh", "fixed"),
@@ -382,6 +412,9 @@ def _check_choices(config: Config) -> None:
         "data.n_samples",
         "data.additive_val_samples",
         "data.additive_test_samples",
+        "data.known_val_samples",
+        "data.known_test_samples",
+        "data.catalogue_size",
         "flow.n_components",
         "flow.euler_steps",
         "stage1.steps",

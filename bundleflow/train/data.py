@@ -17,6 +17,8 @@ from bundleflow.config import DataConfig
 from bundleflow.errors import BundleflowError
 from bundleflow.paths import default_cache_dir
 from bundleflow.valuations import io as data_io
+from bundleflow.valuations import known as known_settings
+from bundleflow.valuations import known_data
 
 
 @dataclass
@@ -83,6 +85,14 @@ def load_run_data(
         if dataset is None or Path(dataset.path).resolve() != path.resolve():
             dataset = data_io.load_dataset(path, n_items=cfg.n_items)
         source = {"kind": "file", "path": str(path.resolve())}
+    elif cfg.kind == "known":
+        path = known_data.cached_known_dataset(
+            known_setting(cfg),
+            {"train": cfg.n_samples, "val": cfg.known_val_samples, "test": cfg.known_test_samples},
+            cfg.seed,
+        )
+        dataset = data_io.load_dataset(path)
+        source = {"kind": "known", "path": str(path), "generator": dataset.metadata["generator"]}
     else:
         path = data_io.cached_dataset(
             cfg.dist,
@@ -124,6 +134,8 @@ def load_run_data(
         "money_scale": scale,
         "money_scale_source": scale_source,
     }
+    if "known" in dataset.metadata:  # a known-optimum set (generated or a --data file)
+        data.info["known"] = dataset.metadata["known"]
     logger.info(
         "data: {} ({} train / {} val / {} test, m={}), money scale {:.4g} ({})",
         dataset.path,
@@ -159,8 +171,30 @@ def _additive(cfg: DataConfig, device: torch.device) -> RunData:
         "money_scale": scale,
         "money_scale_source": scale_source,
     }
+    if m in known_settings.ADDITIVE_UNIFORM_OPTIMA:
+        data.info["known"] = known_settings.known_optimum("additive-uniform", n_items=m).to_dict()
     logger.info("data: additive U[0,1]^{}, money scale {:.4g} ({})", m, scale, scale_source)
     return data
+
+
+def known_setting(cfg: DataConfig) -> known_settings.KnownSetting:
+    """The known-optimum setting a ``data:`` section names (kind ``known``)."""
+    by_setting = {
+        "specialists": {"n_items": cfg.n_items, "high": cfg.specialist_value},
+        "unit-demand": {"n_items": cfg.n_items, "low": cfg.unit_low, "high": cfg.unit_high},
+        "additive-ddt": {"n_items": cfg.n_items},
+        "additive-uniform": {"n_items": cfg.n_items},
+        "catalogue": {
+            "n_items": cfg.n_items,
+            "catalogue_size": cfg.catalogue_size,
+            "synergy_max": cfg.synergy_max,
+            "catalogue_seed": cfg.catalogue_seed,
+        },
+    }
+    try:
+        return known_settings.make_setting(cfg.setting, **by_setting[cfg.setting])
+    except ValueError as err:
+        raise BundleflowError(f"config section 'data' (setting {cfg.setting}): {err}") from None
 
 
 def _gen(seed: int, stream: int) -> torch.Generator:
