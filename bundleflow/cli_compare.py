@@ -27,7 +27,7 @@ from loguru import logger
 from bundleflow.config import Config, to_flat_dict
 from bundleflow.errors import BundleflowError
 from bundleflow.paths import runs_root
-from bundleflow.report import LABELS, REPORT_JSON
+from bundleflow.report import ABOVE_OPTIMUM, LABELS, REPORT_JSON
 from bundleflow.train.run import CONFIG_FILE, METRICS_FILE, RUN_INFO
 
 SEED_KEYS = ("data.seed", "stage1.seed", "stage2.seed", "eval.seed")
@@ -82,6 +82,13 @@ CSV_COLUMNS = (
     "ratio_ci_high",
     "wall_time_s",
     "device",
+    "data",
+    "max_steps",
+    "max_time",
+    "optimum",
+    "ratio_to_optimum",
+    "ratio_to_optimum_ci_low",
+    "ratio_to_optimum_ci_high",
 )
 
 
@@ -216,6 +223,32 @@ def last_metrics(path: Path) -> dict | None:
     return None
 
 
+def data_spec(flat: dict, data_file: str | None) -> str:
+    """What a run trained on, in a few words: the ``--data`` file's name, else the generated
+    set (CATS distribution and values, m, samples) or the additive setting."""
+    if data_file:
+        return Path(data_file).name
+    kind, m = flat.get("data.kind", "cats"), flat.get("data.n_items")
+    if kind == "file":
+        return Path(str(flat.get("data.path"))).name
+    if kind == "additive":
+        return f"additive m={m}"
+    if kind == "known":
+        return f"known {flat.get('data.setting')} m={m} n={flat.get('data.n_samples')}"
+    return (
+        f"{kind} {flat.get('data.dist')}-{flat.get('data.values')} m={m} "
+        f"n={flat.get('data.n_samples')}"
+    )
+
+
+def budgets_text(record: dict) -> str:
+    """The run's ``--max-steps`` / ``--max-time`` (``none``: the config's whole schedule)."""
+    flags = record["flags"]
+    parts = [f"{flags['max_steps']} steps"] if flags.get("max_steps") else []
+    parts += [f"{flags['max_time']:g} s"] if flags.get("max_time") else []
+    return ", ".join(parts) or "none"
+
+
 def _device_type(device: str | None) -> str | None:
     return None if device is None else device.split(":")[0]
 
@@ -239,11 +272,13 @@ def read_run(run_dir: Path) -> tuple[dict, str]:
         "overrides": list(launch.get("set") or []),
         "flags": {k: launch[k] for k in ("max_steps", "max_time", "flow_ckpt") if launch.get(k)},
         "data": launch.get("data"),
+        "data_spec": data_spec(flat, launch.get("data")),
         "seeds": {key.split(".")[0]: flat.get(key) for key in SEED_KEYS},
         "mechanism": None,
         "revenue": None,
         "best_baseline": None,
         "ratio": None,
+        "optimum": None,
         "wall_time": None,
         "device": info.get("device"),
         "created": info.get("created"),
@@ -256,6 +291,7 @@ def read_run(run_dir: Path) -> tuple[dict, str]:
             revenue={k: report["revenue"].get(k) for k in ("mean", "ci95", "n")},
             best_baseline=report.get("best_baseline"),
             ratio={k: ratio.get(k) for k in ("ratio", "ci95")} if ratio else None,
+            optimum=optimum_summary(report.get("optimum")),
             wall_time=report.get("wall_time"),
             device=report.get("device_name") or report.get("device") or record["device"],
         )
@@ -274,6 +310,28 @@ def read_run(run_dir: Path) -> tuple[dict, str]:
     experiment.update({f"launch.{k}": launch.get(k) for k in LAUNCH_KEYS})
     experiment["device_type"] = _device_type(info.get("device"))
     return record, json.dumps(experiment, sort_keys=True, default=str)
+
+
+def optimum_summary(optimum: dict | None) -> dict | None:
+    """A report's known optimum: its value and the run's ratio to it with the 95% CI, and
+    whether the run is above it beyond that CI (an evaluation bug)."""
+    if not isinstance(optimum, dict) or "value" not in optimum:
+        return None
+    ratio = optimum.get("ratio") or {}
+    return {
+        "value": optimum["value"],
+        "ratio": ratio.get("ratio"),
+        "ci95": ratio.get("ci95"),
+        "above_optimum": bool(optimum.get("above_optimum")),
+    }
+
+
+def _optimum_cells(record: dict) -> list[str]:
+    opt = record["optimum"]
+    if opt is None:
+        return ["", ""]
+    text = _with_ci(opt["ratio"], opt["ci95"], 4)
+    return [_fmt(opt["value"]), text + (f" {ABOVE_OPTIMUM}" if opt["above_optimum"] else "")]
 
 
 # --------------------------------------------------------------------------- groups
@@ -329,6 +387,9 @@ def group_runs(records: list[dict], keys: list[str]) -> list[dict]:
                 "seeds_varied": varying,
                 "revenue": spread([r["revenue"]["mean"] for r in done]),
                 "ratio": spread([r["ratio"]["ratio"] for r in done if r["ratio"]]),
+                "ratio_to_optimum": spread(
+                    [r["optimum"]["ratio"] for r in done if r["optimum"] and r["optimum"]["ratio"]]
+                ),
                 "_key": key,
             }
         )
@@ -399,7 +460,7 @@ def format_text(records: list[dict], groups: list[dict]) -> str:
     shown = shown_seeds(records)
     seed_head = "seeds " + "/".join(k.split(".")[0].replace("stage", "s") for k in shown)
     head = [
-        "#", "run", "state", "group", "preset", "overrides", seed_head,
+        "#", "run", "state", "group", "preset", "overrides", "data", "budgets", seed_head,
         "test revenue [95% CI]", "÷ best baseline [paired 95% CI]", "best baseline",
         "wall s", "device",
     ]  # fmt: skip
@@ -414,6 +475,8 @@ def format_text(records: list[dict], groups: list[dict]) -> str:
                 str(r["group"]),
                 str(r["preset"]),
                 " ".join(r["overrides"]),
+                r["data_spec"],
+                budgets_text(r),
                 _seeds_text(r, shown),
                 _with_ci(revenue.get("mean"), revenue.get("ci95")),
                 _with_ci(ratio.get("ratio"), ratio.get("ci95"), 4),
@@ -422,6 +485,10 @@ def format_text(records: list[dict], groups: list[dict]) -> str:
                 str(r["device"] or ""),
             ]
         )
+    if any(r["optimum"] for r in records):  # data with a known optimum
+        head += ["optimum", "÷ optimum [95% CI]"]
+        for row, r in zip(body, records, strict=True):
+            row += _optimum_cells(r)
     lines = [_table(head, body)]
     if any(r["state"] == INCOMPLETE for r in records):
         lines.append(
@@ -482,8 +549,10 @@ def csv_text(records: list[dict]) -> str:
             r["seeds"]["data"], r["seeds"]["stage1"], r["seeds"]["stage2"], r["seeds"]["eval"],
             r["mechanism"], revenue.get("mean"), rev_ci[0], rev_ci[1], revenue.get("n"),
             r["best_baseline"], ratio.get("ratio"), ratio_ci[0], ratio_ci[1], r["wall_time"],
-            r["device"],
+            r["device"], r["data_spec"], r["flags"].get("max_steps"), r["flags"].get("max_time"),
         ]  # fmt: skip
+        opt = r["optimum"] or {}
+        row += [opt.get("value"), opt.get("ratio"), *(opt.get("ci95") or [None, None])]
         writer.writerow(["" if v is None else v for v in row])
     return buffer.getvalue()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -120,6 +121,7 @@ def eval_batch(config: Config, kind: str) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    started = time.monotonic()
     run_dir = run_dir_arg(args)
     mech = read_mechanism(run_dir)  # first: it says what is wrong with a path that is no run
     config = _run_config(run_dir)
@@ -129,11 +131,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         mech, data.test, data.train_user, batch_size=eval_batch(config, data.kind)
     )
     report["run"] = str(run_dir)
+    # This command's own time, apart from the training run's wall time (kept below).
+    report.update(evaluation_time=time.monotonic() - started, evaluation_device="cpu")
     if args.data is None:
         previous = run_dir / "report.json"
         if previous.is_file():  # keep what training recorded (wall time, device, stage 2)
             saved = json.loads(previous.read_text())
-            keep = ("device", "device_name", "wall_time", "stage2")
+            keep = ("device", "device_name", "wall_time", "segments", "stage2", "step_plan")
             report.update({k: saved[k] for k in keep if k in saved})
         write_run_report(run_dir, report)
     if args.json:

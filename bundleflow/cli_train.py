@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -19,14 +20,14 @@ from bundleflow.devices import resolve_device
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluate import evaluate_mechanism
 from bundleflow.paths import runs_root
-from bundleflow.report import comparison_cells, format_summary, write_run_report
+from bundleflow.report import comparison_cells, eager_line, format_summary, write_run_report
 from bundleflow.timing import Timings
 from bundleflow.tracking import REPORT_TO, check_available, open_tracker, report_scalars
 from bundleflow.train.data import fitted_baselines, load_run_data
-from bundleflow.train.plan import resolve_plan
+from bundleflow.train.plan import StepPlan, resolve_plan
 from bundleflow.train.run import CONFIG_FILE, RUN_INFO, Run, make_accelerator, open_run
 from bundleflow.train.stage1 import FLOW_FILE, Stage1Stopped, get_flow, load_flow_ckpt
-from bundleflow.train.stage2 import BEST, CHECKPOINTS, train_stage2
+from bundleflow.train.stage2 import BEST, CHECKPOINTS, Stage2Trainer
 from bundleflow.valuations import io as data_io
 
 DEFAULT_PRESET = "default"
@@ -98,6 +99,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     A new run records the flags it was started with (``args.launch``, written to run.json);
     ``--resume`` restores them from there and refuses a flag that contradicts them.
     """
+    check_budgets(args)
     overrides = parse_set(args.overrides)
     if args.device:
         overrides["device"] = args.device
@@ -108,6 +110,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.data:
         take_data_file(args, overrides)
     config = load_config(args.preset or DEFAULT_PRESET, overrides)
+    check_config_budgets(config)
     args.launch = {
         "command": getattr(args, "command", None),
         "preset": args.preset or DEFAULT_PRESET,
@@ -124,13 +127,50 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return config
 
 
+def check_budgets(args: argparse.Namespace) -> None:
+    """``--max-steps N`` (N ≥ 1) and ``--max-time SECONDS`` (> 0): a budget of zero or less
+    is a user error naming the flag (``--max-steps 0`` used to run the whole schedule)."""
+    steps, seconds = args.max_steps, args.max_time
+    if steps is not None and steps < 1:
+        raise BundleflowError(
+            f"--max-steps {steps}: give at least 1 step (a budget of zero or fewer steps "
+            "trains nothing; leave the flag out for the config's full schedule)"
+        )
+    if seconds is not None and not seconds > 0:  # NaN too
+        raise BundleflowError(
+            f"--max-time {seconds:g}: give a positive number of seconds (leave the flag out "
+            "for no time limit)"
+        )
+
+
+def check_config_budgets(config: Config) -> None:
+    """``stage2.max_time`` (``--set``, a preset) must be null or positive."""
+    seconds = config.stage2.max_time
+    if seconds is not None and not seconds > 0:
+        raise BundleflowError(
+            f"config key 'stage2.max_time' must be positive or null (no limit), got {seconds!r}"
+        )
+
+
+def _data_path(flag: str) -> Path:
+    """``--data FILE`` as a path that is a file; a missing path or a directory is a user
+    error saying which."""
+    path = Path(flag).expanduser()
+    if path.is_dir():
+        raise BundleflowError(
+            f"--data {flag}: is a directory; pass a data file (.safetensors, .pt/.pth, .zip, "
+            ".txt/.cats), e.g. one `bundleflow data generate --out FILE` wrote"
+        )
+    if not path.is_file():
+        raise BundleflowError(f"--data {flag}: no such file")
+    return path
+
+
 def take_data_file(args: argparse.Namespace, overrides: dict) -> None:
     """``--data FILE``: the run's data are the file (recorded in the config as kind ``file``
     with its absolute path, so a resumed run reads it again), m is the file's and the money
     scale is the file's training mean unless the user set them."""
-    path = Path(args.data).expanduser()
-    if not path.is_file():
-        raise BundleflowError(f"--data {args.data}: no such file")
+    path = _data_path(args.data)
     dataset = data_io.load_dataset(path)  # one clear error naming the file if it is bad
     args.dataset = dataset
     data = overrides.setdefault("data", {})
@@ -201,9 +241,7 @@ def _resume_config(args: argparse.Namespace, overrides: dict) -> Config:
                 conflict("--set", f"{key}={asked[key]}", f"{key}={have[key]}")
     recorded_sha = launch.get("data_sha256") or (info.get("data") or {}).get("sha256")
     if args.data:
-        path = Path(args.data).expanduser().resolve()
-        if not path.is_file():
-            raise BundleflowError(f"--data {args.data}: no such file")
+        path = _data_path(args.data).resolve()
         sha = data_io.file_sha256(path)
         if recorded.data.kind != "file":
             conflict("--data", path, "generated data (it was started without --data)")
@@ -403,7 +441,7 @@ def _guarded(run: Run, *, resumed: bool):
 
 def cmd_train_stage1(args: argparse.Namespace) -> int:
     config, accelerator, run = _setup(args)
-    with _guarded(run, resumed=args.resume is not None), _stage1_stop(run):
+    with _guarded(run, resumed=args.resume is not None), _stage1_stop(run, args):
         _start_tracking(args, config, run)
         if args.max_steps:
             config = replace(config, stage1={"steps": args.max_steps})
@@ -428,23 +466,71 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _stage1_stop(run: Run):
+def _stage1_stop(run: Run, args: argparse.Namespace):
     """Ctrl-C / SIGTERM in Stage 1: the loop wrote a checkpoint; say how to resume, exit 0."""
     try:
         yield
     except Stage1Stopped as stopped:
         logger.warning(
-            "stopped by a signal in stage 1 at step {}; checkpoint written; resume with "
-            "`bundleflow train --resume {}`",
+            "stopped by a signal in stage 1 at step {}; checkpoint written; resume with: {}",
             stopped.step,
-            run.dir,
+            resume_command(run, args),
         )
+
+
+def resume_command(run: Run, args: argparse.Namespace) -> str:
+    """The command line that continues ``run``, to paste: ``--resume`` restores every flag
+    the run was started with (run.json's launch record); ``--no-progress`` is not recorded."""
+    words = ["bundleflow", getattr(args, "command", None) or "train", "--resume", str(run.dir)]
+    if getattr(args, "no_progress", False):
+        words.append("--no-progress")
+    return shlex.join(words)
+
+
+class _Session:
+    """This invocation's share of the run's wall time: run.json's ``segments`` gets one
+    entry per session (a resumed run has several), whatever way the session ends."""
+
+    def __init__(self, run: Run, timings: Timings) -> None:
+        self.run, self.timings = run, timings
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.before = [s for s in run.info.get("segments", []) if isinstance(s, dict)]
+        self.closed = False
+
+    def close(self, end: str) -> list[dict]:
+        """Record this session (``end``: finished, stopped, interrupted, failed); return every
+        segment of the run so far."""
+        if self.closed:
+            return self.before
+        self.closed = True
+        this = {"started": self.started, "wall_time": round(self.timings.total(), 3), "end": end}
+        self.before = [*self.before, this]
+        if self.run.dir.is_dir():  # a new run removed after a user error records nothing
+            self.run.update_info(segments=self.before)
+        return self.before
+
+
+@contextlib.contextmanager
+def _session(run: Run, timings: Timings, args: argparse.Namespace):
+    session = _Session(run, timings)
+    try:
+        yield session
+    except KeyboardInterrupt:  # a second signal: the loop wrote what it could
+        session.close("interrupted")
+        if run.main_process and latest(run.dir / CHECKPOINTS) is not None:
+            logger.warning("resume with: {}", resume_command(run, args))
+        raise
+    except BaseException:
+        session.close("failed")
+        raise
+    session.close("stopped")  # no-op when the run finished (closed with its report)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     config, accelerator, run = _setup(args)
     timings = Timings()
-    with _guarded(run, resumed=args.resume is not None):
+    resumed = args.resume is not None
+    with _guarded(run, resumed=resumed), _session(run, timings, args) as session:
         _start_tracking(args, config, run)
         with timings.section("data"), accelerator.main_process_first():  # one process
             data = load_run_data(  # generates a cached data set, the others wait
@@ -452,7 +538,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         _record_data(run, args, data.info)
         flow_info = None
-        with timings.section("stage 1"), _stage1_stop(run):
+        with timings.section("stage 1"), _stage1_stop(run, args):
             field, flow_info = _flow_for(config, args, accelerator, run, data.n_items)
         if flow_info is None:  # a signal in Stage 1 (checkpoint written)
             _end(accelerator)
@@ -462,23 +548,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         logger.info("stage 2: {}", plan.describe())
         run.update_info(step_plan=plan.to_dict())
         stage2_started = time.monotonic()
-        result = train_stage2(
-            config,
-            field,
-            data,
-            run,
-            plan,
-            accelerator=accelerator,
-            max_steps=args.max_steps,
-            max_time=args.max_time,
-            # a run stopped in Stage 1 has no Stage-2 checkpoint yet: Stage 2 starts afresh
-            resume=args.resume is not None and latest(run.dir / CHECKPOINTS) is not None,
+        trainer = Stage2Trainer(
+            config, field, data, run, plan, accelerator=accelerator,
             show_progress=not args.no_progress,
-        )
+        )  # fmt: skip
+        try:
+            result = trainer.fit(
+                max_steps=args.max_steps,
+                max_time=args.max_time,
+                # a run stopped in Stage 1 has no Stage-2 checkpoint yet: Stage 2 starts afresh
+                resume=args.resume is not None and latest(run.dir / CHECKPOINTS) is not None,
+            )
+        finally:
+            plan = _record_eager(run, plan, trainer)
         stage2_time = time.monotonic() - stage2_started
         timings.add("stage 2", stage2_time - result.validation_time)
         timings.add("validation", result.validation_time)
         if result.mechanism is None:  # stopped by a signal (checkpoint written) or not main
+            if result.stop_reason == "signal" and run.main_process:
+                logger.warning("resume with: {}", resume_command(run, args))
             _end(accelerator)
             return 0
         with timings.section("baselines"):
@@ -500,14 +588,34 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "best_val_revenue": result.best_val_revenue,
                 "wall_time": result.wall_time,
             },
+            step_plan=plan.to_dict(),
         )
         with timings.section("report"):
-            report.update(wall_time=timings.total(), time_breakdown=timings.as_dict())
+            segments = session.close("finished")
+            report.update(
+                wall_time=sum(seg["wall_time"] for seg in segments),
+                segments=segments,
+                time_breakdown=timings.as_dict(),
+            )
             write_report(run, report)
         run.update_info(time_breakdown=timings.as_dict())
-        sys.stderr.write(format_summary(report) + "\n" + timings.format() + "\n")
+        # The result on stdout (`> result.txt`, pipes); the log stays on stderr.
+        sys.stdout.write(format_summary(report) + "\n" + timings.format() + "\n")
+        sys.stdout.flush()
     _end(accelerator)
     return 0
+
+
+def _record_eager(run: Run, plan: StepPlan, trainer: Stage2Trainer) -> StepPlan:
+    """The plan with what the run learned: a failed torch.compile (the step, the fused
+    kernels or Adam ran eager) is a finding in run.json's ``step_plan`` and the report,
+    with the fix, not only a warning in the log."""
+    after = plan.after_run(trainer.parts.step, trainer.parts.optimizer)
+    if after.eager is not None:
+        logger.warning(eager_line({"step_plan": after.to_dict()}))
+    if after != plan:
+        run.update_info(step_plan=after.to_dict())
+    return after
 
 
 def _record_data(run: Run, args: argparse.Namespace, info: dict) -> None:

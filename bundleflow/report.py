@@ -7,6 +7,7 @@ pyplot state, no display).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -31,7 +32,11 @@ LABELS = {
     "item_pricing": "item pricing",
     "bundle_size_pricing": "bundle-size pricing",
     "upper_bound": "upper bound E[max value]",
+    "optimum": "optimum (exact)",
+    "ratio_to_optimum": "ratio to optimum",
 }
+ABOVE_OPTIMUM = "ABOVE OPTIMUM — evaluation bug"
+"""The flag of a mechanism whose test revenue is above the data's optimum beyond its CI."""
 
 BASELINE_STYLE = {
     "grand_bundle": (":", "tab:gray"),
@@ -77,7 +82,71 @@ def comparison_rows(report: dict) -> list[dict]:
                     "ratio": entry.get("ratio_to_best_baseline"),
                 }
             )
+    return rows + optimum_rows(report)
+
+
+def optimum_rows(report: dict) -> list[dict]:
+    """Where the data have a known optimum (``report["optimum"]``): its row and the
+    mechanism's ratio to it with the 95% CI of the test revenue over the optimum."""
+    opt = report.get("optimum")
+    if not opt:
+        return []
+    upper = report.get("expected_max_value")
+    label = f"optimum ({opt.get('kind', 'exact')})"
+    rows = [
+        {
+            "name": "optimum",
+            "label": label,
+            "revenue": {"mean": opt["value"], "ci95": None},
+            "fraction": opt["value"] / upper if upper else None,
+            "ratio": None,
+        }
+    ]
+    if opt.get("ratio"):
+        flag = f" ({ABOVE_OPTIMUM})" if opt.get("above_optimum") else ""
+        rows.append(
+            {
+                "name": "ratio_to_optimum",
+                "label": LABELS["ratio_to_optimum"] + flag,
+                "revenue": {"mean": opt["ratio"]["ratio"], "ci95": opt["ratio"]["ci95"]},
+                "fraction": None,
+                "ratio": None,
+            }
+        )
     return rows
+
+
+def optimum_record(report: dict, known: dict) -> dict:
+    """The data's known optimum (``known``: the data's ``known`` metadata) beside the
+    mechanism's test revenue: the ratio with the revenue's 95% CI over the optimum (a
+    constant), and ``above_optimum`` when the whole CI lies above it (an evaluation bug)."""
+    value = float(known["optimum"])
+    record = {
+        "value": value,
+        "kind": known.get("optimum_kind", "exact"),
+        **{k: known.get(k) for k in ("setting", "parameters", "mechanism", "source")},
+        "best_deterministic": known.get("best_deterministic"),
+        "best_posted_price": known.get("best_posted_price"),
+    }
+    if "revenue" in report and value > 0:
+        rev = report["revenue"]
+        lo, hi = rev["ci95"]
+        record["ratio"] = {
+            "ratio": rev["mean"] / value,
+            "ci95": [lo / value, hi / value],
+            "method": "the test revenue's 95% CI over the optimum",
+        }
+        record["above_optimum"] = bool(lo > value)
+    return record
+
+
+def _run_known(run_dir: Path) -> dict | None:
+    """The known optimum of a run's data (run.json's ``data.known``), if any."""
+    with contextlib.suppress(OSError, ValueError):
+        info = json.loads((run_dir / "run.json").read_text())
+        known = (info.get("data") or {}).get("known")
+        return known if isinstance(known, dict) and "optimum" in known else None
+    return None
 
 
 def comparison_cells(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -89,10 +158,10 @@ def comparison_cells(report: dict) -> tuple[list[str], list[list[str]]]:
         ratio = row["ratio"]
         body.append(
             [
-                LABELS[row["name"]],
+                row.get("label") or LABELS[row["name"]],
                 _fmt(row["revenue"]["mean"]),
-                _ci(row["revenue"]["ci95"]),
-                _fmt(row["fraction"], 4),
+                "" if row["revenue"]["ci95"] is None else _ci(row["revenue"]["ci95"]),
+                "" if row["fraction"] is None else _fmt(row["fraction"], 4),
                 "" if ratio is None else _fmt(ratio["ratio"], 4),
                 "" if ratio is None else _ci([_round(x) for x in ratio["ci95"]]),
             ]
@@ -145,9 +214,34 @@ def format_summary(r: dict, *, table: bool = True) -> str:
         )
         if table:
             lines += ["", comparison_table(r)]
+    eager = eager_line(r)
+    if eager is not None:
+        lines.append("  " + eager)
     if "wall_time" in r:
-        lines.append(f"wall time {r['wall_time']:.1f} s on {r.get('device_name', r['device'])}")
+        device = r.get("device_name", r.get("device"))
+        lines.append(f"training wall time {r['wall_time']:.1f} s on {device}")
+        segments = r.get("segments") or []
+        if len(segments) > 1:  # a resumed run: every session's time is in the total
+            each = " + ".join(f"{s['wall_time']:.1f} s" for s in segments)
+            lines.append(f"  over {len(segments)} sessions (stopped and resumed): {each}")
+    if "evaluation_time" in r:
+        lines.append(
+            f"evaluation time {r['evaluation_time']:.1f} s on "
+            f"{r.get('evaluation_device', 'cpu')} (this command)"
+        )
     return "\n".join(lines)
+
+
+def eager_line(r: dict) -> str | None:
+    """The finding of a run whose Stage-2 step ran eager because ``torch.compile`` failed
+    (run.json's ``step_plan.eager``, copied into the report), or None."""
+    eager = (r.get("step_plan") or {}).get("eager")
+    if not eager:
+        return None
+    return (
+        "eager: compile failed, so the Stage-2 step ran eager (on CUDA about 2x slower per "
+        f"step): {eager['why']}. Fix: {eager['fix']}"
+    )
 
 
 def format_baselines(r: dict) -> str:
@@ -176,7 +270,9 @@ def markdown(report: dict, plots: list[str]) -> str:
         "Hard revenue (argmax, ties to the lowest index, buy iff utility ≥ 0) on the test "
         "split; baselines fitted on the training split. 95% CIs: normal approximation. "
         "Ratio to the best baseline: ratio of mean payments on the same test valuations, "
-        "95% CI by the delta method on the paired per-valuation payments.",
+        "95% CI by the delta method on the paired per-valuation payments. Where the data "
+        "have a known optimum: its value, and the ratio of the test revenue to it with the "
+        "revenue's 95% CI over the optimum.",
         "",
     ]
     for name in plots:
@@ -307,6 +403,9 @@ def write_run_report(run_dir: Path, report: dict, *, main_process: bool = True) 
     if not main_process:
         return []
     run_dir = Path(run_dir)
+    known = None if "optimum" in report else _run_known(run_dir)
+    if known is not None:  # in place: the summary printed after this shows it too
+        report["optimum"] = optimum_record(report, known)
     plots: dict[str, bytes] = {}
     try:
         plots[REVENUE_PNG] = revenue_figure(read_metrics(run_dir / METRICS_FILE), report)

@@ -180,3 +180,26 @@ def test_json_and_csv_on_stdout_together_is_a_user_error(runs, capsys):
     capsys.readouterr()
     assert main(["compare", str(runs[0]), "--json", "--csv", "-"]) == 2
     assert "give one of them" in capsys.readouterr().err
+
+
+def test_the_table_shows_each_runs_data_and_budgets(runs, env, capsys):
+    """A run on a --data file with --max-steps/--max-time read as the preset's, untouched
+    ("tiny", no overrides): the table had neither column (only the plot's legend)."""
+    on_file = env / "budgets" / "tiny-on-file"
+    shutil.copytree(runs[0], on_file)
+    info = json.loads((on_file / "run.json").read_text())
+    info["launch"].update(data="/data/regions5.safetensors", max_steps=400, max_time=60.0)
+    (on_file / "run.json").write_text(json.dumps(info))
+
+    lines = _compare(capsys, str(runs[0]), str(on_file)).splitlines()
+    head = lines[0].split()
+    assert "data" in head and "budgets" in head
+    generated, from_file = lines[1], lines[2]
+    assert "cats arbitrary-upv m=6 n=400" in generated and " none " in generated
+    assert "regions5.safetensors" in from_file and "400 steps, 60 s" in from_file
+    rows = list(csv.DictReader(io.StringIO(_compare(capsys, str(on_file), "--csv", "-"))))
+    assert (rows[0]["data"], rows[0]["max_steps"], rows[0]["max_time"]) == (
+        "regions5.safetensors",
+        "400",
+        "60.0",
+    )

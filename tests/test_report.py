@@ -14,7 +14,7 @@ from bundleflow.config import CONFIG_DIR, load_config
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.valuations import io as data_io
 from bundleflow.valuations.xor import xor_value_bruteforce
-from tests.conftest import isolated_bundleflow_home, single_torch_thread
+from tests.conftest import isolated_bundleflow_home, run_cli, single_torch_thread
 
 M = 6
 CPU_ARGS = ["--preset", "tiny", "--device", "cpu", "--no-progress"]
@@ -202,3 +202,75 @@ def test_revenue_fraction_is_independent_of_the_unit_of_money(env, data_file):
             assert other["baselines"][name]["fraction_of_max_value"] == pytest.approx(
                 one["baselines"][name]["fraction_of_max_value"], rel=1e-4
             )
+
+
+# --------------------------------------------------------------------------- issue 25
+
+
+def test_evaluate_prints_its_own_time_apart_from_the_training_wall_time(trained, capsys):
+    """`evaluate RUN` printed the training run's wall time as if it were its own."""
+    trained_for = json.loads((trained / "report.json").read_text())["wall_time"]
+    capsys.readouterr()
+    assert main(["evaluate", str(trained)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((trained / "report.json").read_text())
+    assert report["wall_time"] == trained_for  # the training's, kept
+    own = report["evaluation_time"]
+    assert f"training wall time {trained_for:.1f} s on cpu" in out
+    assert f"evaluation time {own:.1f} s on cpu (this command)" in out
+
+
+class _Failed:
+    def __init__(self, reason):
+        self.fallback_reason = reason
+
+
+def test_a_failed_compile_is_a_finding_in_the_plan_and_the_report():
+    from bundleflow.report import format_summary, markdown
+    from bundleflow.train.plan import COMPILER_FIX, resolve_plan
+
+    plan = resolve_plan(load_config("tiny"), torch.device("cpu"))
+    assert plan.after_run(_Failed(None), object()).eager is None  # nothing failed
+    assert "eager" not in plan.after_run(_Failed(None)).to_dict()
+    step = _Failed(
+        "torch.compile failed (InductorError: InvalidCxxCompiler: No working C++ compiler\n\n"
+        "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace"
+    )
+    after = plan.after_run(step, _Failed("compiled Adam failed (CalledProcessError: cc)"))
+    eager = after.to_dict()["eager"]
+    assert eager["status"] == "eager" and eager["fix"] == COMPILER_FIX
+    assert "apt-get install gcc" in COMPILER_FIX and "python3-dev" in COMPILER_FIX
+    assert "\n" not in eager["why"] and "TORCHDYNAMO_VERBOSE" not in eager["why"]
+    assert "No working C++ compiler" in eager["why"] and "compiled Adam failed" in eager["why"]
+    assert "ran eager" in after.describe() and "fallback" not in after.describe()
+    report = {
+        "revenue": {"n": 3, "mean": 1.0, "ci95": [0.5, 1.5]},
+        "expected_max_value": 2.0, "fraction_of_max_value": 0.5, "ir_violations": 0,
+        "elements_in_use": 1, "menu_size": 2, "buy_rate": 1.0, "negative_price_purchases": 0,
+        "step_plan": after.to_dict(),
+    }  # fmt: skip
+    for text in (format_summary(report), markdown(report, [])):
+        assert "eager: compile failed" in text and COMPILER_FIX in text
+
+
+def test_a_missing_compiler_on_the_cpu_is_stated_in_the_report(env, data_file, tmp_path):
+    """The compiled kernels on the CPU with no C++ compiler (CXX/CC point nowhere, empty
+    inductor cache): the run finishes eager and run.json, report.json, report.md and the
+    printed result say so, with the fix (before: one warning line in the log)."""
+    runs = tmp_path / "runs"
+    proc = run_cli(
+        "train", *CPU_ARGS, "--runs-dir", str(runs), "--data", str(data_file),
+        "--set", "stage2.kernels=compiled",
+        env={
+            "CXX": "/nonexistent/c++", "CC": "/nonexistent/cc", "OMP_NUM_THREADS": "1",
+            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+            "TRITON_CACHE_DIR": str(tmp_path / "triton"),
+        },
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    plan = json.loads((run / "run.json").read_text())["step_plan"]
+    assert plan["eager"]["status"] == "eager" and "compiler" in plan["eager"]["why"]
+    assert json.loads((run / "report.json").read_text())["step_plan"]["eager"] == plan["eager"]
+    for text in (proc.stdout, (run / "report.md").read_text()):
+        assert "eager: compile failed" in text and "apt-get install gcc" in text

@@ -9,6 +9,7 @@ shipped configs turned the CUDA default (bf16 flow network, compiled kernels) of
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import time
@@ -24,7 +25,13 @@ from bundleflow.train import stage1 as stage1_module
 from bundleflow.train.plan import stage2_precision
 from bundleflow.train.stage1 import Stage1Stopped, train_stage1
 from bundleflow.valuations.io import generate_dataset
-from tests.conftest import REPO, isolated_bundleflow_home, single_torch_thread, start_cli
+from tests.conftest import (
+    REPO,
+    isolated_bundleflow_home,
+    run_cli,
+    single_torch_thread,
+    start_cli,
+)
 
 M = 6  # configs/tiny.yaml's m
 FILE_M = 5  # the --data files' m: not the preset's, so m must come from the file
@@ -175,6 +182,49 @@ def test_max_steps_survives_ctrl_c_and_resume(env):
     report = json.loads((run / "report.json").read_text())
     assert report["stage2"]["steps"] == 400
     assert max(_stage2_steps(run)) == 400
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(env):
+    """A run stopped by Ctrl-C in Stage 2 (under a directory whose name has a space), then
+    resumed with the command its hint printed, pasted as is."""
+    runs = env / "runs with space"
+    sets = _sets(["stage2.steps=100000"])
+    cmd = ["train", *CPU, "--runs-dir", str(runs), *sets, "--max-steps", "300"]
+
+    def checkpointed() -> bool:
+        return bool(list(runs.glob("*/checkpoints/step-*/manifest.json")))
+
+    out = _interrupt_after(cmd, checkpointed)
+    assert out.returncode == 0, out.stderr
+    run = _only_run(runs)
+    stopped = _info(run)
+    hint = [line for line in out.stderr.splitlines() if "resume with: " in line][-1]
+    pasted = shlex.split(hint.split("resume with: ", 1)[1])
+    resumed = run_cli(*pasted[1:], env={"OMP_NUM_THREADS": "1"})  # `bundleflow` = -m bundleflow
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return run, pasted, stopped
+
+
+def test_the_interrupt_hint_is_a_command_to_paste(interrupted_then_resumed):
+    """It was a fragment ("resume with --resume DIR") and broke on a path with a space."""
+    run, pasted, _ = interrupted_then_resumed
+    assert pasted == ["bundleflow", "train", "--resume", str(run), "--no-progress"]
+    report = json.loads((run / "report.json").read_text())
+    assert report["stage2"]["steps"] == 300  # the pasted command restored --max-steps
+
+
+def test_a_resumed_runs_wall_time_includes_every_session(interrupted_then_resumed):
+    """The report's wall time was the last session's alone."""
+    run, _, stopped = interrupted_then_resumed
+    (first,) = stopped["segments"]
+    assert first["end"] == "stopped" and first["wall_time"] > 0
+    segments = _info(run)["segments"]
+    assert [s["end"] for s in segments] == ["stopped", "finished"] and segments[0] == first
+    report = json.loads((run / "report.json").read_text())
+    assert report["segments"] == segments
+    assert report["wall_time"] == pytest.approx(sum(s["wall_time"] for s in segments))
+    assert report["wall_time"] > segments[-1]["wall_time"]
 
 
 # --------------------------------------------------------------------------- Stage 1

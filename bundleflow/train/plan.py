@@ -3,12 +3,18 @@
 `bundleflow train` records the answer in run.json (``step_plan``) and runs it; `bundleflow
 profile` and `bundleflow bench` time the step this answer describes. Each choice carries
 the reason it was made (the user's setting, the launcher, the hardware, a measurement).
+
+What only running can tell is added after the run: where ``torch.compile`` (the compiled
+kernels, a compiled step, compiled Adam) failed, the step ran eager — typically 2× slower
+on CUDA (issue 25: no C compiler or no Python headers for Triton's launcher). That is a
+finding with its fix (:data:`COMPILER_FIX`), recorded in the plan and shown in the report,
+not only a log line.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,6 +23,12 @@ from bundleflow.errors import BundleflowError
 from bundleflow.fused import resolve_kernels
 
 MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILER_FIX = (
+    "install a C compiler and the Python headers (apt-get install gcc g++ python3-dev: "
+    "Triton and inductor build their kernels with them at run time), or run in the "
+    "bundleflow image"
+)
+"""The fix for a failed ``torch.compile`` (the run went eager), as the report states it."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,7 @@ class StepPlan:
     kernels: Choice  # plain | fused | compiled
     parallel: Choice  # single | shard | replicate
     processes: int = 1
+    compile_failed: tuple[str, ...] = ()  # what ran eager after torch.compile failed, and why
 
     @property
     def q_dtype(self) -> torch.dtype | None:
@@ -43,19 +56,45 @@ class StepPlan:
             return None  # no fp16 matmuls on the CPU
         return MIXED_DTYPES.get(self.precision.value)
 
+    @property
+    def eager(self) -> dict | None:
+        """The finding when compilation failed and the step ran eager: ``{"status": "eager",
+        "why": ..., "fix": ...}``; None when nothing failed to compile."""
+        if not self.compile_failed:
+            return None
+        return {"status": "eager", "why": "; ".join(self.compile_failed), "fix": COMPILER_FIX}
+
+    def after_run(self, *parts: object) -> StepPlan:
+        """This plan with what the run learned: each of ``parts`` (the step, the optimizer)
+        whose ``fallback_reason`` says its compilation failed adds that reason."""
+        found = list(self.compile_failed)
+        for part in parts:
+            reason = getattr(part, "fallback_reason", None)
+            if reason:
+                # one line, without dynamo's advice on debugging itself
+                reason = " ".join(str(reason).split("Set TORCHDYNAMO_VERBOSE")[0].split())
+                if reason not in found:
+                    found.append(reason)
+        return replace(self, compile_failed=tuple(found))
+
     def to_dict(self) -> dict:
         out: dict = {"device": str(self.device), "processes": self.processes}
         for name in ("precision", "step_mode", "kernels", "parallel"):
             choice = getattr(self, name)
             out[name] = {"value": choice.value, "reason": choice.reason}
+        if self.eager is not None:
+            out["eager"] = self.eager
         return out
 
     def describe(self) -> str:
         """One line for the log."""
-        return "; ".join(
+        line = "; ".join(
             f"{name.replace('_', ' ')} {getattr(self, name).value} ({getattr(self, name).reason})"
             for name in ("precision", "step_mode", "kernels", "parallel")
         )
+        if self.eager is not None:
+            line += f"; ran eager: {self.eager['why']} (fix: {COMPILER_FIX})"
+        return line
 
 
 def stage2_precision(configured: str | None, device: torch.device) -> tuple[str, str]:
