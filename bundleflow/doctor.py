@@ -22,7 +22,10 @@ import glob
 import os
 import platform
 import re
+import shutil
+import subprocess
 import sys
+import sysconfig
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,22 +37,21 @@ from bundleflow.paths import runs_root
 # its names stay importable from here (bundleflow.profiling uses nvml_handle).
 from bundleflow.telemetry import gib as _gib
 from bundleflow.telemetry import gpu_status_line, nvml_handle  # noqa: F401
+from bundleflow.torch_index import (  # noqa: F401 - TORCH_CUDA_FLAVOURS: re-exported
+    MIN_DRIVER,
+    MINOR_COMPAT,
+    TORCH_CUDA_FLAVOURS,
+    TORCH_INDEX,
+    cuda_flavours,
+    flavour_cuda,
+)
+from bundleflow.torch_index import choose as choose_torch_build
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
-# The PyTorch index and the CUDA flavours it builds per torch release line (pytorch.org,
-# "previous versions", checked up to 2.9; later lines are assumed to keep 2.9's). The
+# The PyTorch index, its CUDA builds per torch release line and the driver each CUDA needs
+# come from bundleflow.torch_index: one table with scripts/setup.sh (README "Setup"). The
 # reinstall fix keeps the installed torch version: scripts/setup.sh pins it (TORCH_SPEC).
-TORCH_INDEX = "https://download.pytorch.org/whl/"
-TORCH_CUDA_FLAVOURS = {
-    (2, 5): ("cu118", "cu121", "cu124"),
-    (2, 6): ("cu118", "cu124", "cu126"),
-    (2, 7): ("cu118", "cu126", "cu128"),
-    (2, 8): ("cu126", "cu128", "cu129"),
-    (2, 9): ("cu126", "cu128", "cu130"),
-}
-# The drivers each CUDA flavour needs (docker/Dockerfile lists the image's).
-MIN_DRIVER = {"12.1": "530.30.02", "12.4": "550.54.14", "12.8": "570.124.06"}
 SHM_MIN_BYTES = 1 << 30  # Docker's default is 64 MB; compose.yaml asks for 8 GB
 MIN_PYTHON = (3, 10)  # accelerate >= 1.0
 MIN_TORCH = (2, 5)  # the image pin
@@ -59,6 +61,7 @@ ENV_KEYS = (
     "NVIDIA_DRIVER_CAPABILITIES",
     "CUDA_HOME",
     "CUDA_PATH",
+    "CC",  # the C compiler Triton builds its CUDA launcher with (else gcc, else clang)
     "WORLD_SIZE",
     "ACCELERATE_MIXED_PRECISION",
     "BUNDLEFLOW_HOME",
@@ -128,6 +131,18 @@ class LauncherFacts:
 
 
 @dataclass
+class CompilerFacts:
+    """What Triton compiles its CUDA launcher (driver.c, one launcher per kernel signature)
+    with at run time, found the way triton.runtime.build finds it."""
+
+    cc: str | None  # $CC resolved on PATH, else gcc, else clang; None: none usable
+    cc_env: str | None  # $CC as set
+    cc_error: str | None  # why a C file with the libc headers Triton's include failed
+    python_include: str  # the directory Triton passes for Python.h
+    python_h: bool  # does it hold Python.h?
+
+
+@dataclass
 class Facts:
     python: str
     torch: TorchFacts
@@ -141,6 +156,7 @@ class Facts:
     runs_dir: tuple[str, bool, str]  # path, writable, detail
     dotenv: tuple[str, list[str]] | None  # path and keys (never values)
     launcher: LauncherFacts
+    compiler: CompilerFacts | None = None  # None: not probed (a CPU-only torch)
 
 
 # --------------------------------------------------------------------------- probes
@@ -360,6 +376,48 @@ def probe_launcher(world_size: str | None) -> LauncherFacts:
         return LauncherFacts(world_size=size, error=f"{type(err).__name__}: {err}")
 
 
+# Headers Triton's driver.c and launchers include besides cuda.h and Python.h (libc6-dev).
+LIBC_PROBE = (
+    "#include <dlfcn.h>\n#include <stdbool.h>\n#include <stdatomic.h>\n#include <stdlib.h>\n"
+)
+
+
+def probe_compiler(env: dict[str, str | None]) -> CompilerFacts:
+    """The C compiler and Python headers Triton would use; a preprocessor run checks the
+    libc headers (no file is written)."""
+    cc_env = env.get("CC")
+    if cc_env is not None:
+        cc = shutil.which(cc_env)
+    else:
+        cc = shutil.which("gcc") or shutil.which("clang")
+    scheme = sysconfig.get_default_scheme()
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)[
+        "include"
+    ]
+    error = None
+    if cc is not None:
+        try:
+            run = subprocess.run(
+                [cc, "-E", "-x", "c", "-", "-o", os.devnull],
+                input=LIBC_PROBE,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            if run.returncode != 0:
+                lines = [line for line in run.stderr.splitlines() if line.strip()]
+                error = lines[0] if lines else f"exit {run.returncode}"
+        except (OSError, subprocess.SubprocessError) as err:
+            error = f"{type(err).__name__}: {err}"
+    return CompilerFacts(
+        cc=cc,
+        cc_env=cc_env,
+        cc_error=error,
+        python_include=include,
+        python_h=os.path.isfile(os.path.join(include, "Python.h")),
+    )
+
+
 def gather(*, launcher: bool = True) -> Facts:
     """Every probe, each guarded: what this machine looks like to bundleflow.
 
@@ -367,9 +425,10 @@ def gather(*, launcher: bool = True) -> Facts:
     itself, after choosing the device)."""
     env = _guard(probe_env, {k: None for k in ENV_KEYS})
     unknown_torch = TorchFacts(version="not importable", cuda=None, compiled=False, available=False)
+    torch_facts = _guard(probe_torch, unknown_torch)
     return Facts(
         python=_guard(probe_python, "unknown"),
-        torch=_guard(probe_torch, unknown_torch),
+        torch=torch_facts,
         accelerate=_guard(probe_accelerate, None),
         nvml=_guard(probe_nvml, NvmlFacts(ok=False, error="NVML probe failed")),
         env=env,
@@ -383,6 +442,8 @@ def gather(*, launcher: bool = True) -> Facts:
             lambda: probe_launcher(env.get("WORLD_SIZE") if launcher else None),
             LauncherFacts(world_size=None),
         ),
+        # Only a CUDA torch compiles GPU kernels with Triton: a CPU machine runs no compiler.
+        compiler=_guard(lambda: probe_compiler(env), None) if torch_facts.cuda else None,
     )
 
 
@@ -401,28 +462,35 @@ def cuda_version_str(version: int | None) -> str:
     return "unknown" if version is None else f"{version // 1000}.{(version % 1000) // 10}"
 
 
-def flavour_cuda(flavour: str) -> int:
-    """``"cu121"`` -> 12010, comparable with NVML's CUDA driver version."""
-    return int(flavour[2:-1]) * 1000 + int(flavour[-1]) * 10
-
-
-def cuda_wheel_fix(torch_version: str, driver_cuda: int | None) -> str:
-    """The pip command that swaps this torch for the CUDA build of the same version: the
-    line's middle flavour (cu121 for 2.5, the image's) unless the driver is older, then the
-    newest flavour the driver supports."""
+def cuda_wheel_fix(
+    torch_version: str, driver: str | None, capabilities: list[tuple[int, int]] | None = None
+) -> str:
+    """The pip command that swaps this torch for the CUDA build of the same version that
+    scripts/setup.sh would pick for this driver (bundleflow.torch_index, README "Setup").
+    Without a known driver: the newest build of the line, naming the driver it needs."""
     base = torch_version.split("+")[0]
-    match = re.match(r"(\d+)\.(\d+)", base)
-    lines = sorted(TORCH_CUDA_FLAVOURS)
-    line = (int(match[1]), int(match[2])) if match else lines[-1]
-    row = TORCH_CUDA_FLAVOURS[min(max(line, lines[0]), lines[-1])]
-    flavour = row[len(row) // 2]
-    if driver_cuda and flavour_cuda(flavour) > driver_cuda:
-        fitting = [fl for fl in row if flavour_cuda(fl) <= driver_cuda]
-        flavour = fitting[-1] if fitting else row[0]
+    flavours = cuda_flavours(base)
+    note = ""
+    choice = choose_torch_build(base, driver, capabilities) if driver else None
+    if choice is not None and choice.flavour != "cpu":
+        flavour = choice.flavour
+    elif choice is not None:  # a driver older than every build of this line
+        flavour = flavours[0]
+        need = MINOR_COMPAT[int(flavour_cuda(flavour).split(".")[0])]
+        note = f" after upgrading the NVIDIA driver to >= {need}"
+    else:
+        known = [fl for fl in flavours if flavour_cuda(fl) in MIN_DRIVER] or list(flavours)
+        flavour = known[-1]
+        need = MIN_DRIVER.get(flavour_cuda(flavour))
+        note = f" (needs an NVIDIA driver >= {need})" if need else ""
     return (
-        f"reinstall the CUDA build: {pip_command()} install torch=={base}+{flavour} "
+        f"reinstall the CUDA build{note}: {pip_command()} install torch=={base}+{flavour} "
         f"--index-url {TORCH_INDEX}{flavour}"
     )
+
+
+def _capabilities(f: Facts) -> list[tuple[int, int]]:
+    return [tuple(g.capability) for g in f.nvml.gpus if g.capability]
 
 
 def pip_command() -> str:
@@ -523,7 +591,7 @@ def diagnose(f: Facts) -> Finding | None:
         return Finding(
             "torch build",
             f"torch {t.version} is a CPU-only wheel (torch.version.cuda is None)",
-            cuda_wheel_fix(t.version, f.nvml.cuda_driver),
+            cuda_wheel_fix(t.version, f.nvml.driver, _capabilities(f)),
         )
     visible = f.env.get("CUDA_VISIBLE_DEVICES")
     problem = visible_devices_problem(visible, f.nvml.gpus)
@@ -651,7 +719,7 @@ def check_torch_build(f: Facts, expect_gpu: bool) -> Check:
         return Check("torch build", WARN, f"ROCm {t.hip}", "bundleflow is tested on CUDA only")
     if t.cuda is None:
         value = f"CPU-only wheel ({t.version}, torch.version.cuda=None)"
-        fix = cuda_wheel_fix(t.version, f.nvml.cuda_driver)
+        fix = cuda_wheel_fix(t.version, f.nvml.driver, _capabilities(f))
         if gpu_visible(f) or expect_gpu:
             why = "this machine has a GPU" if gpu_visible(f) else "a GPU is expected"
             return Check("torch build", FAIL, f"{value}; {why}", fix)
@@ -791,6 +859,60 @@ def check_bf16(f: Facts) -> Check:
     if requested:
         return Check("bf16", FAIL, "requested (ACCELERATE_MIXED_PRECISION=bf16), unsupported", fix)
     return Check("bf16", WARN, f"not supported on {f.torch.devices[0]['name']}", fix)
+
+
+COMPILE_FALLBACK = (
+    "Triton cannot build its CUDA launcher, so torch.compile fails and the Stage-2 kernels "
+    "and Adam run eagerly (about 2x slower steps)"
+)
+
+
+def _compile_status(f: Facts, expect_gpu: bool) -> str:
+    """FAIL where GPU kernels will be compiled (a usable or expected GPU), WARN otherwise."""
+    return FAIL if (cuda_usable(f) or expect_gpu) else WARN
+
+
+def check_compiler(f: Facts, expect_gpu: bool) -> Check:
+    """The C compiler Triton runs at run time ($CC, else gcc, else clang) and libc headers."""
+    c = f.compiler
+    if c is None:
+        return Check("c compiler", PASS, "n/a (CPU-only torch: no Triton kernels to compile)")
+    install = "sudo apt-get install gcc libc6-dev (Debian/Ubuntu; the image has them)"
+    if c.cc is None:
+        if c.cc_env is not None:
+            value = f"CC={c.cc_env} is not an executable: {COMPILE_FALLBACK}"
+            fix = f"unset CC or point it at a C compiler (CC=gcc); to install one: {install}"
+        else:
+            value = f"none (no gcc or clang on PATH): {COMPILE_FALLBACK}"
+            fix = f"install a C compiler: {install}"
+        return Check("c compiler", _compile_status(f, expect_gpu), value, fix)
+    if c.cc_error:
+        return Check(
+            "c compiler",
+            _compile_status(f, expect_gpu),
+            f"{c.cc} cannot compile with the C library headers ({c.cc_error}): {COMPILE_FALLBACK}",
+            "install the C library headers: sudo apt-get install libc6-dev",
+        )
+    return Check("c compiler", PASS, f"{c.cc} (Triton builds its CUDA launcher with it)")
+
+
+def check_python_headers(f: Facts, expect_gpu: bool) -> Check:
+    """Python.h where Triton looks for it (sysconfig's include directory)."""
+    c = f.compiler
+    if c is None:
+        return Check("python headers", PASS, "n/a (CPU-only torch: no Triton kernels to compile)")
+    where = os.path.join(c.python_include, "Python.h")
+    if c.python_h:
+        return Check("python headers", PASS, where)
+    major_minor = ".".join(f.python.split(".")[:2])
+    return Check(
+        "python headers",
+        _compile_status(f, expect_gpu),
+        f"{where} missing: {COMPILE_FALLBACK}",
+        f"install the headers of Python {major_minor}: sudo apt-get install "
+        f"python{major_minor}-dev (Debian/Ubuntu system Python; python3-dev in the image); "
+        "pyenv, conda and uv Pythons ship them: reinstall that Python",
+    )
 
 
 def check_visible_devices(f: Facts) -> Check:
@@ -974,6 +1096,8 @@ def run_checks(f: Facts, expect_gpu: bool = False) -> list[Check]:
         lambda: check_cuda(f, expect_gpu),
         lambda: check_arch(f),
         lambda: check_bf16(f),
+        lambda: check_compiler(f, expect_gpu),
+        lambda: check_python_headers(f, expect_gpu),
         lambda: check_visible_devices(f),
         lambda: check_nvidia_visible(f, expect_gpu),
         lambda: check_driver_capabilities(f, expect_gpu),

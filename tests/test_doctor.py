@@ -19,6 +19,7 @@ from bundleflow.doctor import (
     FAIL,
     PASS,
     WARN,
+    CompilerFacts,
     Facts,
     GpuInfo,
     LauncherFacts,
@@ -29,6 +30,14 @@ from bundleflow.errors import BundleflowError
 from tests.conftest import run_cli
 
 H100 = (9, 0)
+# The image's compiler and headers (Triton builds its CUDA launcher with them)
+GCC = CompilerFacts(
+    cc="/usr/bin/gcc",
+    cc_env=None,
+    cc_error=None,
+    python_include="/usr/include/python3.10",
+    python_h=True,
+)
 CU121_ARCHES = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
 
 
@@ -75,6 +84,7 @@ def h100_facts(**changes) -> Facts:
         runs_dir=("/bundleflow/runs", True, "exists"),
         dotenv=("/app/.env", ["BUNDLEFLOW_UID"]),
         launcher=LauncherFacts(world_size=None),
+        compiler=GCC,
     )
     return replace(base, **changes)
 
@@ -116,13 +126,14 @@ def test_healthy_h100_passes_every_check():
 # --------------------------------------------------------------------------- the table's causes
 
 
-def test_cpu_only_wheel_on_a_gpu_machine_fails_with_the_cu121_reinstall():
+def test_cpu_only_wheel_on_a_gpu_machine_fails_with_the_reinstall_for_its_driver():
+    """Driver 550.54.15: the newest CUDA build of 2.5.1 it runs is cu124 (setup.sh's table)."""
     facts = unusable(h100_facts(), cuda=None, version="2.5.1+cpu", compiled=False, arch_list=[])
     checks = by_name(doctor.run_checks(facts))  # a FAIL even without --expect-gpu
     assert checks["torch build"].status == FAIL and "CPU-only" in checks["torch build"].value
     assert checks["cuda"].status == FAIL
     for name in ("torch build", "cuda"):
-        assert "+cu121" in checks[name].fix and "download.pytorch.org/whl/cu121" in checks[name].fix
+        assert "+cu124" in checks[name].fix and "download.pytorch.org/whl/cu124" in checks[name].fix
     assert doctor.diagnose(facts).check == "torch build"
 
 
@@ -143,8 +154,10 @@ def test_cpu_only_wheel_without_a_gpu_warns_unless_a_gpu_is_expected():
     assert doctor.exit_code(relaxed) == 0
     strict = by_name(doctor.run_checks(facts, expect_gpu=True))
     assert strict["cuda"].status == FAIL
-    # the CUDA build of the installed version (setup.sh's pin), never the image's 2.5.1
-    assert "torch==2.13.0+cu128 --index-url https://download.pytorch.org/whl/cu128" in (
+    # the CUDA build of the installed version (setup.sh's pin), never the image's 2.5.1;
+    # no driver known: the newest build of 2.13 (there is no cu128 for 2.13), naming its driver
+    assert "(needs an NVIDIA driver >= 580.65.06)" in strict["cuda"].fix
+    assert "torch==2.13.0+cu130 --index-url https://download.pytorch.org/whl/cu130" in (
         strict["cuda"].fix
     )
     assert doctor.exit_code(list(strict.values())) == 1
@@ -153,20 +166,41 @@ def test_cpu_only_wheel_without_a_gpu_warns_unless_a_gpu_is_expected():
 @pytest.mark.parametrize(
     ("version", "driver", "flavour"),
     [
-        ("2.5.1+cpu", None, "cu121"),  # the image's flavour
-        ("2.5.1+cpu", 12040, "cu121"),
-        ("2.5.1+cpu", 11080, "cu118"),  # the newest one the driver runs
-        ("2.7.1+cpu", 12040, "cu118"),
-        ("2.13.0+cpu", None, "cu128"),  # later lines: 2.9's flavours
-        ("2.13.0+cpu", 13000, "cu128"),
-        ("2.13.0+cpu", 12060, "cu126"),
-        ("2.13.0+cpu", 11080, "cu126"),  # none that old: the oldest, the driver check FAILs
+        ("2.5.1+cpu", None, "cu124"),  # no driver known: the newest build of the line
+        ("2.5.1+cpu", "550.54.15", "cu124"),
+        ("2.5.1+cpu", "535.183.01", "cu121"),  # the newest one the driver runs
+        ("2.5.1+cpu", "520.61.05", "cu118"),
+        ("2.7.1+cpu", "550.54.15", "cu118"),  # native cu118 before cu126 under compatibility
+        ("2.13.0+cpu", None, "cu130"),
+        ("2.13.0+cpu", "580.82.07", "cu130"),
+        ("2.13.0+cpu", "570.124.06", "cu126"),  # 2.13 has no cu128
+        ("2.13.0+cpu", "470.256.02", "cu126"),  # too old for any: the oldest, after an upgrade
     ],
 )
 def test_cuda_wheel_fix_keeps_the_version_and_fits_the_driver(version, driver, flavour):
     base = version.split("+")[0]
     fix = doctor.cuda_wheel_fix(version, driver)
     assert f"install torch=={base}+{flavour} --index-url {doctor.TORCH_INDEX}{flavour}" in fix
+    if driver == "470.256.02":
+        assert "after upgrading the NVIDIA driver to >= 525.60.13" in fix
+
+
+@pytest.mark.parametrize("driver", [None, "580.82.07", "575.51.03", "535.183.01", "470.256.02"])
+def test_cuda_wheel_fix_agrees_with_setup_and_the_readme_table(driver):
+    """The doctor's reinstall line names the build scripts/setup.sh picks for the same
+    driver (bundleflow.torch_index.choose, whose table README "Setup" prints)."""
+    from pathlib import Path
+
+    from bundleflow import torch_index
+
+    fix = doctor.cuda_wheel_fix("2.13.0", driver)
+    choice = torch_index.choose("2.13.0", driver)
+    if choice.flavour != "cpu":
+        assert f"+{choice.flavour} --index-url {choice.index_url}" in fix
+        readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+        assert f"| {choice.flavour} (CUDA " in readme or f"| {choice.flavour}, under" in readme
+    else:  # setup installs the CPU build; the doctor still names the CUDA one to aim for
+        assert "+cu1" in fix
 
 
 def test_cuda_wheel_fix_names_the_venv_pip(monkeypatch, tmp_path):
@@ -502,7 +536,7 @@ def test_doctor_exit_codes(monkeypatch, capsys):
     monkeypatch.setattr(doctor, "gather", lambda **k: unusable(h100_facts(), cuda=None))
     assert main(["doctor"]) == 1
     assert "fix: reinstall the CUDA build: " in (out := capsys.readouterr().out)
-    assert "torch==2.5.1+cu121 --index-url https://download.pytorch.org/whl/cu121" in out
+    assert "torch==2.5.1+cu124 --index-url https://download.pytorch.org/whl/cu124" in out
 
 
 def test_a_missing_dotenv_is_no_warning():
@@ -578,3 +612,124 @@ def test_gpu_status_line(monkeypatch):
     assert fake.calls == ["init", "shutdown"]
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(fail_init=True))
     assert "util ?" in telemetry.gpu_status_line("cuda")
+
+
+# --------------------------------------------------------------------------- compiler, headers
+
+
+def test_healthy_compiler_and_headers_pass():
+    checks = by_name(doctor.run_checks(h100_facts(), expect_gpu=True))
+    assert checks["c compiler"] == doctor.Check(
+        "c compiler", PASS, "/usr/bin/gcc (Triton builds its CUDA launcher with it)"
+    )
+    assert checks["python headers"].status == PASS
+    assert checks["python headers"].value == "/usr/include/python3.10/Python.h"
+
+
+def test_missing_compiler_on_cuda_is_a_finding_with_its_fix():
+    facts = h100_facts(compiler=replace(GCC, cc=None))
+    checks = doctor.run_checks(facts)  # a usable GPU: FAIL even without --expect-gpu
+    check = by_name(checks)["c compiler"]
+    assert check.status == FAIL
+    assert check.value == (
+        "none (no gcc or clang on PATH): Triton cannot build its CUDA launcher, so "
+        "torch.compile fails and the Stage-2 kernels and Adam run eagerly (about 2x slower steps)"
+    )
+    assert check.fix == (
+        "install a C compiler: sudo apt-get install gcc libc6-dev (Debian/Ubuntu; the image "
+        "has them)"
+    )
+    assert by_name(checks)["python headers"].status == PASS  # one finding, one line
+    assert doctor.exit_code(checks) == 1
+
+
+def test_a_cc_that_is_not_a_compiler_is_named():
+    facts = h100_facts(compiler=replace(GCC, cc=None, cc_env="/nonexistent/cc"))
+    check = verdict(facts, "c compiler")
+    assert check.status == FAIL
+    assert check.value.startswith("CC=/nonexistent/cc is not an executable: Triton cannot")
+    assert check.fix.startswith("unset CC or point it at a C compiler (CC=gcc)")
+
+
+def test_a_compiler_without_libc_headers_is_a_finding():
+    error = "<stdin>:1:10: fatal error: dlfcn.h: No such file or directory"
+    check = verdict(h100_facts(compiler=replace(GCC, cc_error=error)), "c compiler")
+    assert check.status == FAIL and error in check.value
+    assert check.fix == "install the C library headers: sudo apt-get install libc6-dev"
+
+
+def test_missing_python_headers_is_a_finding_with_its_fix():
+    facts = h100_facts(compiler=replace(GCC, python_h=False))
+    checks = by_name(doctor.run_checks(facts))
+    check = checks["python headers"]
+    assert check.status == FAIL
+    assert check.value.startswith("/usr/include/python3.10/Python.h missing: Triton cannot")
+    assert check.fix.startswith(
+        "install the headers of Python 3.10: sudo apt-get install python3.10-dev"
+    )
+    assert checks["c compiler"].status == PASS
+
+
+def test_compiler_findings_warn_without_a_usable_gpu_and_are_na_on_a_cpu_torch():
+    no_gpu = unusable(h100_facts(compiler=replace(GCC, cc=None, python_h=False)))
+    assert verdict(no_gpu, "c compiler").status == WARN
+    assert verdict(no_gpu, "python headers").status == WARN
+    assert verdict(no_gpu, "c compiler", expect_gpu=True).status == FAIL
+    cpu_torch = h100_facts(compiler=None)
+    assert verdict(cpu_torch, "c compiler").value.startswith("n/a (CPU-only torch")
+    assert verdict(cpu_torch, "python headers").status == PASS
+
+
+def test_probe_finds_no_compiler_when_cc_is_bogus_or_none_is_on_path(monkeypatch):
+    """The probe itself, on this CPU machine: CC=/nonexistent/cc (the issue's simulation),
+    and no gcc/clang on PATH."""
+    facts = doctor.probe_compiler({"CC": "/nonexistent/cc"})
+    assert facts.cc is None and facts.cc_env == "/nonexistent/cc"
+    monkeypatch.setattr(doctor.shutil, "which", lambda name: None)
+    facts = doctor.probe_compiler({"CC": None})
+    assert facts.cc is None and facts.cc_env is None and facts.cc_error is None
+
+
+def test_probe_reports_a_compiler_that_cannot_find_libc_headers(tmp_path):
+    fake = tmp_path / "cc"
+    fake.write_text(
+        "#!/bin/sh\necho '<stdin>:1:10: fatal error: dlfcn.h: No such file or directory' >&2\n"
+        "exit 1\n"
+    )
+    fake.chmod(0o755)
+    facts = doctor.probe_compiler({"CC": str(fake)})
+    assert facts.cc == str(fake)
+    assert facts.cc_error == "<stdin>:1:10: fatal error: dlfcn.h: No such file or directory"
+    check = doctor.check_compiler(h100_facts(compiler=facts), expect_gpu=True)
+    assert check.status == FAIL and "libc6-dev" in check.fix
+
+
+def test_probe_looks_for_python_h_where_triton_does(monkeypatch, tmp_path):
+    import sysconfig
+
+    real = sysconfig.get_paths
+    monkeypatch.setattr(
+        doctor.sysconfig, "get_paths", lambda *a, **k: {**real(*a, **k), "include": str(tmp_path)}
+    )
+    facts = doctor.probe_compiler({"CC": "/nonexistent/cc"})
+    assert facts.python_include == str(tmp_path) and facts.python_h is False
+    (tmp_path / "Python.h").write_text("")
+    assert doctor.probe_compiler({"CC": "/nonexistent/cc"}).python_h is True
+
+
+def test_probe_with_this_machines_compiler():
+    import shutil
+
+    if not shutil.which("gcc"):
+        pytest.skip("no gcc on this machine")
+    facts = doctor.probe_compiler({"CC": None})
+    assert facts.cc == shutil.which("gcc") and facts.cc_error is None
+
+
+def test_gather_probes_the_compiler_only_for_a_cuda_torch(monkeypatch):
+    monkeypatch.setattr(doctor, "probe_compiler", lambda env: GCC)
+    cpu = TorchFacts(version="2.13.0+cpu", cuda=None, compiled=False, available=False)
+    monkeypatch.setattr(doctor, "probe_torch", lambda: cpu)
+    assert doctor.gather(launcher=False).compiler is None
+    monkeypatch.setattr(doctor, "probe_torch", lambda: replace(cpu, cuda="12.1", compiled=True))
+    assert doctor.gather(launcher=False).compiler == GCC

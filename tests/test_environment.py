@@ -1126,3 +1126,12 @@ def test_triton_check_fails_without_python_headers(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert f"{empty}/Python.h not found" in err
     assert "fix: install the headers of this Python: apt-get install python3-dev" in err
+
+
+def test_devcontainer_keeps_compile_caches_in_the_workspace(devcontainer):
+    """After the UID update the image's /bundleflow/cache is not the user's: a cache Triton
+    cannot write fails torch.compile, so the dev container points both caches at the workspace."""
+    env = devcontainer["containerEnv"]
+    for key in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert env[key].startswith(env["BUNDLEFLOW_CACHE"] + "/"), key
+        assert env[key].startswith("${containerWorkspaceFolder}/"), key
