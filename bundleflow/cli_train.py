@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shlex
 import shutil
 import sys
 import time
@@ -25,7 +24,17 @@ from bundleflow.timing import Timings
 from bundleflow.tracking import REPORT_TO, check_available, open_tracker, report_scalars
 from bundleflow.train.data import fitted_baselines, load_run_data
 from bundleflow.train.plan import StepPlan, resolve_plan
-from bundleflow.train.run import CONFIG_FILE, RUN_INFO, Run, make_accelerator, open_run
+from bundleflow.train.run import (
+    CONFIG_FILE,
+    RUN_INFO,
+    Run,
+    Session,
+    check_budgets,
+    check_config_budgets,
+    make_accelerator,
+    open_run,
+    resume_command,
+)
 from bundleflow.train.stage1 import FLOW_FILE, Stage1Stopped, get_flow, load_flow_ckpt
 from bundleflow.train.stage2 import BEST, CHECKPOINTS, Stage2Trainer
 from bundleflow.valuations import io as data_io
@@ -99,7 +108,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     A new run records the flags it was started with (``args.launch``, written to run.json);
     ``--resume`` restores them from there and refuses a flag that contradicts them.
     """
-    check_budgets(args)
+    check_budgets(args.max_steps, args.max_time)
     overrides = parse_set(args.overrides)
     if args.device:
         overrides["device"] = args.device
@@ -125,31 +134,6 @@ def resolve_config(args: argparse.Namespace) -> Config:
         "report_to": args.report_to or "none",
     }
     return config
-
-
-def check_budgets(args: argparse.Namespace) -> None:
-    """``--max-steps N`` (N ≥ 1) and ``--max-time SECONDS`` (> 0): a budget of zero or less
-    is a user error naming the flag (``--max-steps 0`` used to run the whole schedule)."""
-    steps, seconds = args.max_steps, args.max_time
-    if steps is not None and steps < 1:
-        raise BundleflowError(
-            f"--max-steps {steps}: give at least 1 step (a budget of zero or fewer steps "
-            "trains nothing; leave the flag out for the config's full schedule)"
-        )
-    if seconds is not None and not seconds > 0:  # NaN too
-        raise BundleflowError(
-            f"--max-time {seconds:g}: give a positive number of seconds (leave the flag out "
-            "for no time limit)"
-        )
-
-
-def check_config_budgets(config: Config) -> None:
-    """``stage2.max_time`` (``--set``, a preset) must be null or positive."""
-    seconds = config.stage2.max_time
-    if seconds is not None and not seconds > 0:
-        raise BundleflowError(
-            f"config key 'stage2.max_time' must be positive or null (no limit), got {seconds!r}"
-        )
 
 
 def _data_path(flag: str) -> Path:
@@ -474,63 +458,16 @@ def _stage1_stop(run: Run, args: argparse.Namespace):
         logger.warning(
             "stopped by a signal in stage 1 at step {}; checkpoint written; resume with: {}",
             stopped.step,
-            resume_command(run, args),
+            resume_command(run.dir, getattr(args, "command", None), no_progress=args.no_progress),
         )
-
-
-def resume_command(run: Run, args: argparse.Namespace) -> str:
-    """The command line that continues ``run``, to paste: ``--resume`` restores every flag
-    the run was started with (run.json's launch record); ``--no-progress`` is not recorded."""
-    words = ["bundleflow", getattr(args, "command", None) or "train", "--resume", str(run.dir)]
-    if getattr(args, "no_progress", False):
-        words.append("--no-progress")
-    return shlex.join(words)
-
-
-class _Session:
-    """This invocation's share of the run's wall time: run.json's ``segments`` gets one
-    entry per session (a resumed run has several), whatever way the session ends."""
-
-    def __init__(self, run: Run, timings: Timings) -> None:
-        self.run, self.timings = run, timings
-        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.before = [s for s in run.info.get("segments", []) if isinstance(s, dict)]
-        self.closed = False
-
-    def close(self, end: str) -> list[dict]:
-        """Record this session (``end``: finished, stopped, interrupted, failed); return every
-        segment of the run so far."""
-        if self.closed:
-            return self.before
-        self.closed = True
-        this = {"started": self.started, "wall_time": round(self.timings.total(), 3), "end": end}
-        self.before = [*self.before, this]
-        if self.run.dir.is_dir():  # a new run removed after a user error records nothing
-            self.run.update_info(segments=self.before)
-        return self.before
-
-
-@contextlib.contextmanager
-def _session(run: Run, timings: Timings, args: argparse.Namespace):
-    session = _Session(run, timings)
-    try:
-        yield session
-    except KeyboardInterrupt:  # a second signal: the loop wrote what it could
-        session.close("interrupted")
-        if run.main_process and latest(run.dir / CHECKPOINTS) is not None:
-            logger.warning("resume with: {}", resume_command(run, args))
-        raise
-    except BaseException:
-        session.close("failed")
-        raise
-    session.close("stopped")  # no-op when the run finished (closed with its report)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     config, accelerator, run = _setup(args)
     timings = Timings()
     resumed = args.resume is not None
-    with _guarded(run, resumed=resumed), _session(run, timings, args) as session:
+    hint = resume_command(run.dir, getattr(args, "command", None), no_progress=args.no_progress)
+    with _guarded(run, resumed=resumed), Session(run, timings.total, hint) as session:
         _start_tracking(args, config, run)
         with timings.section("data"), accelerator.main_process_first():  # one process
             data = load_run_data(  # generates a cached data set, the others wait
@@ -557,7 +494,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 max_steps=args.max_steps,
                 max_time=args.max_time,
                 # a run stopped in Stage 1 has no Stage-2 checkpoint yet: Stage 2 starts afresh
-                resume=args.resume is not None and latest(run.dir / CHECKPOINTS) is not None,
+                resume=resumed and latest(run.dir / CHECKPOINTS) is not None,
             )
         finally:
             plan = _record_eager(run, plan, trainer)
@@ -566,7 +503,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         timings.add("validation", result.validation_time)
         if result.mechanism is None:  # stopped by a signal (checkpoint written) or not main
             if result.stop_reason == "signal" and run.main_process:
-                logger.warning("resume with: {}", resume_command(run, args))
+                logger.warning("resume with: {}", hint)
             _end(accelerator)
             return 0
         with timings.section("baselines"):

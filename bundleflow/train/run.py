@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +164,73 @@ def open_run(
             format="{time:YYYY-MM-DD HH:mm:ss} {level} {message}",
         )
     return run
+
+
+def check_budgets(max_steps: int | None, max_time: float | None) -> None:
+    """``--max-steps N`` (N ≥ 1) and ``--max-time SECONDS`` (> 0): a budget of zero or less
+    is a user error naming the flag (``--max-steps 0`` used to run the whole schedule)."""
+    if max_steps is not None and max_steps < 1:
+        raise BundleflowError(
+            f"--max-steps {max_steps}: give at least 1 step (a budget of zero or fewer steps "
+            "trains nothing; leave the flag out for the config's full schedule)"
+        )
+    if max_time is not None and not max_time > 0:  # NaN too
+        raise BundleflowError(
+            f"--max-time {max_time:g}: give a positive number of seconds (leave the flag out "
+            "for no time limit)"
+        )
+
+
+def check_config_budgets(config: Config) -> None:
+    """``stage2.max_time`` (``--set``, a preset) must be null or positive."""
+    seconds = config.stage2.max_time
+    if seconds is not None and not seconds > 0:
+        raise BundleflowError(
+            f"config key 'stage2.max_time' must be positive or null (no limit), got {seconds!r}"
+        )
+
+
+def resume_command(run_dir: Path, command: str | None, *, no_progress: bool = False) -> str:
+    """The command line that continues the run in ``run_dir``, to paste (the path quoted for
+    the shell): ``--resume`` restores every flag the run was started with (run.json's launch
+    record); ``--no-progress`` is not recorded, so it is repeated."""
+    words = ["bundleflow", command or "train", "--resume", str(run_dir)]
+    return shlex.join([*words, "--no-progress"] if no_progress else words)
+
+
+class Session:
+    """One invocation's share of a run's wall time, as a context manager: run.json's
+    ``segments`` gets one entry per session (a resumed run has several) however the session
+    ends — ``finished`` (:meth:`close` with the report), ``stopped`` (a signal, checkpoint
+    written), ``interrupted`` (a second signal), ``failed``. ``elapsed``: the session's
+    seconds so far; ``hint``: the resume command logged after a second signal."""
+
+    def __init__(self, run: Run, elapsed: Callable[[], float], hint: str) -> None:
+        self.run, self.elapsed, self.hint = run, elapsed, hint
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.segments = [s for s in run.info.get("segments", []) if isinstance(s, dict)]
+        self.closed = False
+
+    def close(self, end: str) -> list[dict]:
+        """Record this session once; every segment of the run so far."""
+        if not self.closed:
+            self.closed = True
+            this = {"started": self.started, "wall_time": round(self.elapsed(), 3), "end": end}
+            self.segments = [*self.segments, this]
+            if self.run.dir.is_dir():  # a new run removed after a user error records nothing
+                self.run.update_info(segments=self.segments)
+        return self.segments
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is KeyboardInterrupt:  # a second signal: the loop wrote what it could
+            self.close("interrupted")
+            if self.run.main_process:
+                logger.warning("resume with: {}", self.hint)
+        else:
+            self.close("stopped" if kind is None else "failed")  # no-op once finished
 
 
 def optimizer_step(loss, optimizer, accelerator=None) -> None:
