@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         cli_data,
         cli_doctor,
         cli_eval,
+        cli_suite,
         cli_train,
     )
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_bench.register(sub)
     cli_config.register(sub)
     cli_compare.register(sub)
+    cli_suite.register(sub)
     return parser
 
 
