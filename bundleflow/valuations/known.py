@@ -91,8 +91,8 @@ def specialists(
 ) -> Tensor:
     """``[n, m, m+1]``: w.p. ½ every singleton worth 1 (m atoms), else one uniform item worth
     ``high`` (one atom, the rest zero rows)."""
-    if n_items < 2 or not high > 1:
-        raise ValueError(f"specialists needs m ≥ 2 and high > 1, got m={n_items}, high={high}")
+    if n_items < 2 or not 1 < high <= n_items:  # full surplus: a lottery over ⌈high⌉ items
+        raise ValueError(f"specialists needs m ≥ 2 and 1 < high ≤ m, got m={n_items}, high={high}")
     out = _padded(n, n_items, n_items)
     flexible = torch.rand(n, generator=generator) < 0.5  # (n,)
     item = torch.randint(n_items, (n,), generator=generator)  # (n,)
@@ -321,69 +321,92 @@ def ddt_grand_bundle() -> tuple[float, float]:
 # --------------------------------------------------------------------------- optima
 
 
+def _specialists_optimum(setting: str, params: dict) -> KnownOptimum:
+    m, high = params["n_items"], params["high"]
+    if m < 2 or not 1 < high <= m:
+        raise ValueError(f"specialists needs m ≥ 2 and 1 < high ≤ m, got m={m}, high={high}")
+    leader = 0.5 + 0.5 * (1 / m + high * (m - 1) / m)
+    return KnownOptimum(
+        setting, {"n_items": m, "high": high}, 0.5 + 0.5 * high, "exact",
+        f"full surplus: a lottery over ≥ 2 items at 1, each item at {high}",
+        best_deterministic=leader, best_posted_price=leader,
+        posted_price="loss-leader item pricing (one item at 1, the others at high); "
+        "bundle-size pricing earns 1",
+        source="construction (spec/optima.md)", extra={"bundle_size_pricing": 1.0},
+    )  # fmt: skip
+
+
+def _unit_demand_optimum(setting: str, params: dict) -> KnownOptimum:
+    low, high = float(params["low"]), float(params["high"])
+    width, c = high - low, low / (high - low)
+    revenue, p, q = pavlov_optimum(round(c, 12))
+    single, price = single_price_unit_demand(c)
+    lottery = q < p
+    return KnownOptimum(
+        setting, {"low": low, "high": high}, width * revenue,
+        "exact" if not lottery else "numerical",
+        (f"a ½–½ lottery at {width * q:.5g}, either item at {width * p:.5g}" if lottery
+         else f"one price {width * price:.5g} for either item"),
+        best_deterministic=width * single, best_posted_price=width * single,
+        posted_price=f"one price {width * price:.5g} for either item",
+        source="Pavlov 2011 (unit demand, U[c, c+1]²)",
+        extra={"item_price": width * p, "lottery_price": width * q},
+    )  # fmt: skip
+
+
+def _ddt_optimum(setting: str, params: dict) -> KnownOptimum:
+    optimum = menu_revenue_2d(DDT_BOX, DDT_MENU)
+    return KnownOptimum(
+        setting, {}, float(optimum), "exact",
+        "the lottery (item 1 w.p. ½, item 2) at 8, the bundle at 12",
+        best_deterministic=DDT_BEST_DETERMINISTIC, best_posted_price=ddt_grand_bundle()[0],
+        posted_price="grand bundle (item pricing 28/3 = 9.3333)",
+        source="Daskalakis–Deckelbaum–Tzamos 2017", extra={"optimum_fraction": "88/9"},
+    )  # fmt: skip
+
+
+def _additive_uniform_optimum(setting: str, params: dict) -> KnownOptimum:
+    m = params["n_items"]
+    if m not in ADDITIVE_UNIFORM_OPTIMA:
+        raise ValueError(f"additive U[0,1]^m has a known optimum only for m ≤ 6, got {m}")
+    optimum = manelli_vincent_m2() if m == 2 else ADDITIVE_UNIFORM_OPTIMA[m]
+    return KnownOptimum(
+        setting, {"n_items": m}, optimum, "exact" if m <= 2 else "published",
+        "a bundle-size schedule (Straight-Jacket Auction)",
+        best_deterministic=optimum, best_posted_price=optimum,
+        posted_price="bundle-size pricing", source="Giannakopoulos–Koutsoupias 2018",
+    )  # fmt: skip
+
+
+def _catalogue_optimum(setting: str, params: dict) -> KnownOptimum:
+    cat: Catalogue = params["catalogue"]
+    shown = {k: v for k, v in params.items() if k != "catalogue"}
+    return KnownOptimum(
+        setting, shown, float(cat.weights.mean()) / 4, "exact",
+        "each catalogue bundle g at w_g/2 (per-bundle Myerson)",
+        best_deterministic=float(cat.weights.mean()) / 4,
+        source="construction (spec/optima.md)",
+        extra={"w_mean": float(cat.weights.mean()), "w_min": float(cat.weights.min()),
+               "w_max": float(cat.weights.max())},
+    )  # fmt: skip
+
+
+_OPTIMA = {
+    "specialists": _specialists_optimum,
+    "unit-demand": _unit_demand_optimum,
+    "additive-ddt": _ddt_optimum,
+    "additive-uniform": _additive_uniform_optimum,
+    "catalogue": _catalogue_optimum,
+}
+
+
 def known_optimum(setting: str, **params) -> KnownOptimum:
-    """The optimum of ``setting`` with ``params`` (those of :func:`sample`; for
+    """The optimum of ``setting`` with ``params`` (those of :func:`make_setting`; for
     ``catalogue`` also ``catalogue`` (a :class:`Catalogue`) — the optimum is of the drawn
     catalogue)."""
-    if setting == "specialists":
-        m, high = params["n_items"], params["high"]
-        leader = 0.5 + 0.5 * (1 / m + high * (m - 1) / m)
-        return KnownOptimum(
-            setting, {"n_items": m, "high": high}, 0.5 + 0.5 * high, "exact",
-            f"full surplus: a lottery over ≥ 2 items at 1, each item at {high}",
-            best_deterministic=leader, best_posted_price=leader,
-            posted_price="loss-leader item pricing (one item at 1, the others at high); "
-            "bundle-size pricing earns 1",
-            source="construction (spec/optima.md)", extra={"bundle_size_pricing": 1.0},
-        )  # fmt: skip
-    if setting == "unit-demand":
-        low, high = float(params["low"]), float(params["high"])
-        width, c = high - low, low / (high - low)
-        revenue, p, q = pavlov_optimum(round(c, 12))
-        single, price = single_price_unit_demand(c)
-        lottery = q < p
-        return KnownOptimum(
-            setting, {"low": low, "high": high}, width * revenue,
-            "exact" if not lottery else "numerical",
-            (f"a ½–½ lottery at {width * q:.5g}, either item at {width * p:.5g}" if lottery
-             else f"one price {width * price:.5g} for either item"),
-            best_deterministic=width * single, best_posted_price=width * single,
-            posted_price=f"one price {width * price:.5g} for either item",
-            source="Pavlov 2011 (unit demand, U[c, c+1]²)",
-            extra={"item_price": width * p, "lottery_price": width * q},
-        )  # fmt: skip
-    if setting == "additive-ddt":
-        optimum = menu_revenue_2d(DDT_BOX, DDT_MENU)
-        return KnownOptimum(
-            setting, {}, float(optimum), "exact",
-            "the lottery (item 1 w.p. ½, item 2) at 8, the bundle at 12",
-            best_deterministic=DDT_BEST_DETERMINISTIC, best_posted_price=ddt_grand_bundle()[0],
-            posted_price="grand bundle (item pricing 28/3 = 9.3333)",
-            source="Daskalakis–Deckelbaum–Tzamos 2017", extra={"optimum_fraction": "88/9"},
-        )  # fmt: skip
-    if setting == "additive-uniform":
-        m = params["n_items"]
-        if m not in ADDITIVE_UNIFORM_OPTIMA:
-            raise ValueError(f"additive U[0,1]^m has a known optimum only for m ≤ 6, got {m}")
-        optimum = manelli_vincent_m2() if m == 2 else ADDITIVE_UNIFORM_OPTIMA[m]
-        return KnownOptimum(
-            setting, {"n_items": m}, optimum, "exact" if m <= 2 else "published",
-            "a bundle-size schedule (Straight-Jacket Auction)",
-            best_deterministic=optimum, best_posted_price=optimum,
-            posted_price="bundle-size pricing", source="Giannakopoulos–Koutsoupias 2018",
-        )  # fmt: skip
-    if setting == "catalogue":
-        cat: Catalogue = params["catalogue"]
-        shown = {k: v for k, v in params.items() if k != "catalogue"}
-        return KnownOptimum(
-            setting, shown, float(cat.weights.mean()) / 4, "exact",
-            "each catalogue bundle g at w_g/2 (per-bundle Myerson)",
-            best_deterministic=float(cat.weights.mean()) / 4,
-            source="construction (spec/optima.md)",
-            extra={"w_mean": float(cat.weights.mean()), "w_min": float(cat.weights.min()),
-                   "w_max": float(cat.weights.max())},
-        )  # fmt: skip
-    raise ValueError(f"unknown setting {setting!r}; known: {', '.join(SETTINGS)}")
+    if setting not in _OPTIMA:
+        raise ValueError(f"unknown setting {setting!r}; known: {', '.join(SETTINGS)}")
+    return _OPTIMA[setting](setting, params)
 
 
 # --------------------------------------------------------------------------- one entry point
