@@ -162,8 +162,11 @@ class MenuConfig:
     """bundleflow extension: ``random`` (the reference: M ~ N(0, 1)) or ``atoms``: element j
     starts as a deterministic offer of one bundle, the j-th atom of the training valuations
     by total value (frequency × value), every support point on that bundle's corner (the
-    flow must map corners to themselves: a wide Stage-1 source, ``flow.log_std``). With
-    ``posted_price_init`` each starts at the fallback's price of that bundle."""
+    flow must map corners to themselves: a wide Stage-1 source, ``flow.log_std``), or
+    ``atom_pairs``: the same deterministic offers of the top atoms, and every further element
+    a lottery over two of them (half its support points on each, pairs drawn by the seed;
+    with ``lottery_weights=mixture`` an even lottery whose odds are then learned). With
+    ``posted_price_init`` each starts at the fallback's price of that bundle or lottery."""
     posted_price_init: bool = False
     """With a fallback: every learned element starts at the posted price of its initial
     lottery, Σ_d α_jd·c(S_jd) (recorded noise, initial λ), so it is weakly worse than the
@@ -177,6 +180,22 @@ class MenuConfig:
     fits with probability Π_{i∈atom} s_i, value max_k b_k·Π s_i (fast path, plain kernels)."""
     bundle_temp: float = 0.1
     """T of the relaxed inclusion (``bundle_grad=straight_through``)."""
+    lottery_weights: str = "density"
+    """bundleflow extension: how an element's probabilities α_jd over its D support points
+    are formed. ``density`` (the reference): α = softmax_d(log N(z0; μ, σ) + log mixture −
+    ΣQ·∫σ); the fixed random σ makes log N differ by tens of nats between points, so α is
+    one-hot for most elements and the mixture logits cannot move it (at m=20 the median gap
+    between an element's two likeliest points is 17.6 nats, and the mixture term sees
+    λ/750 · w) — a lottery cannot be learned. ``mixture``: α = softmax_d(w_j), the exact
+    mass each Dirac source component carries through the (deterministic, invertible) flow;
+    w is learned directly (plain kernels)."""
+    offer_fallback: bool = True
+    """With a fallback: offer it beside the learned elements (option J). ``false``: the
+    fitted schedule only prices the initial elements (``posted_price_init``) and is the
+    reference the selection rule (``stage2.select_min_z``) compares against; the trained
+    mechanism is the learned menu alone. An offered posted-price schedule caps what a menu
+    can charge (a loss-leader item stays on sale), so settings whose optimum is a lottery
+    need it off."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +249,13 @@ class Stage2Config:
     minus the fallback's). Learned elements that only win by validation noise lost on test
     (BENCHMARKS.md "Revenue, issue 17, third pass"). 0: any higher validation revenue wins,
     as before."""
+    polish_rounds: int = 0
+    """bundleflow extension: after training, rounds of exact coordinate ascent on the hard
+    training revenue of the best menu's prices (``bundleflow.polish``: each price moved to
+    just below the marginal bidder's threshold that earns most, the lotteries fixed); the
+    round with the best validation revenue is kept (round 0, the unpolished menu, included),
+    so validation revenue never drops. Needs many training valuations (overfits at 4,500,
+    +0.26% at 80,000 on CATS: BENCHMARKS.md). 0: off."""
     log_every: int = 200
     """Steps between metric lines."""
     checkpoint_every: int = 5000
@@ -315,7 +341,8 @@ CHOICES = {
     "data.values": ("upv", "npv"),
     "data.mode": ("fresh", "fixed"),
     "menu.fallback": ("none", "item", "size", "best"),
-    "menu.init_bundles": ("random", "atoms"),
+    "menu.init_bundles": ("random", "atoms", "atom_pairs"),
+    "menu.lottery_weights": ("density", "mixture"),
     "menu.bundle_grad": ("none", "straight_through"),
     "stage2.path": ("fast", "reference"),
     "stage2.step_mode": ("auto", "eager", "graph"),
@@ -440,6 +467,15 @@ def _check_choices(config: Config) -> None:
         raise BundleflowError(
             "config key 'menu.posted_price_init' needs a fallback to price against; "
             "set menu.fallback to item, size or best"
+        )
+    if not config.menu.offer_fallback and config.menu.fallback == "none":
+        raise BundleflowError(
+            "config key 'menu.offer_fallback': false needs a fallback (menu.fallback item, "
+            "size or best) to price the initial elements and to select against"
+        )
+    if config.stage2.polish_rounds < 0:
+        raise BundleflowError(
+            f"config key 'stage2.polish_rounds' must be >= 0, got {config.stage2.polish_rounds}"
         )
     if config.menu.bundle_grad != "none" and not config.menu.bundle_temp > 0:
         raise BundleflowError(

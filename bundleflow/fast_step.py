@@ -262,6 +262,11 @@ class Stage2Step:
                 "bundle_temp needs kernels='plain': the fused backward has no path from the "
                 "bundles to M (resolve_plan chooses plain kernels for menu.bundle_grad)"
             )
+        if getattr(menu, "lottery_weights", "density") != "density" and kernels != "plain":
+            raise ValueError(
+                "lottery_weights='mixture' needs kernels='plain': the fused kernels compute "
+                "density weights (resolve_plan chooses plain kernels for it)"
+            )
         self.bundle_temp = bundle_temp
         self.kernel_mode = kernels
         self.kernels = kernels_for(kernels) if path == "fast" else None

@@ -8,6 +8,9 @@ Element j has D support points. Per point d:
     S_jd = 1[z_N(z0_jd) ≥ 0.5],  α_jd = softmax_d(ℓ_jd)
     u_j(v) = Σ_d α_jd · v(S_jd) − p_j
 
+With ``lottery_weights = "mixture"`` (a bundleflow extension) α_jd = softmax_d(w_jd)
+instead: the mass each Dirac source component carries through the flow.
+
 τ is the mixture temperature (the reference uses its λ here too; with normalised money
 the trainer passes λ / scale so that the mixture dynamics stay those of the reference).
 
@@ -102,6 +105,7 @@ class Menu(nn.Module):
         kw = {"generator": generator, "device": device}
         self.n_items, self.menu_size, self.support_size = n_items, menu_size, support_size
         self.loc_offset, self.loc_scale = loc_offset, loc_scale
+        self.lottery_weights = "density"  # or "mixture" (config menu.lottery_weights)
         self.means = nn.Parameter(torch.randn(shape, **kw))
         self.logits = nn.Parameter(torch.randn(shape[:2], **kw) / support_size)
         self.register_buffer("std", torch.exp(-torch.rand(shape, **kw) * 30 - 4))
@@ -117,6 +121,7 @@ class Menu(nn.Module):
         *,
         loc_offset: float = 0.05,
         loc_scale: float = 0.9,
+        lottery_weights: str = "density",
     ) -> Menu:
         """A menu holding copies of given tensors (e.g. the reference's menu parameters)."""
         menu_size, support_size, n_items = means.shape
@@ -132,6 +137,7 @@ class Menu(nn.Module):
         menu.logits = nn.Parameter(logits.detach().clone())
         menu.prices = nn.Parameter(prices.detach().clone())
         menu.std = std.detach().clone()
+        menu.lottery_weights = lottery_weights
         return menu
 
     def support_locations(self) -> Tensor:
@@ -209,7 +215,11 @@ class Menu(nn.Module):
         int_sigma = flowed.int_sigma
         if int_sigma.dim() > 0:
             int_sigma = int_sigma.reshape(J, D)
-        ell, alpha = support_weights(log_p0, log_mix, log_det)
+        if self.lottery_weights == "mixture":  # α = the mass of each Dirac component
+            ell = torch.log_softmax(self.logits, dim=1)
+            alpha = torch.softmax(self.logits, dim=1)
+        else:
+            ell, alpha = support_weights(log_p0, log_mix, log_det)
         z_n = flowed.z_n.reshape(J, D, m)
         inclusion = None
         if bundle_temp is not None:

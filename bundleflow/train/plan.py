@@ -164,6 +164,8 @@ def resolve_plan(
         kernels = Choice("plain", f"stage2.path={s2.path}")
     elif cfg.menu.bundle_grad != "none":
         kernels = Choice("plain", f"menu.bundle_grad={cfg.menu.bundle_grad}")
+    elif cfg.menu.lottery_weights != "density":  # the fused kernels compute density weights
+        kernels = Choice("plain", f"menu.lottery_weights={cfg.menu.lottery_weights}")
     elif s2.kernels != "auto":
         kernels = Choice(resolve_kernels(s2.kernels, device, low), f"stage2.kernels={s2.kernels}")
     else:

@@ -29,6 +29,7 @@ from bundleflow.flow import VelocityField
 from bundleflow.health import FiniteGuard
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow
+from bundleflow.polish import polish_prices
 from bundleflow.paths import runs_root
 from bundleflow.progress import ProgressBar
 from bundleflow.revenue import hard_choice
@@ -74,7 +75,11 @@ def build_menu(cfg: Config, data: RunData) -> Menu:
         price_scale=m.price_init,
         generator=gen,
     )
-    if m.init_bundles == "atoms" and data.kind == "xor":
+    menu.lottery_weights = m.lottery_weights
+    if m.lottery_weights == "mixture":
+        with torch.no_grad():
+            menu.logits.zero_()  # even odds over the support points to start with
+    if m.init_bundles in ("atoms", "atom_pairs") and data.kind == "xor":
         first = 1 if m.grand_bundle_element else 0
         bundles = top_atoms(data.train_user, m.size - first)
         with torch.no_grad():
@@ -86,6 +91,15 @@ def build_menu(cfg: Config, data: RunData) -> Menu:
             first,
             first + bundles.shape[0] - 1,
         )
+        rest = first + bundles.shape[0]
+        if m.init_bundles == "atom_pairs" and rest < m.size and bundles.shape[0] > 1:
+            with torch.no_grad():
+                menu.means[rest:] = CORNER_LOGIT * (2 * atom_pairs(bundles, m, rest, gen) - 1)
+            logger.info(
+                "menu: elements {}..{} start as lotteries over two of those atoms",
+                rest,
+                m.size - 1,
+            )
     if m.grand_bundle_element:
         price = fit_grand_bundle_price(data.train_user) / data.scale
         with torch.no_grad():
@@ -108,6 +122,17 @@ def top_atoms(train_user: torch.Tensor, n: int) -> torch.Tensor:
     total.index_add_(0, inverse, vals[real].double())
     order = torch.argsort(total, descending=True, stable=True)[:n]
     return unique[order].float()
+
+
+def atom_pairs(atoms: torch.Tensor, m, first: int, gen: torch.Generator) -> torch.Tensor:
+    """Support-point corners ``[J − first, D, n_items]`` for elements ``first..J−1``: each a
+    lottery over two distinct rows of ``atoms [A, n_items]`` (A ≥ 2), the first half of its
+    D points on one and the rest on the other; the pairs drawn uniformly by ``gen``."""
+    n, A = m.size - first, atoms.shape[0]
+    a = torch.randint(A, (n,), generator=gen)
+    b = (a + torch.randint(1, A, (n,), generator=gen)) % A  # a different atom
+    half = torch.arange(m.support) < (m.support + 1) // 2  # (D,)
+    return torch.where(half[None, :, None], atoms[a][:, None, :], atoms[b][:, None, :])
 
 
 def build_fallback(cfg: Config, data: RunData) -> PostedPrices | None:
@@ -174,6 +199,7 @@ def menu_like(menu: Menu, state: dict) -> Menu:
         state["prices"],
         loc_offset=menu.loc_offset,
         loc_scale=menu.loc_scale,
+        lottery_weights=menu.lottery_weights,
     )
 
 
@@ -202,6 +228,7 @@ class Stage2Parts:
     fallback: PostedPrices | None = None
     step: Stage2Step | None = None
     generator: torch.Generator | None = None  # the step's draws (None: default CUDA one)
+    reference: PostedPrices | None = None  # the fitted schedule (offered or not): selection
 
     @property
     def net(self) -> Menu:
@@ -332,8 +359,11 @@ def setup_stage2(
         comm=comm,
         parallel=parallel,
         lo=lo,
-        fallback=None if fallback is None else fallback.to(device),
+        fallback=None if fallback is None or not cfg.menu.offer_fallback else fallback.to(device),
+        reference=None if fallback is None else fallback.to(device),
     )
+    if fallback is not None and not cfg.menu.offer_fallback:
+        logger.info("menu: the fallback is not offered (menu.offer_fallback=false)")
     parts.step = build_step(parts, cfg, data)
     return parts
 
@@ -457,7 +487,7 @@ class Stage2Trainer:
 
     def gain_z(self, payments: torch.Tensor) -> float:
         """mean(d)/SE(d) for d = payments − the fallback alone's payments on validation."""
-        fallback = self.parts.fallback
+        fallback = self.parts.reference
         if fallback is None:
             return float("inf")
         if self._fallback_val is None:
@@ -602,8 +632,8 @@ class Stage2Trainer:
         if resume:
             self.restore()
             st = self.state
-        if self.parts.fallback is not None and st.step == 0:
-            self.evaluate(0.0)  # the untrained menu beside the fallback is a candidate too
+        if self.parts.reference is not None and st.step == 0:
+            self.evaluate(0.0)  # the untrained menu (beside the fallback) is a candidate too
         bar = ProgressBar(
             total, "stage 2", enabled=None if self.show_progress else False, unit="steps"
         )
@@ -710,6 +740,38 @@ class Stage2Trainer:
             validation_time=st.validation_time,
         )
 
+    @torch.no_grad()
+    def polish(self, mech: FrozenMechanism) -> None:
+        """Exact hard-revenue price polish of the frozen best menu on the training split,
+        the round kept by validation (``stage2.polish_rounds``; :mod:`bundleflow.polish`)."""
+        device, batch = mech.prices.device, self.cfg.eval.batch_size
+        train = self.data.train_user.to(device)
+        val = _denormalised(self.data, self.data.val).to(device)
+        values, fb_u, fb_pay = _outcome_columns(mech, train, batch)
+        result = polish_prices(
+            values,
+            mech.prices,
+            fb_u,
+            fb_pay,
+            rounds=self.cfg.stage2.polish_rounds,
+            val=_outcome_columns(mech, val, batch),
+            generator=torch.Generator().manual_seed(self.cfg.stage2.seed),
+        )
+        mech.prices = result.prices.to(device, mech.prices.dtype)
+        mech.meta["polish"] = {
+            "round_kept": result.round_kept,
+            "train_revenue": result.train_revenue,
+            "val_revenue": result.val_revenue,
+            "changed": result.changed,
+        }
+        logger.info(
+            "stage 2 polish: validation revenue {:.6g} -> {:.6g} (round {} of {} kept)",
+            result.val_revenue[0],
+            result.val_revenue[result.round_kept],
+            result.round_kept,
+            len(result.val_revenue) - 1,
+        )
+
     def freeze(self) -> FrozenMechanism | None:
         """The best validation menu frozen with the recorded noise, saved (main process)."""
         mech = None
@@ -732,10 +794,34 @@ class Stage2Trainer:
                 inv_temp=extra.get("inv_temp"),
                 money_scale=self.data.scale,
                 meta=meta,
-            ).to("cpu")
+            )
+            if self.cfg.stage2.polish_rounds > 0:
+                self.polish(mech)
+            mech = mech.to("cpu")
             mech.save(self.run.dir / MECHANISM_FILE)
         self.comm.barrier()
         return mech
+
+
+def _denormalised(data: RunData, valuations: torch.Tensor) -> torch.Tensor:
+    if data.kind == "additive":
+        return valuations * data.scale
+    out = valuations.clone()
+    out[..., -1] *= data.scale
+    return out
+
+
+def _outcome_columns(mech: FrozenMechanism, valuations: torch.Tensor, batch: int):
+    """(element values ``[N, J]``, the fallback's utility ``[N]`` (−inf: none) and payment
+    ``[N]``) of a frozen mechanism, user units, float64."""
+    values = torch.cat(
+        [mech.utilities(chunk).double() for chunk in valuations.split(batch)]
+    ) + mech.prices.double()
+    n = values.shape[0]
+    if mech.fallback is None:
+        return values, values.new_full((n,), -math.inf), values.new_zeros(n)
+    u, pay = mech.fallback.outcome(valuations.to(mech.prices.device))
+    return values, u.double(), pay.double()
 
 
 def train_stage2(
