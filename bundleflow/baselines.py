@@ -11,6 +11,14 @@ charges p·T_k, bundle-size pricing the cheapest size ≥ |T_k|. Fitting works i
 the training split and is vectorised over valuations; the loops run over items, sizes,
 grid chunks and ascent rounds only. Every grid is relative to a fitted price, so the fitted
 prices scale with the unit of money.
+
+Fitting is fast at any number of atoms (issue 27): identical valuations are scored once with
+their count as a weight; a bidder's atoms of one size collapse to the best one (same choice,
+same payment); and a coordinate step, where every bidder weighs one option whose price is
+the candidate against one whose price is not, scores all candidates from per-bidder
+thresholds with one weighted histogram instead of a [candidates, bidders, atoms] tensor.
+Results equal the direct evaluation (``tests/baselines_reference.py``) up to the order of
+float sums.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ ASCENT_ROUNDS = 6
 """Coordinate-ascent rounds (each visits every item or size once)."""
 CHUNK_ELEMENTS = 2**22
 """Bound on candidates × valuations × atoms materialised at once (memory)."""
+REVENUE_TIE = 1e-9
+"""Relative revenue difference below which two candidates tie (float summation order)."""
 
 
 # --------------------------------------------------------------------------- shared rule
@@ -63,21 +73,15 @@ def posted_outcome(values: Tensor, prices: Tensor) -> tuple[Tensor, Tensor]:
     return hard_choice(values - prices, prices)  # (..., N, K) utilities
 
 
-def _revenue_sum(values: Tensor, prices: Tensor) -> Tensor:
-    """Σ payments over the valuation axis under :func:`posted_outcome`'s rule, for fitting.
-
-    ``values [N, K]``, ``prices [G, N, K]`` -> ``[G]``. ``max`` returns the first maximum's
-    index (documented), the same lowest-index tie rule without the explicit search.
-    """
-    best, first = (values - prices).max(dim=-1)  # (G, N)
-    paid = prices.gather(-1, first.unsqueeze(-1)).squeeze(-1)
-    return torch.where(best >= 0, paid, 0.0).sum(dim=-1)
-
-
-def _best_candidate(revenue: Tensor, current: int) -> int:
-    """Index of the highest revenue; the current price keeps a tie (ascent never goes down)."""
-    best = int(torch.argmax(revenue))
-    return best if revenue[best] > revenue[current] else current
+def _best_candidate(revenue: Tensor, current: int | None = None) -> int:
+    """Index of the highest revenue: the first one, or ``current`` (the price now) on a tie,
+    so ascent never goes down. Revenues within ``REVENUE_TIE`` of the best are a tie: the
+    fast scoring sums the same payments in another order than the direct one."""
+    top = float(revenue.max())
+    near = top - REVENUE_TIE * abs(top)
+    if current is not None and float(revenue[current]) >= near:
+        return current
+    return int((revenue >= near).nonzero()[0])
 
 
 def _grid(center: float, half_width: float) -> Tensor:
@@ -92,6 +96,117 @@ def _chunks(n_candidates: int, per_candidate: int):
     size = max(1, CHUNK_ELEMENTS // max(1, per_candidate))
     for start in range(0, n_candidates, size):
         yield start, min(start + size, n_candidates)
+
+
+# --------------------------------------------------------------------------- fast scoring
+
+_NO_ATOM = 2**62
+"""Atom index of a missing option: above every real index, so it never wins a tie."""
+
+
+def _distinct(valuations: Tensor) -> tuple[Tensor, Tensor]:
+    """Distinct valuations ``[U, ...]`` and how often each occurs ``[U]`` (float64).
+
+    Identical bidders choose identically, so a fit scores each distinct one once, weighted.
+    Rows are grouped by a random projection, then compared exactly; if a group holds rows
+    that differ (a collision), every row is kept with weight 1.
+    """
+    n = valuations.shape[0]
+    flat = valuations.reshape(n, -1)
+    probe = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(0))
+    key = flat @ probe.to(flat.dtype)  # (N, D) @ (D,) -> (N,)
+    order = key.argsort(stable=True)
+    starts = torch.ones(n, dtype=torch.bool)
+    starts[1:] = key[order[1:]] != key[order[:-1]]
+    group = starts.cumsum(0) - 1  # (N,): group of each row in key order
+    first = order[starts]  # (U,): one row of each group
+    unchanged = valuations, torch.ones(n, dtype=torch.float64)
+    if first.numel() == n:
+        return unchanged
+    rep = first[group]
+    step = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
+    for a in range(0, n, step):
+        if not torch.equal(flat[order[a : a + step]], flat[rep[a : a + step]]):
+            return unchanged
+    return valuations[first], torch.bincount(group).double()
+
+
+def _size_table(sizes: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each bidder's best option of each size present (sizes ``[N, K]``, values ``[N, K]``).
+
+    Returns values ``[N, S]`` (−inf where the bidder has none of that size), atom indices
+    ``[N, S]`` (the lowest among equal values; :data:`_NO_ATOM` where none) and sizes
+    ``[S]``. Options of one size cost the same at any posted price, so the rule (highest
+    utility, lowest index) only ever takes these: scoring the table is scoring the atoms.
+    """
+    k = torch.arange(sizes.shape[1])
+    present = [s for s in sizes.unique().tolist() if s > 0]
+    best, index = [], []
+    for s in present:
+        mine = sizes == s
+        v = torch.where(mine, values, -math.inf)
+        top = v.amax(dim=1)  # (N,)
+        best.append(top)
+        index.append(torch.where(mine & (v == top[:, None]), k, _NO_ATOM).amin(dim=1))
+    if not present:
+        raise ValueError("cannot fit a price on valuations without atoms")
+    return torch.stack(best, 1), torch.stack(index, 1), torch.tensor(present)
+
+
+def _first_best(utility: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """Best utility ``[...]`` over the last axis and the position of the maximum whose atom
+    index (``index``, broadcast) is lowest: the hard rule's choice."""
+    best = utility.amax(dim=-1)
+    key = torch.where(utility == best.unsqueeze(-1), index, _NO_ATOM)
+    return best, key.argmin(dim=-1)
+
+
+def _takes(u: Tensor, a: Tensor, k0: Tensor, k1: Tensor) -> Tensor:
+    """The hard rule between two options: utility ``u`` (index k1) is bought over ``a``
+    (index k0) iff u ≥ 0 and it beats a, ties going to the lower index."""
+    return (u >= 0) & ((u > a) | ((u == a) & (k1 < k0)))
+
+
+def _two_option_revenue(
+    fixed: tuple[Tensor, Tensor, Tensor],
+    varying: tuple[Tensor, Tensor, Tensor],
+    grid: Tensor,
+    weights: Tensor,
+) -> Tensor:
+    """Training revenue ``[G]`` of every candidate price ``grid [G]`` (ascending) when each
+    bidder ``[N]`` weighs its best option whose price does not move against its best one
+    whose price is the candidate plus a base.
+
+    ``fixed = (a, k0, pay_a)``: utility, atom index, payment; ``varying = (c, k1, base)``:
+    utility before the candidate, index, payment before it. The varying option is bought at
+    g iff ``_takes(c − g, a, k0, k1)``, which only turns false as g grows, so it is bought
+    at a prefix of the grid. Its length comes from the threshold c − max(a, 0), confirmed
+    with the exact rule on both sides (a float tie is counted candidate by candidate), and
+    suffix sums of one weighted histogram of lengths give every candidate's revenue.
+    """
+    a, k0, pay_a = fixed
+    c, k1, base = varying
+    n_grid = grid.numel()
+    length = torch.searchsorted(grid, (c - a.clamp(min=0)).contiguous())  # (N,) grid < t
+    below = grid[(length - 1).clamp(min=0)]
+    above = grid[length.clamp(max=n_grid - 1)]
+    exact = ((length == 0) | _takes(c - below, a, k0, k1)) & (
+        (length == n_grid) | ~_takes(c - above, a, k0, k1)
+    )
+    tie = (~exact).nonzero().squeeze(1)
+    if tie.numel():
+        u = c[tie] - grid[:, None]  # (G, 1) -> (G, N_tie)
+        length[tie] = _takes(u, a[tie], k0[tie], k1[tie]).sum(dim=0)
+    bins = n_grid + 1
+    base = torch.where(length > 0, base, 0.0)
+    count = torch.bincount(length, weights=weights, minlength=bins)
+    base_sum = torch.bincount(length, weights=weights * base, minlength=bins)
+    paid_out = torch.where(a >= 0, pay_a, 0.0)  # the fixed option, or nothing
+    out_sum = torch.bincount(length, weights=weights * paid_out, minlength=bins)
+    # candidate j: bidders with length > j buy the varying option, the others the fixed one
+    taken = count.flip(0).cumsum(0).flip(0)[1:]
+    taken_base = base_sum.flip(0).cumsum(0).flip(0)[1:]
+    return taken_base + grid * taken + out_sum.cumsum(0)[:-1]
 
 
 # ------------------------------------------------------------------ upper bound, grand bundle
@@ -109,16 +224,22 @@ def upper_bound_values(valuations: Tensor) -> Tensor:
     return grand_bundle_values(valuations)
 
 
-def _single_price(values: Tensor) -> float:
+def _single_price(values: Tensor, weights: Tensor | None = None) -> float:
     """The revenue-maximising posted price for one good with buyer values ``values`` (any shape).
 
     Sort v_(1) ≥ … ≥ v_(N); P = v_(i) sells to at least i buyers, so P* = v_(i*) with
-    i* = argmax_i i·v_(i) (ties: the higher price).
+    i* = argmax_i i·v_(i) (ties: the higher price). ``weights``: how many buyers each value
+    stands for (default 1); i then counts them.
     """
-    ordered = values.double().flatten().sort(descending=True).values
-    if ordered.numel() == 0:
+    flat = values.double().flatten()
+    if flat.numel() == 0:
         raise ValueError("cannot fit a price on no valuations")
-    counts = torch.arange(1, ordered.numel() + 1, dtype=torch.float64)
+    ordered, order = flat.sort(descending=True, stable=True)
+    counts = (
+        torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+        if weights is None
+        else weights.double().flatten()[order].cumsum(0)
+    )
     return float(ordered[int(torch.argmax(counts * ordered))])  # first maximum: highest price
 
 
@@ -160,29 +281,40 @@ def fit_uniform_item_price(train: Tensor) -> float:
     """
     if train.dim() == 2:
         return _single_price(train)
-    atoms, values = atom_parts(train)
-    sizes = atoms.sum(dim=-1)  # (N, K)
-    ratios = (values / sizes)[sizes > 0]
+    distinct, weights = _distinct(train)
+    return _uniform_price(train, _size_table(*_xor_sizes(distinct)), weights)
+
+
+def _uniform_price(train: Tensor, table: tuple[Tensor, Tensor, Tensor], weights: Tensor) -> float:
+    sizes = train[..., :-1].sum(dim=-1, dtype=torch.float64)  # (N, K)
+    ratios = (train[..., -1].double() / sizes)[sizes > 0]
     if ratios.numel() == 0:
         raise ValueError("cannot fit a price on valuations without atoms")
     q = torch.linspace(0, 1, UNIFORM_CANDIDATES, dtype=torch.float64)
     candidates = torch.quantile(ratios, q).unique()
-    revenue = _uniform_revenue(values, sizes, candidates)
-    price = float(candidates[int(torch.argmax(revenue))])
+    revenue = _uniform_revenue(table, weights, candidates)
+    price = float(candidates[_best_candidate(revenue)])
     width = GRID_HALF_WIDTH / 8  # quantiles are dense: refine close by
     for _ in range(ASCENT_ROUNDS):
         grid = _grid(price, width)
-        price = float(grid[_best_candidate(_uniform_revenue(values, sizes, grid), len(grid) // 2)])
+        revenue = _uniform_revenue(table, weights, grid)
+        price = float(grid[_best_candidate(revenue, len(grid) // 2)])
         width /= 2
     return price
 
 
-def _uniform_revenue(values: Tensor, sizes: Tensor, candidates: Tensor) -> Tensor:
-    """Training revenue ``[G]`` of each uniform price in ``candidates [G]``."""
+def _uniform_revenue(
+    table: tuple[Tensor, Tensor, Tensor], weights: Tensor, candidates: Tensor
+) -> Tensor:
+    """Training revenue ``[G]`` of each uniform price in ``candidates [G]`` (a size table)."""
+    values, index, sizes = table
+    sizes = sizes.double()
     out = []
     for a, b in _chunks(candidates.numel(), values.numel()):
-        cost = candidates[a:b, None, None] * sizes  # (G_c, 1, 1) * (N, K) -> (G_c, N, K)
-        out.append(_revenue_sum(values, cost))
+        cost = candidates[a:b, None, None] * sizes  # (G_c, 1, 1) * (S,) -> (G_c, 1, S)
+        best, pos = _first_best(values - cost, index)  # (G_c, N, S) -> (G_c, N)
+        paid = candidates[a:b, None] * sizes[pos]
+        out.append((torch.where(best >= 0, paid, 0.0) * weights).sum(dim=-1))
     return torch.cat(out)
 
 
@@ -199,46 +331,73 @@ def fit_item_prices(
     """
     if train.dim() == 2:
         return torch.tensor([_single_price(train[:, i]) for i in range(train.shape[1])])
-    atoms, values = atom_parts(train)
+    distinct, weights = _distinct(train)
+    if start is None:
+        start = _uniform_price(train, _size_table(*_xor_sizes(distinct)), weights)
+    return _item_ascent(distinct, weights, start, rounds)
+
+
+def _item_ascent(distinct: Tensor, weights: Tensor, start: float, rounds: int) -> Tensor:
+    """Coordinate ascent over item prices on distinct valuations ``[U, K, m+1]``.
+
+    Moving one item's price shifts every atom holding it by the same amount, so per bidder
+    only two options compete: the best atom without the item and the best atom with it
+    (:func:`_two_option_revenue`). Atom costs p·T_k are kept and re-summed only for the
+    atoms holding the item whose price moved.
+    """
+    atoms, values = atom_parts(distinct)
     m = atoms.shape[-1]
-    uniform = fit_uniform_item_price(train) if start is None else start
-    prices = torch.full((m,), uniform, dtype=torch.float64)
-    holds = atoms.amax(dim=1)  # (N, m): some atom of the bidder holds item i
+    prices = torch.full((m,), start, dtype=torch.float64)
+    costs = _AtomCosts(atoms)
+    cost = costs.of(torch.arange(values.numel()), prices).view_as(values)  # (U, K)
+    holds = atoms.amax(dim=1) > 0  # (U, m): some atom of the bidder holds item i
     width = GRID_HALF_WIDTH
     for _ in range(rounds):
         for i in range(m):  # coordinate ascent: a loop over items, not valuations
             rows = holds[:, i].nonzero().squeeze(1)
             if rows.numel() == 0 or prices[i] <= 0:
                 continue
+            has = atoms[rows, :, i] > 0  # (N_i, K)
+            base = cost[rows] - has * prices[i]  # (N_i, K): cost with the item free
+            free_u = values[rows] - base
+            a, k0 = torch.where(has, -math.inf, free_u).max(dim=1)  # best atom without it
+            c, k1 = torch.where(has, free_u, -math.inf).max(dim=1)  # best atom with it
+            pay_a = base.gather(1, k0[:, None]).squeeze(1)
+            pay_c = base.gather(1, k1[:, None]).squeeze(1)
             grid = _grid(float(prices[i]), width)
-            revenue = _item_grid_revenue(atoms[rows], values[rows], prices, i, grid)
-            prices[i] = grid[_best_candidate(revenue, len(grid) // 2)]
+            revenue = _two_option_revenue((a, k0, pay_a), (c, k1, pay_c), grid, weights[rows])
+            price = grid[_best_candidate(revenue, len(grid) // 2)]
+            if price != prices[i]:
+                prices[i] = price
+                moved = costs.holding(i)
+                cost.view(-1)[moved] = costs.of(moved, prices)
         width /= 2
     return prices
 
 
-def _item_grid_revenue(
-    atoms: Tensor, values: Tensor, prices: Tensor, item: int, grid: Tensor
-) -> Tensor:
-    """Training revenue ``[G]`` with item ``item`` priced at each of ``grid [G]``.
+class _AtomCosts:
+    """p·T_k for chosen atoms of ``atoms [U, K, m]``, summed over each atom's items only."""
 
-    Moving one item's price shifts every atom holding it by the same amount, so per bidder
-    only two options compete: the best atom without the item (fixed utility a, index k0)
-    and the best atom with it (utility c − g, index k1). That makes the grid ``[G, N]``
-    instead of ``[G, N, K]``.
-    """
-    has = atoms[..., item] > 0  # (N, K)
-    base = atoms @ prices - atoms[..., item] * prices[item]  # (N, K): cost with the item free
-    free_u = values - base
-    a, k0 = torch.where(has, -math.inf, free_u).max(dim=1)  # (N,): best atom without it
-    c, k1 = torch.where(has, free_u, -math.inf).max(dim=1)  # (N,): best atom with it
-    pay_a = base.gather(1, k0[:, None]).squeeze(1)
-    pay_c = base.gather(1, k1[:, None]).squeeze(1)
-    with_u = c - grid[:, None]  # (G, 1) -> (G, N)
-    takes = (with_u > a) | ((with_u == a) & (k1 < k0))
-    best = torch.where(takes, with_u, a)
-    paid = torch.where(takes, pay_c + grid[:, None], pay_a)
-    return torch.where(best >= 0, paid, 0.0).sum(dim=1)
+    def __init__(self, atoms: Tensor):
+        flat = atoms.reshape(-1, atoms.shape[-1]) > 0  # (U·K, m)
+        atom_of, self.item_of = flat.nonzero(as_tuple=True)  # by atom, then item
+        self.ptr = torch.zeros(flat.shape[0] + 1, dtype=torch.long)
+        self.ptr[1:] = torch.bincount(atom_of, minlength=flat.shape[0]).cumsum(0)
+        by_item = torch.argsort(self.item_of, stable=True)
+        sizes = torch.bincount(self.item_of, minlength=flat.shape[1]).tolist()
+        self._holding = atom_of[by_item].split(sizes)
+
+    def holding(self, item: int) -> Tensor:
+        """Flat indices of the atoms that hold ``item``."""
+        return self._holding[item]
+
+    def of(self, atoms: Tensor, prices: Tensor) -> Tensor:
+        """Costs ``[A]`` of the flat atom indices ``atoms [A]`` at ``prices [m]``."""
+        first, n_items = self.ptr[atoms], self.ptr[atoms + 1] - self.ptr[atoms]
+        owner = torch.repeat_interleave(torch.arange(atoms.numel()), n_items)
+        offset = torch.arange(owner.numel()) - (n_items.cumsum(0) - n_items)[owner]
+        paid = prices[self.item_of[first[owner] + offset]]
+        return torch.zeros(atoms.numel(), dtype=torch.float64).index_add_(0, owner, paid)
 
 
 # --------------------------------------------------------------------------- bundle-size pricing
@@ -291,34 +450,56 @@ def fit_bundle_size_prices(train: Tensor, *, rounds: int = ASCENT_ROUNDS) -> Ten
     before the min-over-larger-sizes coupling). Then coordinate ascent over the sizes with
     log-spaced grids, scoring the true rule with effective prices.
     """
-    sizes, values = _size_options(train)
-    m = sizes.shape[-1] - 1 if train.dim() == 2 else train.shape[-1] - 1
+    distinct, weights = _distinct(train)
+    return _size_ascent(distinct, weights, rounds)
+
+
+def _size_ascent(distinct: Tensor, weights: Tensor, rounds: int) -> Tensor:
+    sizes, values = _size_options(distinct)
+    m = sizes.shape[-1] - 1 if distinct.dim() == 2 else distinct.shape[-1] - 1
+    best, index, present = _size_table(sizes, values)  # (U, S), (U, S), (S,)
     q = torch.full((m + 1,), math.inf, dtype=torch.float64)
     q[0] = 0.0
-    for s in sizes.unique().tolist():
-        if s == 0:
-            continue
-        best_s = torch.where(sizes == s, values, -math.inf).amax(dim=1)  # (N,)
-        q[s] = _single_price(best_s[best_s > -math.inf])
-    present = [s for s in range(1, m + 1) if math.isfinite(q[s])]
+    for j, s in enumerate(present.tolist()):
+        sold = best[:, j] > -math.inf
+        q[s] = _single_price(best[sold, j], weights[sold])
     width = GRID_HALF_WIDTH
     for _ in range(rounds):
-        for s in present:  # a loop over sizes, not valuations
-            rows = (sizes <= s).logical_and(sizes > 0).any(dim=1).nonzero().squeeze(1)
+        for s in present.tolist():  # a loop over sizes, not valuations
+            rows = (best[:, present <= s] > -math.inf).any(dim=1).nonzero().squeeze(1)
             if rows.numel() == 0 or q[s] <= 0:
                 continue
-            sub_sizes, sub_values = sizes[rows], values[rows]
             grid = _grid(float(q[s]), width)
-            revenue = []
-            for a, b in _chunks(grid.numel(), sub_values.numel()):
-                trial = q.expand(b - a, m + 1).clone()
-                trial[:, s] = grid[a:b]
-                eff = effective_size_prices(trial)  # (G_c, m+1)
-                cost = eff.index_select(1, sub_sizes.flatten()).view(b - a, *sub_sizes.shape)
-                revenue.append(_revenue_sum(sub_values, cost))  # (G_c, N_s, K) -> (G_c,)
-            q[s] = grid[_best_candidate(torch.cat(revenue), len(grid) // 2)]
+            others = q.clone()
+            others[s] = math.inf
+            floor = effective_size_prices(others)[present]  # (S,): each size's price without q_s
+            # a size t ≤ s costs min(floor_t, g): g where floor_t > g ("capped"), else floor_t;
+            # the capped set only shrinks as g grows, so candidates fall into a few runs
+            capped = (present <= s) & (floor > grid[:, None])  # (G, S)
+            revenue = grid.new_empty(grid.shape)
+            run = 0
+            for j in range(1, len(grid) + 1):
+                if j == len(grid) or not torch.equal(capped[j], capped[run]):
+                    revenue[run:j] = _size_run_revenue(
+                        best[rows], index[rows], floor, capped[run], grid[run:j], weights[rows]
+                    )
+                    run = j
+            q[s] = grid[_best_candidate(revenue, len(grid) // 2)]
         width /= 2
     return q
+
+
+def _size_run_revenue(
+    best: Tensor, index: Tensor, floor: Tensor, capped: Tensor, grid: Tensor, weights: Tensor
+) -> Tensor:
+    """Revenue ``[G]`` of candidates ``grid`` for one size price when the sizes ``capped
+    [S]`` cost the candidate and the others their ``floor [S]`` (a size table's rows)."""
+    fixed_u = torch.where(capped, -math.inf, best - floor)  # (N, S)
+    a, pos0 = _first_best(fixed_u, index)
+    c, pos1 = _first_best(torch.where(capped, best, -math.inf), index)
+    k0 = index.gather(1, pos0[:, None]).squeeze(1)
+    k1 = index.gather(1, pos1[:, None]).squeeze(1)
+    return _two_option_revenue((a, k0, floor[pos0]), (c, k1, torch.zeros_like(c)), grid, weights)
 
 
 # --------------------------------------------------------------------------- all together
@@ -363,10 +544,16 @@ class FittedBaselines:
 
 def fit_baselines(train: Tensor) -> FittedBaselines:
     """Fit grand bundle, uniform item price, item pricing and bundle-size pricing on ``train``."""
-    uniform = fit_uniform_item_price(train)
+    distinct, weights = _distinct(train)
+    if train.dim() == 2:
+        uniform = _single_price(train)
+        item_prices = torch.tensor([_single_price(train[:, i]) for i in range(train.shape[1])])
+    else:
+        uniform = _uniform_price(train, _size_table(*_xor_sizes(distinct)), weights)
+        item_prices = _item_ascent(distinct, weights, uniform, ASCENT_ROUNDS)
     return FittedBaselines(
         grand_bundle_price=fit_grand_bundle_price(train),
         uniform_price=uniform,
-        item_prices=fit_item_prices(train, start=uniform),
-        size_prices=fit_bundle_size_prices(train),
+        item_prices=item_prices,
+        size_prices=_size_ascent(distinct, weights, ASCENT_ROUNDS),
     )

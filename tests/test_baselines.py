@@ -277,3 +277,109 @@ def test_fitted_baselines_are_cached_by_the_training_split(tmp_path, monkeypatch
         assert torch.equal(fitted.size_prices, direct.size_prices)
     with pytest.raises(AssertionError, match="fitted again"):
         run_data.fitted_baselines(train[:200])
+
+
+# --------------------------------------------------------------------------- fast fits (issue 27)
+
+
+def _specialists(n: int, m: int, seed: int) -> torch.Tensor:
+    """W.p. ½ every singleton worth 1 (m atoms), else one uniform item worth 1.9: duplicates
+    and exact ties everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    flex = torch.rand(n, generator=g) < 0.5
+    item = torch.randint(m, (n,), generator=g)
+    out = torch.zeros(n, m, m + 1)
+    out[flex, :, :m] = torch.eye(m)
+    out[flex, :, m] = 1.0
+    rest = (~flex).nonzero().squeeze(1)
+    out[rest, 0, item[rest]] = 1.0
+    out[rest, 0, m] = 1.9
+    return out
+
+
+FAST_CASES = {
+    "random": lambda s: random_xor(300, 6, 4, seed=20 + s),
+    "integer ties": lambda s: random_xor(300, 6, 4, seed=30 + s, integer=True),
+    "duplicates": lambda s: random_xor(40, 5, 3, seed=40 + s, integer=True).repeat(5, 1, 1),
+    "specialists": lambda s: _specialists(400, 8, seed=50 + s),
+    "additive": lambda s: torch.rand(400, 3, generator=torch.Generator().manual_seed(60 + s)),
+}
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("case", sorted(FAST_CASES))
+def test_fast_fits_equal_the_direct_reference(case, seed):
+    """Every fit equals the pre-issue-27 direct evaluation (every candidate over every
+    bidder and atom, tests/baselines_reference.py) to float tolerance."""
+    from tests import baselines_reference as ref
+
+    train = FAST_CASES[case](seed)
+    fast = fit_baselines(train)
+    uniform = ref.fit_uniform_item_price(train)
+    assert fast.grand_bundle_price == ref.fit_grand_bundle_price(train)
+    assert fast.uniform_price == pytest.approx(uniform, rel=1e-12)
+    assert torch.allclose(fast.item_prices, ref.fit_item_prices(train, start=uniform), rtol=1e-12)
+    size = ref.fit_bundle_size_prices(train)
+    assert torch.equal(fast.size_prices.isinf(), size.isinf())
+    assert torch.allclose(fast.size_prices, size, rtol=1e-12)
+    # the public one-baseline fits take the same path
+    assert torch.allclose(fit_item_prices(train), fast.item_prices, rtol=1e-12)
+    assert torch.allclose(fit_bundle_size_prices(train), fast.size_prices, rtol=1e-12)
+
+
+def test_two_option_revenue_equals_a_direct_loop_with_ties():
+    """The histogram scoring of a coordinate step against the rule applied per bidder and
+    candidate, on integer utilities and a grid through them (ties at every candidate)."""
+    from bundleflow.baselines import _two_option_revenue
+
+    g = torch.Generator().manual_seed(70)
+    n = 400
+    a = torch.randint(-3, 4, (n,), generator=g).double()
+    a[:20] = -INF  # no option without the item
+    c = torch.randint(-2, 8, (n,), generator=g).double()
+    k0, k1 = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 4, (n,), generator=g)
+    pay_a, base = torch.rand(n, generator=g).double(), torch.rand(n, generator=g).double()
+    weights = torch.randint(1, 4, (n,), generator=g).double()
+    grid = torch.tensor([0.0, 0.5, 1.0, 2.0, 2.0, 3.0, 4.5, 6.0], dtype=torch.float64)
+    fast = _two_option_revenue((a, k0, pay_a), (c, k1, base), grid, weights)
+    for j, price in enumerate(grid.tolist()):
+        total = 0.0
+        for i in range(n):
+            u = c[i].item() - price
+            takes = u > a[i] or (u == a[i] and k1[i] < k0[i])
+            best = u if takes else a[i].item()
+            if best >= 0:
+                total += weights[i].item() * (base[i].item() + price if takes else pay_a[i].item())
+        assert fast[j].item() == pytest.approx(total, rel=1e-12, abs=1e-12)
+
+
+def test_distinct_rows_and_their_counts():
+    from bundleflow.baselines import _distinct
+
+    rows = random_xor(30, 4, 3, seed=71)
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    train = torch.cat([rows, rows[:10], rows[:10]])[order]  # 30 distinct rows, 10 thrice
+    distinct, counts = _distinct(train)
+    assert distinct.shape[0] == torch.unique(train.flatten(1), dim=0).shape[0]
+    assert counts.sum() == 50 and counts.max() >= 3
+    for row, count in zip(distinct, counts.tolist(), strict=True):
+        assert (train == row).flatten(1).all(dim=1).sum() == count
+
+
+def test_fallback_reuses_the_fitted_baselines(monkeypatch):
+    """With the posted price beside a menu, the run fits the baselines once (the report's
+    cached fit) and the fallback takes its prices from it."""
+    from bundleflow import baselines
+    from bundleflow.fallback import fit_posted_prices
+
+    train = random_xor(300, 6, 4, seed=72)
+    fitted = fit_baselines(train)
+
+    def refit(*_, **__):
+        raise AssertionError("fitted again")
+
+    monkeypatch.setattr(baselines, "fit_item_prices", refit)
+    monkeypatch.setattr(baselines, "fit_bundle_size_prices", refit)
+    posted, record = fit_posted_prices(train, "best", fitted)
+    item = float(item_price_outcome(train, fitted.item_prices)[1].mean())
+    assert record["train_revenue"]["item"] == item

@@ -35,7 +35,7 @@ from bundleflow.progress import ProgressBar
 from bundleflow.revenue import hard_choice
 from bundleflow.schedule import InvTempSchedule
 from bundleflow.telemetry import gpu_metrics, gpu_status_line
-from bundleflow.train.data import RunData
+from bundleflow.train.data import RunData, fitted_baselines
 from bundleflow.train.plan import StepPlan
 from bundleflow.train.run import RUN_INFO, Run
 from bundleflow.train.signals import StopRequest
@@ -139,7 +139,9 @@ def build_fallback(cfg: Config, data: RunData) -> PostedPrices | None:
     """``menu.fallback`` fitted on the training split, in normalised money (float32)."""
     if cfg.menu.fallback == "none":
         return None
-    posted, record = fit_posted_prices(data.train_user, cfg.menu.fallback)
+    # the report scores the same fit: one fit per training split (cached by content)
+    fitted = fitted_baselines(data.train_user)
+    posted, record = fit_posted_prices(data.train_user, cfg.menu.fallback, fitted)
     logger.info(
         "menu: fallback {} pricing (training revenue {})",
         record["kind"],
