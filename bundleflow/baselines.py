@@ -46,6 +46,10 @@ CHUNK_ELEMENTS = 2**22
 """Bound on candidates × valuations × atoms materialised at once (memory)."""
 REVENUE_TIE = 1e-9
 """Relative revenue difference below which two candidates tie (float summation order)."""
+CROSSING_MARGIN = 1e-9
+"""Relative distance from a candidate price within which a bidder's choice is computed by
+the direct rule (float rounding, ~1e-16, or an exact tie could decide it)."""
+"""Relative revenue difference below which two candidates tie (float summation order)."""
 
 
 # --------------------------------------------------------------------------- shared rule
@@ -306,14 +310,65 @@ def _uniform_price(train: Tensor, table: tuple[Tensor, Tensor, Tensor], weights:
 def _uniform_revenue(
     table: tuple[Tensor, Tensor, Tensor], weights: Tensor, candidates: Tensor
 ) -> Tensor:
-    """Training revenue ``[G]`` of each uniform price in ``candidates [G]`` (a size table)."""
+    """Training revenue ``[G]`` of each uniform price in ``candidates [G]`` (ascending; a
+    size table ``[N, S]``).
+
+    In real numbers a bidder takes size t on one run of candidates: where t beats every
+    smaller size (P < (b_t − b_t')/(t − t')), every larger one, and walking away (P ≤ b_t/t).
+    Those runs, from ``searchsorted``, give the items sold at every candidate through one
+    difference array. A bidder with a crossing within ``CROSSING_MARGIN`` of a candidate,
+    where float rounding or a tie could decide, is scored by the direct rule instead.
+    """
     values, index, sizes = table
-    sizes = sizes.double()
+    n_grid, n_sizes = candidates.numel(), sizes.numel()
+    size = sizes.double()
+    lo = torch.zeros(values.shape, dtype=torch.long)  # (N, S): first candidate taking t
+    hi = torch.full(values.shape, n_grid, dtype=torch.long)  # (N, S): one past the last
+    near = torch.zeros(values.shape[0], dtype=torch.bool)
+
+    def runs(crossing: Tensor, scale: Tensor, right: bool) -> Tensor:
+        count = torch.searchsorted(candidates, crossing.contiguous(), right=right)
+        for j in (count - 1, count):  # the candidates on either side of the crossing
+            gap = (candidates[j.clamp(0, n_grid - 1)] - crossing).abs()
+            near.logical_or_(gap <= CROSSING_MARGIN * scale)
+        return count
+
+    for t in range(n_sizes):
+        b = values[:, t]
+        scale = torch.where(b.isfinite(), b.abs(), 0.0)
+        hi[:, t] = runs(b / size[t], scale, right=True)  # P ≤ b_t/t: buying t is IR
+        for s in range(t):  # t is larger than s: t beats s below the crossing
+            x = (b - values[:, s]) / (size[t] - size[s])
+            x = torch.where(b > -math.inf, x, -math.inf)  # a missing size never wins
+            gap_scale = scale + values[:, s].abs() + x.abs() * (size[t] + size[s])
+            count = runs(x, torch.where(x.isfinite(), gap_scale, 0.0), right=False)
+            hi[:, t] = torch.minimum(hi[:, t], count)
+            lo[:, s] = torch.maximum(lo[:, s], count)
+    missing = values == -math.inf
+    hi = torch.where(missing, 0, hi)
+    near.logical_or_(values.isnan().any(dim=1))
+    sold = (weights[:, None] * size).expand_as(values)  # (N, S): items sold while in a run
+    keep = (hi > lo) & ~near[:, None]
+    steps = torch.zeros(n_grid + 1, dtype=torch.float64)
+    steps.index_add_(0, lo[keep], sold[keep]).index_add_(0, hi[keep], -sold[keep])
+    revenue = candidates * steps.cumsum(0)[:-1]
+    rows = near.nonzero().squeeze(1)
+    if rows.numel():
+        revenue += _uniform_revenue_direct(
+            values[rows], index[rows], size, weights[rows], candidates
+        )
+    return revenue
+
+
+def _uniform_revenue_direct(
+    values: Tensor, index: Tensor, size: Tensor, weights: Tensor, candidates: Tensor
+) -> Tensor:
+    """The rule applied to every candidate, bidder ``[N]`` and size ``[S]``."""
     out = []
     for a, b in _chunks(candidates.numel(), values.numel()):
-        cost = candidates[a:b, None, None] * sizes  # (G_c, 1, 1) * (S,) -> (G_c, 1, S)
+        cost = candidates[a:b, None, None] * size  # (G_c, 1, 1) * (S,) -> (G_c, 1, S)
         best, pos = _first_best(values - cost, index)  # (G_c, N, S) -> (G_c, N)
-        paid = candidates[a:b, None] * sizes[pos]
+        paid = candidates[a:b, None] * size[pos]
         out.append((torch.where(best >= 0, paid, 0.0) * weights).sum(dim=-1))
     return torch.cat(out)
 

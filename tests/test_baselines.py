@@ -383,3 +383,25 @@ def test_fallback_reuses_the_fitted_baselines(monkeypatch):
     posted, record = fit_posted_prices(train, "best", fitted)
     item = float(item_price_outcome(train, fitted.item_prices)[1].mean())
     assert record["train_revenue"]["item"] == item
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_uniform_runs_equal_the_direct_rule(integer):
+    """Uniform-price revenue from each bidder's runs of candidates equals the rule applied
+    to every candidate, with sizes missing and candidates on exact crossings (ties)."""
+    from bundleflow.baselines import (
+        _size_table,
+        _uniform_revenue,
+        _uniform_revenue_direct,
+        _xor_sizes,
+    )
+
+    train = random_xor(400, 6, 5, seed=73, integer=integer)
+    values, index, sizes = _size_table(*_xor_sizes(train))
+    weights = torch.ones(values.shape[0], dtype=torch.float64)
+    ratios = (values / sizes)[values > -INF]
+    candidates = torch.cat([ratios[:40], torch.linspace(0.1, 3.0, 50, dtype=torch.float64)])
+    candidates = candidates.unique()  # sorted, with exact walk-away crossings among them
+    fast = _uniform_revenue((values, index, sizes), weights, candidates)
+    direct = _uniform_revenue_direct(values, index, sizes.double(), weights, candidates)
+    assert torch.allclose(fast, direct, rtol=1e-12, atol=1e-12)

@@ -201,13 +201,13 @@ def _gen(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stream)
 
 
-BASELINES_FORMAT = 1
+BASELINES_FORMAT = 2  # 2: revenue ties within 1e-9 relative (issue 27)
 
 
 def fitted_baselines(train_user: Tensor) -> FittedBaselines:
     """The posted-price baselines fitted on a training split, cached by the split's content
-    in ``$BUNDLEFLOW_CACHE/baselines`` (the fit takes seconds at paper size — 6.7 s of a
-    paper-m50 run on an H200 host — and every run of the same data fits the same thing)."""
+    in ``$BUNDLEFLOW_CACHE/baselines``: every run of the same data fits the same thing, and
+    the report and the posted price beside the menu share this one fit."""
     key = f"{data_io.tensor_sha256(train_user)[:24]}-v{BASELINES_FORMAT}"
     path = default_cache_dir() / "baselines" / f"{key}.json"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
