@@ -16,6 +16,7 @@ from loguru import logger
 from bundleflow.checkpoint import latest
 from bundleflow.config import Config, load_config, parse_set, replace, to_dict, to_flat_dict
 from bundleflow.devices import resolve_device
+from bundleflow.distributed import before_process_group, gloo_threads
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluate import evaluate_mechanism
 from bundleflow.paths import runs_root
@@ -283,6 +284,7 @@ def _setup(args: argparse.Namespace):
     check_available(args.launch["report_to"])  # a missing package: exit 2 before any work
     choice = resolve_device(config.device)
     logger.info("device: {} ({})", choice.device, choice.reason)
+    before_process_group()  # issue 28: before the group exists (see its docstring)
     accelerator = make_accelerator(config, choice.device)
     # How Stage 2's step runs, decided once (and refused here, before anything is written,
     # when a setting cannot run on this machine).
@@ -585,6 +587,8 @@ def _end(accelerator) -> None:
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         accelerator.end_training()
+        if gloo_threads():  # issue 28: a holder of the group keeps them alive past exit
+            logger.warning("process group left with Gloo threads running: {}", gloo_threads())
 
 
 def cmd_train_stage2(args: argparse.Namespace) -> int:

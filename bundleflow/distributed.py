@@ -7,11 +7,59 @@ collectives below. Nothing here runs a collective unless there are several proce
 
 from __future__ import annotations
 
+import atexit
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+def before_process_group() -> None:
+    """Call before the process group is created (``Accelerator()``, ``init_process_group``)
+    when ``WORLD_SIZE`` > 1; a no-op on one process.
+
+    Why (issue 28): ``torch._dynamo`` is imported lazily, by the first ``torch.optim``
+    optimizer built. Imported *after* the group exists, it keeps a reference to the default
+    group, so ``destroy_process_group()`` no longer destroys the Gloo backend: its two worker
+    threads (``pt_gloo_runloop``) and its transport thread (``gloo_tcp_loop``) are still
+    running when the interpreter exits, and the backend is torn down during finalization
+    with them alive. Under CPU contention a rank then dies in ``std::terminate`` ("terminate
+    called without an active exception", SIGABRT) after a clean stop. Imported before, the
+    group has no such holder and ``destroy_process_group()`` joins those threads. The atexit
+    hook destroys the group on every other way out (an exception, a second Ctrl-C) while the
+    interpreter is still whole; the group is local, so no peer is needed for it.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch._dynamo  # noqa: F401 - the import order is the fix, see above
+
+    atexit.register(leave_process_group)
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group if it still exists (local: no collective)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's native Gloo threads (Linux; empty elsewhere): after
+    :func:`leave_process_group` there must be none."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    names = []
+    for task in tasks.iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return sorted(names)
 
 
 def shard_sizes(n: int, world: int) -> list[int]:

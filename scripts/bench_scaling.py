@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bundleflow.bench import synthetic_xor  # noqa: E402
 from bundleflow.config import load_config, replace  # noqa: E402
-from bundleflow.distributed import Comm  # noqa: E402
+from bundleflow.distributed import Comm, before_process_group  # noqa: E402
 from bundleflow.flow import VelocityField, default_hidden_sizes  # noqa: E402
 from bundleflow.train.data import RunData  # noqa: E402
 from bundleflow.train.plan import resolve_plan  # noqa: E402
@@ -70,6 +70,7 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if world > 1:
+        before_process_group()  # issue 28: else a rank can abort on exit (SIGABRT)
         dist.init_process_group("nccl" if cuda else "gloo")
     comm = Comm(rank=rank, world=world)
 
@@ -160,8 +161,8 @@ def side_by_side(args: argparse.Namespace) -> int:
         done = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
         if done.returncode != 0 or not lines:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            print(f"{n} processes: failed (exit {done.returncode}): {' | '.join(tail)}")
+            print(f"{n} processes: failed (exit {done.returncode}); its output:")
+            print(f"{done.stdout.rstrip()}\n{done.stderr.rstrip()}"[-4000:])
             return 1
         rows.append(json.loads(lines[-1]))
     if not rows:

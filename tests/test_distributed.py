@@ -76,11 +76,30 @@ def _env(root: Path) -> dict:
     return env
 
 
+PROBE = Path(__file__).resolve().parent / "rank_exit_probe.py"
+ABORTS = ("terminate called", "SIGABRT", "Signal 6", "exitcode: -6")
+
+
 def _torchrun(nproc: int, runs: Path, extra: list[str], env: dict, **kw):
+    """The ranks run ``bundleflow`` through tests/rank_exit_probe.py, which records the
+    native threads alive at exit in ``runs.parent / "exit-<runs.name>"`` (see _no_gloo_left)."""
     exe = Path(sys.executable).parent / "torchrun"
+    probe = runs.parent / f"exit-{runs.name}"
+    probe.mkdir(parents=True, exist_ok=True)
+    env = {**env, "BUNDLEFLOW_EXIT_PROBE": str(probe)}
     cmd = [str(exe), "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
-    cmd += ["-m", "bundleflow", *ARGS, "--runs-dir", str(runs), *extra]
+    cmd += [str(PROBE), *ARGS, "--runs-dir", str(runs), *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def _no_gloo_left(runs: Path, ranks=("0", "1")) -> None:
+    """Issue 28: no rank exits with the process group's threads still running (they outlived
+    destroy_process_group when torch._dynamo was imported after the group; see
+    bundleflow.distributed.before_process_group)."""
+    probe = runs.parent / f"exit-{runs.name}"
+    for rank in ranks:
+        threads = (probe / f"rank{rank}.txt").read_text().split()
+        assert not [t for t in threads if "gloo" in t], (rank, threads)
 
 
 def _free_port() -> int:
@@ -133,6 +152,7 @@ def test_two_processes_end_where_one_process_ends(single_runs, parallel, kernels
     proc = _torchrun(2, runs, _sets(items), env, text=True)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
+    _no_gloo_left(runs)
     two = _only_run(runs)  # one run directory, written by the main process only
 
     rec1 = [r for r in _records(one) if r.get("stage") == 2]
@@ -197,7 +217,8 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     assert set(ranks) == {"0", "1"}, ranks
     os.kill(ranks["1"], signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 0, f"stdout:\n{out[-2000:]}\nstderr:\n{err[-4000:]}"
+    _no_gloo_left(runs)
     run = _only_run(runs)
     last = read_checkpoint(sorted((run / "checkpoints").iterdir())[-1])[1]
     stopped = last["step"]
@@ -253,7 +274,8 @@ def test_bench_scaling_prints_process_counts_side_by_side():
         [sys.executable, str(script), "--processes", "1,2", *sizes],
         capture_output=True, text=True, env=env, timeout=240,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    # the children's output (torchrun's and the ranks') is on stdout and stderr: show both
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-2000:]}"
     rows = [json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")]
     assert [r["processes"] for r in rows] == [1, 2]
     assert [r["parallel"] for r in rows] == ["single", "shard"]
