@@ -172,6 +172,13 @@ class MenuConfig:
     lottery, Σ_d α_jd·c(S_jd) (recorded noise, initial λ), so it is weakly worse than the
     fallback for every bidder and the mechanism starts at the fallback's revenue; training
     moves elements below it where that earns more. False: prices start U[0, price_init)."""
+    lottery_price: str = "expected"
+    """With ``posted_price_init``: an element starts at the ``expected`` posted price of its
+    lottery, Σ_d α_jd·c(S_jd) (weakly worse than the posted prices for every bidder), or at
+    the ``cheapest`` of its bundles' posted prices, min_d c(S_jd) (the same for a deterministic
+    element; a lottery then ties the cheaper bundle for a bidder who values its bundles alike,
+    so raising that bundle's price moves such bidders onto the lottery instead of losing them:
+    from ``expected`` no single price change gains, a trap coordinate steps cannot leave)."""
     bundle_grad: str = "none"
     """bundleflow extension: ``none`` (the reference: bundles S = 1[z_N ≥ 0.5] get no
     gradient; M moves only through the trace term) or ``straight_through``: the forward
@@ -343,6 +350,7 @@ CHOICES = {
     "menu.fallback": ("none", "item", "size", "best"),
     "menu.init_bundles": ("random", "atoms", "atom_pairs"),
     "menu.lottery_weights": ("density", "mixture"),
+    "menu.lottery_price": ("expected", "cheapest"),
     "menu.bundle_grad": ("none", "straight_through"),
     "stage2.path": ("fast", "reference"),
     "stage2.step_mode": ("auto", "eager", "graph"),

@@ -152,14 +152,25 @@ def build_fallback(cfg: Config, data: RunData) -> PostedPrices | None:
 
 @torch.no_grad()
 def price_at_fallback(
-    menu: Menu, flow: VelocityField, fallback: PostedPrices, mix_temp: float, eps: torch.Tensor
+    menu: Menu,
+    flow: VelocityField,
+    fallback: PostedPrices,
+    mix_temp: float,
+    eps: torch.Tensor,
+    rule: str = "expected",
 ) -> None:
-    """p_j = Σ_d α_jd·c(S_jd): every element weakly worse than the fallback (``eps``: the
-    recorded evaluation noise, so the first validation sees these lotteries)."""
+    """``expected``: p_j = Σ_d α_jd·c(S_jd), every element weakly worse than the fallback;
+    ``cheapest``: p_j = min over the bundles element j puts mass on (α_jd > 1e-6) of c(S_jd)
+    (``menu.lottery_price``). ``eps``: the recorded evaluation noise, so the first
+    validation sees these lotteries."""
     device = next(flow.parameters()).device
     lot = menu.to(device).lotteries(flow, mix_temp, eps=eps.to(device))
     cost = fallback.to(device).bundle_cost(lot.bundles)  # (J, D, m) -> (J, D)
-    menu.prices.copy_((lot.alpha * cost).sum(dim=-1).to(menu.prices.device))
+    if rule == "cheapest":
+        price = torch.where(lot.alpha > 1e-6, cost, torch.inf).amin(dim=-1)
+    else:
+        price = (lot.alpha * cost).sum(dim=-1)
+    menu.prices.copy_(price.to(menu.prices.device))
 
 
 def build_optimizer(menu: Menu, cfg: Config, plan: StepPlan) -> torch.optim.Adam:
@@ -331,7 +342,8 @@ def setup_stage2(
     fallback = build_fallback(cfg, data)
     if fallback is not None and cfg.menu.posted_price_init:
         mix = cfg.stage2.inv_temp.initial * cfg.stage2.inv_temp.mixture_factor
-        price_at_fallback(full, flow, fallback, mix, eval_noise(full, cfg.eval.seed))
+        noise = eval_noise(full, cfg.eval.seed)
+        price_at_fallback(full, flow, fallback, mix, noise, cfg.menu.lottery_price)
         logger.info("menu: elements start at the fallback's price of their lottery")
     parallel = cfg.stage2.parallel if comm.active else "single"
     lo, menu = 0, full
