@@ -412,9 +412,10 @@ def _item_ascent(distinct: Tensor, weights: Tensor, start: float, rounds: int) -
             rows = holds[:, i].nonzero().squeeze(1)
             if rows.numel() == 0 or prices[i] <= 0:
                 continue
-            has = atoms[rows, :, i] > 0  # (N_i, K)
-            base = cost[rows] - has * prices[i]  # (N_i, K): cost with the item free
-            free_u = values[rows] - base
+            every = rows.numel() == values.shape[0]  # no gathers when every bidder holds it
+            has = (atoms[:, :, i] if every else atoms[rows, :, i]) > 0  # (N_i, K)
+            base = (cost if every else cost[rows]) - has * prices[i]  # cost with the item free
+            free_u = (values if every else values[rows]) - base
             a, k0 = torch.where(has, -math.inf, free_u).max(dim=1)  # best atom without it
             c, k1 = torch.where(has, free_u, -math.inf).max(dim=1)  # best atom with it
             pay_a = base.gather(1, k0[:, None]).squeeze(1)
@@ -424,8 +425,7 @@ def _item_ascent(distinct: Tensor, weights: Tensor, start: float, rounds: int) -
             price = grid[_best_candidate(revenue, len(grid) // 2)]
             if price != prices[i]:
                 prices[i] = price
-                moved = costs.holding(i)
-                cost.view(-1)[moved] = costs.of(moved, prices)
+                costs.refresh(cost.view(-1), i, prices)
         width /= 2
     return prices
 
@@ -441,18 +441,30 @@ class _AtomCosts:
         by_item = torch.argsort(self.item_of, stable=True)
         sizes = torch.bincount(self.item_of, minlength=flat.shape[1]).tolist()
         self._holding = atom_of[by_item].split(sizes)
+        self._plans: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
-    def holding(self, item: int) -> Tensor:
-        """Flat indices of the atoms that hold ``item``."""
-        return self._holding[item]
-
-    def of(self, atoms: Tensor, prices: Tensor) -> Tensor:
-        """Costs ``[A]`` of the flat atom indices ``atoms [A]`` at ``prices [m]``."""
+    def _entries(self, atoms: Tensor) -> tuple[Tensor, Tensor]:
+        """For flat atom indices ``atoms [A]``: each of their items' owner (position in
+        ``atoms``) and item index, both ``[Σ |T_a|]``."""
         first, n_items = self.ptr[atoms], self.ptr[atoms + 1] - self.ptr[atoms]
         owner = torch.repeat_interleave(torch.arange(atoms.numel()), n_items)
         offset = torch.arange(owner.numel()) - (n_items.cumsum(0) - n_items)[owner]
-        paid = prices[self.item_of[first[owner] + offset]]
-        return torch.zeros(atoms.numel(), dtype=torch.float64).index_add_(0, owner, paid)
+        return owner, self.item_of[first[owner] + offset]
+
+    def of(self, atoms: Tensor, prices: Tensor) -> Tensor:
+        """Costs ``[A]`` of the flat atom indices ``atoms [A]`` at ``prices [m]``."""
+        owner, items = self._entries(atoms)
+        return torch.zeros(atoms.numel(), dtype=torch.float64).index_add_(0, owner, prices[items])
+
+    def refresh(self, cost: Tensor, item: int, prices: Tensor) -> None:
+        """Re-sum in ``cost [U·K]`` the atoms that hold ``item`` (their entries are kept:
+        every ascent round visits the item again)."""
+        if item not in self._plans:
+            moved = self._holding[item]
+            self._plans[item] = (moved, *self._entries(moved))
+        moved, owner, items = self._plans[item]
+        fresh = torch.zeros(moved.numel(), dtype=torch.float64)
+        cost[moved] = fresh.index_add_(0, owner, prices[items])
 
 
 # --------------------------------------------------------------------------- bundle-size pricing

@@ -1,6 +1,6 @@
 """The posted-price baseline fits as they were before issue 27 (commit 6a6e4b7): the direct
 evaluation of every candidate over every bidder and atom, the reference the fast fits in
-:mod:`bundleflow.baselines` must reproduce (tests and ``benchmarks/bench_baselines.py``).
+:mod:`bundleflow.baselines` must reproduce (tests and ``scripts/bench_baselines.py``).
 
 One change: candidates whose revenues differ by less than ``REVENUE_TIE`` (relative) tie, as
 in the fast fits. The strict comparison let float summation noise break ties that are exact
