@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from bundleflow.valuations.xor import atoms_and_values
+
+if TYPE_CHECKING:
+    from bundleflow.baselines import FittedBaselines
 
 KINDS = ("item", "size")
 
@@ -150,14 +154,15 @@ def _best_atom(values: Tensor, cost: Tensor) -> tuple[Tensor, Tensor]:
 FALLBACK_KINDS = ("item", "size", "best")
 
 
-def fit_posted_prices(train: Tensor, kind: str, prefitted=None) -> tuple[PostedPrices, dict]:
+def fit_posted_prices(
+    train: Tensor, kind: str, prefitted: FittedBaselines | None = None
+) -> tuple[PostedPrices, dict]:
     """Fit the fallback on ``train`` (user units; XOR ``[N, K, m+1]`` or additive ``[N, m]``).
 
     ``kind``: ``item`` (item pricing), ``size`` (bundle-size pricing) or ``best`` (whichever
     has the higher training revenue; item pricing on ties). Returns float64 prices in the
     units of ``train`` and a record ``{"kind", "train_revenue": {name: revenue}}``.
-    ``prefitted``: the baselines already fitted on ``train`` (a
-    :class:`bundleflow.baselines.FittedBaselines`), whose prices are then reused.
+    ``prefitted``: the baselines already fitted on ``train``, whose prices are reused.
     """
     from bundleflow import baselines  # the fits live with the baselines they are
 
@@ -165,12 +170,13 @@ def fit_posted_prices(train: Tensor, kind: str, prefitted=None) -> tuple[PostedP
         raise ValueError(f"kind must be one of {FALLBACK_KINDS}, got {kind!r}")
     fitted: dict[str, PostedPrices] = {}
     revenue: dict[str, float] = {}
+    reuse = prefitted is not None
     if kind in ("item", "best"):
-        prices = prefitted.item_prices if prefitted else baselines.fit_item_prices(train)
+        prices = prefitted.item_prices if reuse else baselines.fit_item_prices(train)
         fitted["item"] = PostedPrices(item_prices=prices)
         revenue["item"] = float(baselines.item_price_outcome(train, prices)[1].mean())
     if kind in ("size", "best"):
-        q = prefitted.size_prices if prefitted else baselines.fit_bundle_size_prices(train)
+        q = prefitted.size_prices if reuse else baselines.fit_bundle_size_prices(train)
         fitted["size"] = PostedPrices(size_prices=baselines.effective_size_prices(q))
         revenue["size"] = float(baselines.bundle_size_outcome(train, q)[1].mean())
     chosen = max(revenue, key=lambda name: revenue[name])  # dict order: item first on ties
