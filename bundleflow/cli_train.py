@@ -371,6 +371,13 @@ def _shared_flow(config: Config, args, accelerator, run: Run, n_items: int):
     key = flow_key(n_items, config.flow, config.stage1)
     directory = flow_cache_dir(key)
     hit = [directory.exists() if accelerator.is_main_process else None]
+    if hit[0]:  # a damaged entry is named and trained again, never used (issue 28)
+        try:
+            load_flow(directory)
+        except BundleflowError as err:
+            logger.warning("cached flow unusable ({}); training again", err)
+            shutil.rmtree(directory, ignore_errors=True)
+            hit = [False]
     if broadcast_object_list(hit, from_process=0)[0]:
         field, _, manifest = load_flow(directory)
         return field, {"key": key, "path": str(directory), "cached": True}
