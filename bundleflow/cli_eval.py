@@ -17,7 +17,7 @@ from bundleflow.mechanism import FrozenMechanism
 from bundleflow.paths import runs_root
 from bundleflow.report import format_baselines, format_summary, write_run_report
 from bundleflow.revenue import WALK_AWAY
-from bundleflow.train.data import load_run_data
+from bundleflow.train.data import fitted_baselines, load_run_data
 from bundleflow.train.run import CONFIG_FILE, RUN_INFO
 from bundleflow.train.stage2 import read_mechanism
 from bundleflow.valuations import io as data_io
@@ -128,7 +128,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data_file = args.data or run_data_file(run_dir)
     data = load_run_data(config.data, torch.device("cpu"), data_file=data_file)
     report = evaluate_mechanism(
-        mech, data.test, data.train_user, batch_size=eval_batch(config, data.kind)
+        mech,
+        data.test,
+        data.train_user,
+        batch_size=eval_batch(config, data.kind),
+        fitted=fitted_baselines(data.train_user),  # the training run's fit (cached)
     )
     report["run"] = str(run_dir)
     # This command's own time, apart from the training run's wall time (kept below).
