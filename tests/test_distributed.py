@@ -181,9 +181,9 @@ def test_two_processes_end_where_one_process_ends(single_runs, parallel, kernels
     assert "[rank 1]" not in err  # rank 1 logged no events
 
 
-def _ranks(cache: str) -> dict[str, int]:
-    """{RANK: pid} of the worker processes whose environment names this test's cache."""
-    marker = f"BUNDLEFLOW_CACHE={cache}".encode()
+def _ranks(cache: str, key: str = "BUNDLEFLOW_CACHE") -> dict[str, int]:
+    """{RANK: pid} of the worker processes whose environment has ``key=cache``."""
+    marker = f"{key}={cache}".encode()
     found = {}
     for proc in Path("/proc").iterdir():
         try:
