@@ -322,6 +322,7 @@ def optimum_summary(optimum: dict | None) -> dict | None:
         "value": optimum["value"],
         "ratio": ratio.get("ratio"),
         "ci95": ratio.get("ci95"),
+        "paired": bool(optimum.get("paired")),
         "above_optimum": bool(optimum.get("above_optimum")),
     }
 
@@ -331,6 +332,8 @@ def _optimum_cells(record: dict) -> list[str]:
     if opt is None:
         return ["", ""]
     text = _with_ci(opt["ratio"], opt["ci95"], 4)
+    if opt["ratio"] is not None:
+        text += " paired" if opt.get("paired") else " unpaired"
     return [_fmt(opt["value"]), text + (f" {ABOVE_OPTIMUM}" if opt["above_optimum"] else "")]
 
 

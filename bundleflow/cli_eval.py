@@ -133,6 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data.train_user,
         batch_size=eval_batch(config, data.kind),
         fitted=fitted_baselines(data.train_user),  # the training run's fit (cached)
+        known=data.info.get("known"),  # paired ratio to the optimum on these test valuations
     )
     report["run"] = str(run_dir)
     # This command's own time, apart from the training run's wall time (kept below).

@@ -522,6 +522,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 data.train_user,
                 batch_size=_eval_batch(config, data.kind),
                 fitted=fitted_baselines(data.train_user),
+                known=data.info.get("known"),
             )
         report.update(
             run=str(run.dir),

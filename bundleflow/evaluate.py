@@ -11,6 +11,7 @@ from torch import Tensor
 from bundleflow.baselines import FittedBaselines, fit_baselines
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.revenue import WALK_AWAY
+from bundleflow.valuations.known import optimal_payments_for
 
 Z95 = 1.959963984540054
 BASELINES = ("grand_bundle", "uniform_item_price", "item_pricing", "bundle_size_pricing")
@@ -42,6 +43,85 @@ def paired_ratio_ci(numerator: Tensor, denominator: Tensor) -> dict:
     ratio = float(a.mean()) / mean_b
     half = Z95 * float((a - ratio * b).std(unbiased=True)) / (math.sqrt(n) * mean_b)
     return {"ratio": ratio, "ci95": [ratio - half, ratio + half], "method": RATIO_METHOD}
+
+
+PAIRED_OPTIMUM_METHOD = (
+    "paired: mean payment ÷ the optimal mechanism's mean payment on the same test valuations, "
+    "95% CI by the delta method on the paired per-valuation payments"
+)
+UNPAIRED_OPTIMUM_METHOD = (
+    "unpaired: the test revenue's 95% CI over the population optimum (no explicit optimal "
+    "mechanism to pair with)"
+)
+
+
+def optimum_base(known: dict) -> dict:
+    """The data's known optimum (``known``: a data file's ``known`` metadata or run.json's
+    ``data.known``) as the report's ``optimum`` record, before any comparison."""
+    return {
+        "value": float(known["optimum"]),
+        "kind": known.get("optimum_kind", "exact"),
+        **{k: known.get(k) for k in ("setting", "parameters", "mechanism", "source")},
+        "best_deterministic": known.get("best_deterministic"),
+        "best_posted_price": known.get("best_posted_price"),
+    }
+
+
+def unpaired_optimum(record: dict, revenue: dict) -> dict:
+    """``record`` with the unpaired ratio: the test revenue and its 95% CI over the
+    population optimum; ``above_optimum`` when the whole CI lies above it. Sampling noise of
+    the test sample is not removed (a full-surplus mechanism on a sample whose realised
+    surplus is high reads above a full-surplus optimum): used only where no explicit optimal
+    mechanism exists."""
+    value = record["value"]
+    lo, hi = revenue["ci95"]
+    return {
+        **record,
+        "paired": False,
+        "ratio": {
+            "ratio": revenue["mean"] / value,
+            "ci95": [lo / value, hi / value],
+            "method": UNPAIRED_OPTIMUM_METHOD,
+            "paired": False,
+        },  # fmt: skip
+        "above_optimum": bool(lo > value),
+    }
+
+
+def paired_optimum(record: dict, optimal: Tensor, payments: dict[str, Tensor]) -> dict:
+    """``record`` with paired ratios to the optimal mechanism's payments ``optimal`` ``[N]``
+    on the same test valuations: ``ratio`` for ``payments["menu"]`` (when given) and
+    ``baselines`` for the rest; each is flagged ``above_optimum`` only when its paired CI's
+    lower end is above 1. ``optimal_on_test``: the optimal mechanism's revenue on this
+    sample (it differs from the population optimum by the sample's noise)."""
+    out = {**record, "paired": True, "optimal_on_test": mean_ci(optimal)}
+    ratios = {}
+    for name, pay in payments.items():
+        ratio = paired_ratio_ci(pay, optimal)
+        ratio.update(method=PAIRED_OPTIMUM_METHOD, paired=True)
+        ratios[name] = ratio
+    if "menu" in ratios:
+        out["ratio"] = ratios.pop("menu")
+        out["above_optimum"] = bool(out["ratio"]["ci95"][0] > 1)
+    out["baselines"] = {
+        name: {**r, "above_optimum": bool(r["ci95"][0] > 1)} for name, r in ratios.items()
+    }
+    return out
+
+
+def optimum_comparison(
+    known: dict, test: Tensor, payments: dict[str, Tensor], revenue: dict | None = None
+) -> dict:
+    """The report's ``optimum`` record: paired (:func:`paired_optimum`) where the setting's
+    optimal mechanism is explicit (:func:`bundleflow.valuations.known.optimal_payments_for`),
+    else unpaired for ``revenue`` (:func:`unpaired_optimum`)."""
+    record = optimum_base(known)
+    optimal = optimal_payments_for(known, test)
+    if optimal is not None and float(optimal.mean()) > 0:
+        return paired_optimum(record, optimal, payments)
+    if revenue is not None and record["value"] > 0:
+        return unpaired_optimum(record, revenue)
+    return {**record, "paired": False}
 
 
 def score_baselines(fitted: FittedBaselines, test: Tensor) -> tuple[dict, dict[str, Tensor]]:
@@ -102,6 +182,7 @@ def evaluate_mechanism(
     *,
     batch_size: int = 1024,
     fitted: FittedBaselines | None = None,
+    known: dict | None = None,
 ) -> dict:
     """Hard revenue of ``mech`` on ``test`` (user units) beside every baseline.
 
@@ -110,6 +191,10 @@ def evaluate_mechanism(
     ``ratio_to_best_baseline`` the menu's revenue over the best one's with a paired CI. IR
     is checked on the utilities actually realised: a buyer whose chosen element has
     negative utility is a violation (must be 0 by construction).
+
+    ``known`` (the data's known-optimum record): ``optimum`` holds the menu's and every
+    baseline's ratio to the optimum, paired on ``test`` where the optimal mechanism is
+    explicit (:func:`optimum_comparison`).
     """
     choice, payment, realised_u = (x.cpu() for x in mech.play(test, batch_size=batch_size))
     buys = choice != WALK_AWAY
@@ -152,6 +237,9 @@ def evaluate_mechanism(
     }
     if mech.fallback is not None:
         report["fallback"] = fallback_statistics(mech, choice, payment)
+    if known is not None and "optimum" in known:
+        pays = {"menu": payment, **{name: base_pay[name] for name in BASELINES}}
+        report["optimum"] = optimum_comparison(known, test, pays, revenue)
     return report
 
 

@@ -47,14 +47,17 @@ def test_suite_end_to_end(tiny_suite_preset, tmp_path, capsys):
     assert run["setting"] == "tiny" and run["seed"] == 0 and out["ok"]
     assert run["optimum"] == pytest.approx(optimum)
     revenue = run["revenue"]["mean"]
-    assert run["ratio_to_optimum"]["ratio"] == pytest.approx(revenue / optimum)
-    lo, hi = run["revenue"]["ci95"]
-    assert run["ratio_to_optimum"]["ci95"] == pytest.approx([lo / optimum, hi / optimum])
-    assert run["best_posted_price"]["mean"] < optimum  # the lottery's room
-    assert out["settings"][0]["ratio_to_optimum"] == pytest.approx(revenue / optimum)
     report = json.loads((Path(run["run"]) / "report.json").read_text())
+    # paired: ÷ the optimal (Pavlov) menu's payments on the same test valuations
+    assert run["optimum_pairing"] == "paired" and report["optimum"]["paired"]
+    on_test = report["optimum"]["optimal_on_test"]["mean"]
+    assert run["ratio_to_optimum"]["ratio"] == pytest.approx(revenue / on_test)
+    lo, hi = run["ratio_to_optimum"]["ci95"]
+    assert lo < run["ratio_to_optimum"]["ratio"] < hi
+    assert run["best_posted_price"]["mean"] < optimum  # the lottery's room
+    assert out["settings"][0]["ratio_to_optimum"] == pytest.approx(revenue / on_test)
     assert report["optimum"]["setting"] == "unit-demand"
-    assert "ratio to optimum" in (Path(run["run"]) / "report.md").read_text()
+    assert "ratio to optimum (paired)" in (Path(run["run"]) / "report.md").read_text()
     assert report["stage2"]["steps"] == 10
     # compare shows the optimum beside the run
     assert main(["compare", run["run"], "--json"]) == 0
@@ -105,7 +108,7 @@ def test_above_the_optimum_beyond_its_ci_is_flagged():
     above["optimum"] = optimum_record(above, known)
     assert above["optimum"]["above_optimum"]
     assert above["optimum"]["ratio"]["ci95"] == pytest.approx([1.46 / 1.45, 1.48 / 1.45])
-    assert f"ratio to optimum ({ABOVE_OPTIMUM})" in comparison_table(above)
+    assert f"ratio to optimum (unpaired) ({ABOVE_OPTIMUM})" in comparison_table(above)
     assert summarise(above)["flags"] == [f"menu {ABOVE_OPTIMUM}"]
     # a posted price above the optimum is an evaluation bug too
     low = _report(1.40, 0.01)

@@ -136,6 +136,8 @@ def load_run_data(
     }
     if "known" in dataset.metadata:  # a known-optimum set (generated or a --data file)
         data.info["known"] = dataset.metadata["known"]
+        if "catalogue" in dataset.metadata:  # w_g per bundle: the optimal menu's prices
+            data.info["known"] = {**data.info["known"], "catalogue": dataset.metadata["catalogue"]}
     logger.info(
         "data: {} ({} train / {} val / {} test, m={}), money scale {:.4g} ({})",
         dataset.path,
