@@ -521,10 +521,14 @@ def fit_bundle_size_prices(train: Tensor, *, rounds: int = ASCENT_ROUNDS) -> Ten
     return _size_ascent(distinct, weights, rounds)
 
 
-def _size_ascent(distinct: Tensor, weights: Tensor, rounds: int) -> Tensor:
-    sizes, values = _size_options(distinct)
-    m = sizes.shape[-1] - 1 if distinct.dim() == 2 else distinct.shape[-1] - 1
-    best, index, present = _size_table(sizes, values)  # (U, S), (U, S), (S,)
+def _size_ascent(
+    distinct: Tensor, weights: Tensor, rounds: int, table: tuple[Tensor, ...] | None = None
+) -> Tensor:
+    """Bundle-size price ascent on distinct valuations (``table``: their size table, if
+    already built)."""
+    m = distinct.shape[-1] if distinct.dim() == 2 else distinct.shape[-1] - 1
+    table = table or _size_table(*_size_options(distinct))
+    best, index, present = table  # (U, S), (U, S), (S,)
     q = torch.full((m + 1,), math.inf, dtype=torch.float64)
     q[0] = 0.0
     for j, s in enumerate(present.tolist()):
@@ -612,15 +616,16 @@ class FittedBaselines:
 def fit_baselines(train: Tensor) -> FittedBaselines:
     """Fit grand bundle, uniform item price, item pricing and bundle-size pricing on ``train``."""
     distinct, weights = _distinct(train)
+    table = _size_table(*_size_options(distinct))  # one per split: uniform and size pricing
     if train.dim() == 2:
         uniform = _single_price(train)
         item_prices = torch.tensor([_single_price(train[:, i]) for i in range(train.shape[1])])
     else:
-        uniform = _uniform_price(train, _size_table(*_xor_sizes(distinct)), weights)
+        uniform = _uniform_price(train, table, weights)
         item_prices = _item_ascent(distinct, weights, uniform, ASCENT_ROUNDS)
     return FittedBaselines(
         grand_bundle_price=fit_grand_bundle_price(train),
         uniform_price=uniform,
         item_prices=item_prices,
-        size_prices=_size_ascent(distinct, weights, ASCENT_ROUNDS),
+        size_prices=_size_ascent(distinct, weights, ASCENT_ROUNDS, table),
     )
