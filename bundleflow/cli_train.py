@@ -16,7 +16,7 @@ from loguru import logger
 from bundleflow.checkpoint import latest
 from bundleflow.config import Config, load_config, parse_set, replace, to_dict, to_flat_dict
 from bundleflow.devices import resolve_device
-from bundleflow.distributed import before_process_group, gloo_threads
+from bundleflow.distributed import gloo_threads
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluate import evaluate_mechanism
 from bundleflow.paths import runs_root
@@ -284,7 +284,6 @@ def _setup(args: argparse.Namespace):
     check_available(args.launch["report_to"])  # a missing package: exit 2 before any work
     choice = resolve_device(config.device)
     logger.info("device: {} ({})", choice.device, choice.reason)
-    before_process_group()  # issue 28: before the group exists (see its docstring)
     accelerator = make_accelerator(config, choice.device)
     # How Stage 2's step runs, decided once (and refused here, before anything is written,
     # when a setting cannot run on this machine).

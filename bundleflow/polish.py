@@ -56,6 +56,24 @@ def _top2(u: Tensor) -> tuple[Tensor, Tensor]:
     return vals[:, :2], idx[:, :2]
 
 
+def _plateau_step(
+    t: Tensor, cand: Tensor, alt_pay: Tensor, price: Tensor, current: float, margin: float, ok
+) -> int | None:
+    """``t`` sorted falling, ``alt_pay`` in its order, ``cand = t − margin``: the candidate
+    (an index) with the most buyers
+    among those losing at most ``margin`` per buyer against ``current``, if it has more
+    buyers than the price now; None otherwise."""
+    buyers_now = int((t > price).sum())
+    # the exact gain at each candidate, ties counted: the buyers are all thresholds > cand
+    n_buy = torch.searchsorted(-t, -cand)  # (N,) t falls, so -t rises
+    csum = torch.cat([alt_pay.new_zeros(1), torch.cumsum(alt_pay, 0)])
+    exact = n_buy * cand - csum[n_buy]
+    fine = ok & (exact >= current - margin * n_buy - 1e-9) & (n_buy > buyers_now)
+    if not bool(fine.any()):
+        return None
+    return int(torch.where(fine, n_buy, -1).argmax())
+
+
 def hard_revenue_of(values: Tensor, prices: Tensor, fb_u: Tensor, fb_pay: Tensor) -> float:
     """Mean payment under the hard rule (:func:`bundleflow.revenue.hard_revenue`: ties to
     the lowest index, the fallback after the elements, buy iff the best utility ≥ 0)."""
@@ -73,6 +91,7 @@ def polish_prices(
     min_buyers: int = 1,
     val: tuple[Tensor, Tensor, Tensor] | None = None,
     generator: torch.Generator | None = None,
+    plateau: bool = False,
 ) -> PolishResult:
     """Coordinate ascent on the prices ``[J]`` for element values ``[N, J]``.
 
@@ -82,6 +101,12 @@ def polish_prices(
     many training bidders (a floor against prices fitted to one valuation). ``val``:
     (values, fb_u, fb_pay) of the validation split; the round with the best validation
     revenue is returned (round 0 = the input prices).
+
+    ``plateau``: also accept a price cut that wins element j more buyers while losing at
+    most ``margin`` per buyer (bidders who were paying the same elsewhere, now paying a hair
+    less here). Such near-neutral moves let the ascent leave a trap no single strict gain
+    leaves: on specialists + flexible, a lottery priced at its expected posted price must
+    first match the loss-leader item's price (no gain) before raising that item pays.
     """
     values = values.to(torch.float64)
     fb_u = fb_u.to(torch.float64)
@@ -119,8 +144,14 @@ def polish_prices(
             k = int(gain.argmax())
             buyers = t > prices[j]
             current = float(((prices[j] - alt_pay) * buyers).sum())
-            if not bool(ok[k]) or float(gain[k]) <= current + 1e-9 * n:
+            if not bool(ok[k]):
                 continue
+            if float(gain[k]) <= current + 1e-9 * n:
+                if not plateau:
+                    continue
+                k = _plateau_step(ts, cand, alt_pay[order], prices[j], current, margin, ok)
+                if k is None:
+                    continue
             prices[j] = cand[k]
             changed += 1
             col = values[:, j] - prices[j]

@@ -244,8 +244,12 @@ def optimizer_step(loss, optimizer, accelerator=None) -> None:
 
 
 def make_accelerator(config: Config, device: torch.device):
+    """The Accelerator of a run (its process group, under several processes)."""
     from accelerate import Accelerator
 
+    from bundleflow.distributed import before_process_group
+
+    before_process_group()  # issue 28: before the group exists (see its docstring)
     kwargs = {"cpu": device.type == "cpu"}
     if config.mixed_precision is not None:  # only when the user set it (flag > launcher)
         kwargs["mixed_precision"] = config.mixed_precision

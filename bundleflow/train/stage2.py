@@ -29,8 +29,8 @@ from bundleflow.flow import VelocityField
 from bundleflow.health import FiniteGuard
 from bundleflow.mechanism import FrozenMechanism
 from bundleflow.menu import Menu, freeze_flow
-from bundleflow.polish import polish_prices
 from bundleflow.paths import runs_root
+from bundleflow.polish import polish_prices
 from bundleflow.progress import ProgressBar
 from bundleflow.revenue import hard_choice
 from bundleflow.schedule import InvTempSchedule
@@ -475,6 +475,7 @@ class Stage2Trainer:
         self.saved_step = -1  # the step of the last resumable checkpoint on disk
         self._fallback_val: torch.Tensor | None = None  # the fallback alone's val payments
         self.best_menu: dict = {}
+        self.initial_menu: dict = {}  # the step-0 menu (this session), for the polish
         self.show_progress = show_progress and run.main_process
         all_min = (lambda t: self.comm.all_reduce(t, "min")) if self.comm.active else None
         self.guard = FiniteGuard(plan.device, stage="stage 2", all_reduce_min=all_min)
@@ -634,6 +635,8 @@ class Stage2Trainer:
         )
         menu = {k: v.detach().cpu().clone() for k, v in full.state_dict().items()}
         self.best_menu = {"menu": menu, "extra": extra}
+        if self.state.step == 0:
+            self.initial_menu = self.best_menu  # a second start for the polish
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -754,8 +757,19 @@ class Stage2Trainer:
             validation_time=st.validation_time,
         )
 
+    def frozen_state(self, menu_state: dict, extra: dict, meta: dict) -> FrozenMechanism:
+        """A saved menu state frozen with the λ it was saved at, in the user's units."""
+        menu = menu_like(self.parts.net, menu_state).to(self.plan.device)
+        return self.frozen(
+            menu,
+            extra["mix_temp"],
+            inv_temp=extra.get("inv_temp"),
+            money_scale=self.data.scale,
+            meta=meta,
+        )
+
     @torch.no_grad()
-    def polish(self, mech: FrozenMechanism) -> None:
+    def polish(self, mech: FrozenMechanism) -> float:
         """Exact hard-revenue price polish of the frozen best menu on the training split,
         the round kept by validation (``stage2.polish_rounds``; :mod:`bundleflow.polish`)."""
         device, batch = mech.prices.device, self.cfg.eval.batch_size
@@ -770,6 +784,7 @@ class Stage2Trainer:
             rounds=self.cfg.stage2.polish_rounds,
             val=_outcome_columns(mech, val, batch),
             generator=torch.Generator().manual_seed(self.cfg.stage2.seed),
+            plateau=True,
         )
         mech.prices = result.prices.to(device, mech.prices.dtype)
         mech.meta["polish"] = {
@@ -785,6 +800,7 @@ class Stage2Trainer:
             result.round_kept,
             len(result.val_revenue) - 1,
         )
+        return result.val_revenue[result.round_kept]
 
     def freeze(self) -> FrozenMechanism | None:
         """The best validation menu frozen with the recorded noise, saved (main process)."""
@@ -795,22 +811,27 @@ class Stage2Trainer:
             else:  # the best menu is from before a resume
                 components, manifest = read_checkpoint(self.run.dir / BEST)
                 menu_state, extra = components["menu"], manifest["extra"]
-            best = menu_like(self.parts.net, menu_state).to(self.plan.device)
             st = self.state
             meta = {
                 "best_step": st.best_step,
                 "val_revenue": st.best_val,
                 "eval_seed": self.cfg.eval.seed,
             }
-            mech = self.frozen(
-                best,
-                extra["mix_temp"],
-                inv_temp=extra.get("inv_temp"),
-                money_scale=self.data.scale,
-                meta=meta,
-            )
+            mech = self.frozen_state(menu_state, extra, meta)
             if self.cfg.stage2.polish_rounds > 0:
-                self.polish(mech)
+                val = self.polish(mech)
+                if st.best_step != 0 and self.initial_menu:
+                    # Polish the untrained menu too and keep the better on validation: on
+                    # additive U[4,16]×U[4,7] soft training drifts to a deterministic local
+                    # optimum the polish cannot leave, while polishing the step-0 menu
+                    # (posted prices, even lotteries) reaches 0.995 of the optimum.
+                    first = self.initial_menu
+                    start = self.frozen_state(
+                        first["menu"], first["extra"], {**meta, "best_step": 0}
+                    )
+                    if self.polish(start) > val:
+                        logger.info("stage 2 polish: the polished step-0 menu is kept")
+                        mech = start
             mech = mech.to("cpu")
             mech.save(self.run.dir / MECHANISM_FILE)
         self.comm.barrier()
@@ -828,9 +849,10 @@ def _denormalised(data: RunData, valuations: torch.Tensor) -> torch.Tensor:
 def _outcome_columns(mech: FrozenMechanism, valuations: torch.Tensor, batch: int):
     """(element values ``[N, J]``, the fallback's utility ``[N]`` (−inf: none) and payment
     ``[N]``) of a frozen mechanism, user units, float64."""
-    values = torch.cat(
-        [mech.utilities(chunk).double() for chunk in valuations.split(batch)]
-    ) + mech.prices.double()
+    values = (
+        torch.cat([mech.utilities(chunk).double() for chunk in valuations.split(batch)])
+        + mech.prices.double()
+    )
     n = values.shape[0]
     if mech.fallback is None:
         return values, values.new_full((n,), -math.inf), values.new_zeros(n)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The known-optimum suite on one lent GPU: `bundleflow suite` for each training seed as its
+# own process, side by side (much of a run is CPU work: data, baselines, the polish), on a
+# data seed the recipe was not tuned on, and the GPU test tier beside them.
+#   DATA_SEED=7 SETTINGS=a,b,... bash benchmarks/suite_gpu.sh
+# Per-seed JSON tables and the GPU tier's log come back in $OUT.
+set -u
+source benchmarks/gpu_env.sh
+export BUNDLEFLOW_CACHE=/tmp/cache
+d=${DATA_SEED:-7}
+if [ -n "${GPU_TESTS:-1}" ]; then
+  (python3 -m pytest -q -m gpu -p no:cacheprovider -x > "$OUT/gpu_tier.log" 2>&1; echo "gpu tier rc=$?" >> "$OUT/gpu_tier.log") &
+fi
+for s in ${SEEDS:-0 1 2}; do
+  timeout ${SUITE_LIMIT:-520} python3 -m bundleflow suite --seeds "$s" --runs-dir "$W/seed$s" \
+    ${SETTINGS:+--settings "$SETTINGS"} --set data.seed="$d" --set data.catalogue_seed="$d" \
+    --json > "$OUT/suite_seed$s.json" 2> "$W/suite_seed$s.log" &
+done
+wait
+keep
+tail -3 "$OUT/gpu_tier.log" 2>/dev/null
+for s in ${SEEDS:-0 1 2}; do echo "seed $s: $(wc -c < "$OUT/suite_seed$s.json") bytes of JSON"; done
