@@ -1,0 +1,143 @@
+"""Issue 27: menus that can learn lotteries — learned odds, pair lotteries, the posted-price
+start, the polish's near-neutral moves — each against a hand-computed answer."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bundleflow.fallback import PostedPrices
+from bundleflow.flow import VelocityField
+from bundleflow.mechanism import FrozenMechanism
+from bundleflow.menu import Menu
+from bundleflow.polish import hard_revenue_of, polish_prices
+from bundleflow.train.stage2 import atom_pairs, price_at_fallback
+from tests.conftest import isolated_bundleflow_home, run_cli
+
+
+def identity_flow(m: int) -> VelocityField:
+    """A flow whose Q is 0: z_N = z0, so a support point's bundle is round(μ)."""
+    flow = VelocityField(m, hidden=8)
+    with torch.no_grad():
+        flow.fc3.weight.zero_()
+        flow.fc3.bias.zero_()
+    return flow.eval()
+
+
+def corner_menu(corners: torch.Tensor, **kw) -> Menu:
+    """A menu whose support points sit on the 0/1 ``corners [J, D, m]``."""
+    J, D, m = corners.shape
+    menu = Menu(m, J, D, generator=torch.Generator().manual_seed(0), **kw)
+    with torch.no_grad():
+        menu.means.copy_(3.0 * (2 * corners - 1))  # μ = 0.05 + 0.9·sigmoid(±30): ≈ 0.05 / 0.95
+    return menu
+
+
+def test_density_weights_lock_elements_to_one_point_and_mixture_weights_are_the_odds():
+    # The reference's α: at m=20 most elements put > 99% on one support point whatever w is
+    # (the fixed random σ makes log N differ by tens of nats between points).
+    m, J, D = 20, 400, 8
+    flow = identity_flow(m)
+    menu = Menu(m, J, D, generator=torch.Generator().manual_seed(1))
+    alpha = menu.lotteries(flow, 1.0, generator=torch.Generator().manual_seed(2)).alpha
+    assert float((alpha.max(dim=1).values > 0.99).float().mean()) > 0.7
+    # Mixture weights: α = softmax(w) exactly, whatever the noise, and w gets a gradient.
+    menu.lottery_weights = "mixture"
+    with torch.no_grad():
+        menu.logits.copy_(torch.randn(J, D, generator=torch.Generator().manual_seed(3)))
+    lot = menu.lotteries(flow, 1.0, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(lot.alpha, torch.softmax(menu.logits, dim=1))
+    (lot.alpha[:, 0]).sum().backward()
+    assert menu.logits.grad is not None and float(menu.logits.grad.abs().sum()) > 0
+
+
+def test_atom_pairs_put_half_the_points_on_each_of_two_distinct_atoms():
+    atoms = torch.eye(4)  # four singleton atoms
+    cfg = SimpleNamespace(size=50, support=6)
+    corners = atom_pairs(atoms, cfg, 4, torch.Generator().manual_seed(0))
+    assert corners.shape == (46, 6, 4)
+    first, second = corners[:, :3], corners[:, 3:]
+    assert torch.equal(first, first[:, :1].expand_as(first))  # one atom on points 0..2
+    assert torch.equal(second, second[:, :1].expand_as(second))  # another on 3..5
+    assert bool((first[:, 0] != second[:, 0]).any(dim=-1).all())  # never the same atom
+    assert torch.equal(corners.sum(dim=-1), torch.ones(46, 6))  # each point one singleton
+
+
+@pytest.mark.parametrize(("rule", "lottery_price"), [("expected", 1.45), ("cheapest", 1.0)])
+def test_a_lottery_starts_at_its_expected_or_cheapest_posted_price(rule, lottery_price):
+    # Item prices (1, 1.9): item 1 is the loss leader. Elements: item 1, item 2, and the
+    # even lottery over both (mixture odds 1/2 each).
+    corners = torch.tensor(
+        [[[1.0, 0.0]] * 2, [[0.0, 1.0]] * 2, [[1.0, 0.0], [0.0, 1.0]]]
+    )  # (J=3, D=2, m=2)
+    menu = corner_menu(corners)
+    menu.lottery_weights = "mixture"
+    with torch.no_grad():
+        menu.logits.zero_()
+    posted = PostedPrices(item_prices=torch.tensor([1.0, 1.9]))
+    eps = torch.zeros(corners.shape)
+    price_at_fallback(menu, identity_flow(2), posted, 1.0, eps, rule)
+    torch.testing.assert_close(menu.prices.detach(), torch.tensor([1.0, 1.9, lottery_price]))
+
+
+# Specialists + flexible on two items, by hand: two specialists value each item at 1, one
+# flexible bidder wants item 1 at 1.9, another item 2 at 1.9. Elements: item 1, item 2, the
+# even lottery over both. Columns: each element's expected value to each bidder.
+VALUES = torch.tensor(
+    [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.9, 0.0, 0.95], [0.0, 1.9, 0.95]], dtype=torch.float64
+)
+NONE = (torch.full((4,), -torch.inf, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
+
+
+def test_the_loss_leader_trap_and_the_plateau_move_that_leaves_it():
+    # Start: the posted prices (item 1 at 1, item 2 at 1.9) and the lottery at its expected
+    # price 1.45. Mean revenue (1 + 1 + 1 + 1.9)/4 = 1.225; the optimum (lottery at 1, items
+    # at 1.9) is (1 + 1 + 1.9 + 1.9)/4 = 1.45, the full surplus. No single price change
+    # gains: cutting the lottery to 1 moves the specialists off item 1 at the same payment;
+    # raising item 1 loses them.
+    start = torch.tensor([1.0, 1.9, 1.45], dtype=torch.float64)
+    assert hard_revenue_of(VALUES, start, *NONE) == pytest.approx(1.225)
+    gen = torch.Generator().manual_seed(0)
+    stuck = polish_prices(VALUES, start, *NONE, rounds=5, generator=gen)
+    assert stuck.train_revenue[-1] == pytest.approx(1.225)
+    gen = torch.Generator().manual_seed(0)
+    moved = polish_prices(VALUES, start, *NONE, rounds=5, generator=gen, plateau=True)
+    assert max(moved.train_revenue) == pytest.approx(1.45, abs=1e-5)
+    assert moved.prices[2] == pytest.approx(1.0, abs=1e-5)  # the lottery at the specialists' 1
+    assert float(moved.prices[0]) >= 1.9 - 1e-5  # item 1 no longer a loss leader
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    yield from isolated_bundleflow_home(tmp_path_factory, "lottery")
+
+
+def test_a_run_with_the_known_optimum_recipe_offers_no_fallback_and_keeps_its_polish(home):
+    # tiny, with the recipe's keys: the fitted schedule prices the start but is not offered,
+    # and the polish's kept round never has a lower validation revenue than round 0.
+    out = run_cli(
+        "train", "--preset", "tiny", "--no-progress",
+        "--set", "menu.lottery_weights=mixture", "--set", "menu.init_bundles=atom_pairs",
+        "--set", "menu.fallback=best", "--set", "menu.posted_price_init=true",
+        "--set", "menu.offer_fallback=false", "--set", "stage2.polish_rounds=2",
+        cwd=home,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "kernels plain (menu.lottery_weights=mixture)" in out.stderr
+    assert "the fallback is not offered" in out.stderr
+    run_dir = next((home / "home" / "runs").glob("tiny-*"))
+    mech = FrozenMechanism.load(run_dir / "mechanism.safetensors")
+    assert mech.fallback is None
+    polish = mech.meta["polish"]
+    assert polish["val_revenue"][polish["round_kept"]] >= polish["val_revenue"][0]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["ir_violations"] == 0
+
+
+def test_offer_fallback_false_needs_a_fallback(home):
+    out = run_cli("config", "--preset", "tiny", "--set", "menu.offer_fallback=false", cwd=home)
+    assert out.returncode == 2
+    assert "menu.offer_fallback" in out.stderr
