@@ -220,6 +220,7 @@ def format_summary(r: dict, *, table: bool = True) -> str:
             f"  best baseline: {LABELS[r['best_baseline']]}; menu / best = "
             f"{_fmt(ratio['ratio'], 4)} (paired 95% CI {_ci(ratio['ci95'])})"
         )
+    lines.append("  " + learned_line(r))
     opt = r.get("optimum") or {}
     if opt.get("ratio"):
         ratio = opt["ratio"]
@@ -246,6 +247,30 @@ def format_summary(r: dict, *, table: bool = True) -> str:
             f"{r.get('evaluation_device', 'cpu')} (this command)"
         )
     return "\n".join(lines)
+
+
+def learned_line(r: dict) -> str:
+    """In plain words: are learned elements bought, and what does the mechanism add over the
+    best posted price (issue 27: a run that ties the posted price must say so)."""
+    fb = r.get("fallback")
+    share = 1.0 - fb["revenue_share"] if fb and fb["revenue_share"] == fb["revenue_share"] else 1.0
+    bought = r["buy_rate"] - (fb["chosen_fraction"] if fb else 0.0)
+    if r["elements_in_use"] == 0:
+        text = "learned elements: none bought" + (
+            f"; the mechanism is the fallback's {fb['kind']} pricing alone" if fb else ""
+        )
+    else:
+        text = (
+            f"learned elements: bought by {bought:.1%} of test bidders ({r['elements_in_use']} "
+            f"of {r['menu_size']} elements), {share:.1%} of the revenue"
+        )
+    if "best_baseline" in r:
+        ratio = r["ratio_to_best_baseline"]
+        text += (
+            f"; the mechanism earns {_fmt(ratio['ratio'], 4)}x the best posted price "
+            f"({LABELS[r['best_baseline']]}, paired 95% CI {_ci(ratio['ci95'])})"
+        )
+    return text
 
 
 def eager_line(r: dict) -> str | None:

@@ -141,3 +141,25 @@ def test_offer_fallback_false_needs_a_fallback(home):
     out = run_cli("config", "--preset", "tiny", "--set", "menu.offer_fallback=false", cwd=home)
     assert out.returncode == 2
     assert "menu.offer_fallback" in out.stderr
+
+
+def test_the_summary_says_plainly_whether_learned_elements_are_bought():
+    from bundleflow.report import learned_line
+
+    tie = {
+        "buy_rate": 0.9, "elements_in_use": 0, "menu_size": 1000,
+        "fallback": {"kind": "size", "chosen_fraction": 0.9, "revenue_share": 1.0},
+        "best_baseline": "bundle_size_pricing",
+        "ratio_to_best_baseline": {"ratio": 1.0, "ci95": [1.0, 1.0]},
+    }  # fmt: skip
+    line = learned_line(tie)
+    assert line.startswith("learned elements: none bought; the mechanism is the fallback's size")
+    assert "1x the best posted price (bundle-size pricing" in line
+    gain = {
+        "buy_rate": 0.95, "elements_in_use": 21, "menu_size": 1000,
+        "best_baseline": "item_pricing",
+        "ratio_to_best_baseline": {"ratio": 1.016, "ci95": [1.015, 1.017]},
+    }  # fmt: skip
+    line = learned_line(gain)
+    assert "bought by 95.0% of test bidders (21 of 1000 elements), 100.0% of the revenue" in line
+    assert "1.016x the best posted price (item pricing" in line
