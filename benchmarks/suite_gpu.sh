@@ -11,6 +11,12 @@ d=${DATA_SEED:-7}
 if [ -n "${GPU_TESTS:-1}" ]; then
   (python3 -m pytest -q -m gpu -p no:cacheprovider -x > "$OUT/gpu_tier.log" 2>&1; echo "gpu tier rc=$?" >> "$OUT/gpu_tier.log") &
 fi
+if [ -n "${EAGER_CHECK:-}" ]; then  # issue 25: a missing compiler is a finding in the report
+  (CC=/nonexistent/cc CXX=/nonexistent/c++ TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) \
+   TRITON_CACHE_DIR=$(mktemp -d) BUNDLEFLOW_HOME=$W/eager python3 -m bundleflow train \
+   --preset default --device cuda --max-steps 200 --no-progress > "$OUT/eager_check.txt" \
+   2> "$W/eager_check.log"; echo "rc=$?" >> "$OUT/eager_check.txt") &
+fi
 for s in ${SEEDS:-0 1 2}; do
   timeout ${SUITE_LIMIT:-520} python3 -m bundleflow suite --seeds "$s" --runs-dir "$W/seed$s" \
     ${SETTINGS:+--settings "$SETTINGS"} --set data.seed="$d" --set data.catalogue_seed="$d" \
