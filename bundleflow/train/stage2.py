@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -681,7 +682,7 @@ class Stage2Trainer:
                 if not self.comm.active:
                     self.save()
                 logger.warning(
-                    "interrupted at step {}; resume with --resume {}", st.step, self.run.dir
+                    "interrupted at step {}; resume with: {}", st.step, self.resume_hint()
                 )
                 raise
         bar.close()
@@ -724,6 +725,10 @@ class Stage2Trainer:
             by_signal, by_time = (x > 0 for x in self.comm.all_reduce(flags, "max").tolist())
         return "signal" if by_signal else "max-time" if by_time else ""
 
+    def resume_hint(self) -> str:
+        """A command to paste (issue 25: it was a fragment, and broke on a path with a space)."""
+        return f"bundleflow train --resume {shlex.quote(str(self.run.dir))}"
+
     def finish(self, reason: str) -> Stage2Result:
         """After the loop: a checkpoint; unless stopped by a signal, the frozen best menu."""
         st = self.state
@@ -731,9 +736,9 @@ class Stage2Trainer:
         if reason == "signal":
             self.save()
             logger.warning(
-                "stopped by a signal at step {}; checkpoint written; resume with --resume {}",
+                "stopped by a signal at step {}; checkpoint written; resume with: {}",
                 st.step,
-                self.run.dir,
+                self.resume_hint(),
             )
         else:
             if st.best_val == float("-inf"):  # stopped before any evaluation: evaluate now
