@@ -22,20 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the reference
 
 from bundleflow.baselines import fit_baselines  # noqa: E402
+from bundleflow.valuations import known  # noqa: E402
 from tests import baselines_reference as reference  # noqa: E402
 
 
 def specialists(n: int, m: int = 100, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    flex = torch.rand(n, generator=g) < 0.5
-    item = torch.randint(m, (n,), generator=g)
-    out = torch.zeros(n, m, m + 1)
-    out[flex, :, :m] = torch.eye(m)
-    out[flex, :, m] = 1.0
-    rest = (~flex).nonzero().squeeze(1)
-    out[rest, 0, item[rest]] = 1.0
-    out[rest, 0, m] = 1.9
-    return out
+    """The suite's specialists + flexible valuations ``[n, m, m+1]``."""
+    return known.specialists(n, torch.Generator().manual_seed(seed), n_items=m)
 
 
 def two_item(n: int, seed: int = 0) -> torch.Tensor:

@@ -20,6 +20,7 @@ from bundleflow.baselines import (
 )
 from bundleflow.evaluate import baselines_report, paired_ratio_ci
 from bundleflow.revenue import WALK_AWAY
+from bundleflow.valuations import known
 
 INF = math.inf
 
@@ -284,17 +285,8 @@ def test_fitted_baselines_are_cached_by_the_training_split(tmp_path, monkeypatch
 
 def _specialists(n: int, m: int, seed: int) -> torch.Tensor:
     """W.p. ½ every singleton worth 1 (m atoms), else one uniform item worth 1.9: duplicates
-    and exact ties everywhere."""
-    g = torch.Generator().manual_seed(seed)
-    flex = torch.rand(n, generator=g) < 0.5
-    item = torch.randint(m, (n,), generator=g)
-    out = torch.zeros(n, m, m + 1)
-    out[flex, :, :m] = torch.eye(m)
-    out[flex, :, m] = 1.0
-    rest = (~flex).nonzero().squeeze(1)
-    out[rest, 0, item[rest]] = 1.0
-    out[rest, 0, m] = 1.9
-    return out
+    and exact ties everywhere (the suite's generator)."""
+    return known.specialists(n, torch.Generator().manual_seed(seed), n_items=m)
 
 
 FAST_CASES = {
