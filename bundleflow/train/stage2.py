@@ -21,7 +21,7 @@ from bundleflow.checkpoint import (
     replace_checkpoint,
     write_checkpoint,
 )
-from bundleflow.config import Config, to_dict
+from bundleflow.config import Config, MenuConfig, to_dict
 from bundleflow.distributed import Comm
 from bundleflow.errors import BundleflowError
 from bundleflow.fallback import PostedPrices, fit_posted_prices
@@ -125,14 +125,16 @@ def top_atoms(train_user: torch.Tensor, n: int) -> torch.Tensor:
     return unique[order].float()
 
 
-def atom_pairs(atoms: torch.Tensor, m, first: int, gen: torch.Generator) -> torch.Tensor:
+def atom_pairs(
+    atoms: torch.Tensor, menu: MenuConfig, first: int, gen: torch.Generator
+) -> torch.Tensor:
     """Support-point corners ``[J − first, D, n_items]`` for elements ``first..J−1``: each a
     lottery over two distinct rows of ``atoms [A, n_items]`` (A ≥ 2), the first half of its
     D points on one and the rest on the other; the pairs drawn uniformly by ``gen``."""
-    n, A = m.size - first, atoms.shape[0]
+    n, A = menu.size - first, atoms.shape[0]
     a = torch.randint(A, (n,), generator=gen)
     b = (a + torch.randint(1, A, (n,), generator=gen)) % A  # a different atom
-    half = torch.arange(m.support) < (m.support + 1) // 2  # (D,)
+    half = torch.arange(menu.support) < (menu.support + 1) // 2  # (D,)
     return torch.where(half[None, :, None], atoms[a][:, None, :], atoms[b][:, None, :])
 
 
