@@ -16,6 +16,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+JOINED_GLOO_TORCH = (2, 13)
+"""The oldest torch on which the fix of :func:`before_process_group` was measured safe. On
+torch 2.5.1 (the image's pin) a Gloo group that really is destroyed can hang its last rank in
+``destroy_process_group`` (seen in CI: a two-process ``replicate`` run, rank 1 blocked there
+after rank 0 had exited), so older torch keeps the earlier behaviour: the group is left to
+interpreter exit, with the rare abort under load that issue 28 is about."""
+
+
+def joins_gloo_threads() -> bool:
+    """Whether this torch gets the issue-28 fix (:data:`JOINED_GLOO_TORCH`)."""
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    return version >= JOINED_GLOO_TORCH
+
 
 def before_process_group() -> None:
     """Call before the process group is created (``Accelerator()``, ``init_process_group``)
@@ -32,7 +45,7 @@ def before_process_group() -> None:
     hook destroys the group on every other way out (an exception, a second Ctrl-C) while the
     interpreter is still whole; the group is local, so no peer is needed for it.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not joins_gloo_threads():
         return
     import torch._dynamo  # noqa: F401 - the import order is the fix, see above
 
