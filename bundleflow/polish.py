@@ -59,10 +59,9 @@ def _top2(u: Tensor) -> tuple[Tensor, Tensor]:
 def _plateau_step(
     t: Tensor, cand: Tensor, alt_pay: Tensor, price: Tensor, current: float, margin: float, ok
 ) -> int | None:
-    """``t`` sorted falling, ``alt_pay`` in its order, ``cand = t − margin``: the candidate
-    (an index) with the most buyers
-    among those losing at most ``margin`` per buyer against ``current``, if it has more
-    buyers than the price now; None otherwise."""
+    """``t`` sorted falling, ``alt_pay`` in its order, ``cand = t − margin``: the index of
+    the candidate with the most buyers among those losing at most ``margin`` per buyer
+    against ``current``, if it has more buyers than the price now; None otherwise."""
     buyers_now = int((t > price).sum())
     # the exact gain at each candidate, ties counted: the buyers are all thresholds > cand
     n_buy = torch.searchsorted(-t, -cand)  # (N,) t falls, so -t rises
