@@ -46,6 +46,14 @@ class RunData:
         out[..., -1] /= self.scale
         return out
 
+    def denormalise(self, valuations: Tensor) -> Tensor:
+        """Normalised money -> user units (the inverse of :meth:`normalise`)."""
+        if self.kind == "additive":
+            return valuations * self.scale
+        out = valuations.clone()
+        out[..., -1] *= self.scale
+        return out
+
     def batch(self, size: int, generator: torch.Generator, device: torch.device) -> Tensor:
         """A training batch of normalised valuations (uniform draws with replacement)."""
         if self.kind == "additive":

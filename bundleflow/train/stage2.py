@@ -781,7 +781,7 @@ class Stage2Trainer:
         the round kept by validation (``stage2.polish_rounds``; :mod:`bundleflow.polish`)."""
         device, batch = mech.prices.device, self.cfg.eval.batch_size
         train = self.data.train_user.to(device)
-        val = _denormalised(self.data, self.data.val).to(device)
+        val = self.data.denormalise(self.data.val).to(device)
         values, fb_u, fb_pay = _outcome_columns(mech, train, batch)
         result = polish_prices(
             values,
@@ -843,14 +843,6 @@ class Stage2Trainer:
             mech.save(self.run.dir / MECHANISM_FILE)
         self.comm.barrier()
         return mech
-
-
-def _denormalised(data: RunData, valuations: torch.Tensor) -> torch.Tensor:
-    if data.kind == "additive":
-        return valuations * data.scale
-    out = valuations.clone()
-    out[..., -1] *= data.scale
-    return out
 
 
 def _outcome_columns(mech: FrozenMechanism, valuations: torch.Tensor, batch: int):
