@@ -797,6 +797,18 @@ def regenerate_command(settings: dict, split: tuple[float, float, float]) -> str
     return shlex.join([*args, "--out", "FILE"])
 
 
+def safetensors_output(out: str | os.PathLike, keeps: str, then: str = "") -> Path:
+    """``out`` as a Path if it names a ``.safetensors`` file (what generated sets are saved
+    as, so that they keep their ``keeps``, seed and split); a user error otherwise."""
+    out = Path(out)
+    if out.suffix.lower() != ".safetensors":
+        raise BundleflowError(
+            f"{out}: generated sets are saved as .safetensors (so they keep their {keeps}, "
+            f"seed and split); name the output *.safetensors{then}"
+        )
+    return out
+
+
 def generate_dataset(
     out: str | os.PathLike,
     dist: str,
@@ -812,13 +824,11 @@ def generate_dataset(
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Generate a CATS set and save it (atomically) with settings, seed, split, checksum."""
-    out = Path(out)
-    if out.suffix.lower() != ".safetensors":
-        raise BundleflowError(
-            f"{out}: generated sets are saved as .safetensors (so they keep their settings, "
-            "seed and split); name the output *.safetensors, then `bundleflow data convert` "
-            "it to .pt if you need the bare tensor"
-        )
+    out = safetensors_output(
+        out,
+        "settings",
+        ", then `bundleflow data convert` it to .pt if you need the bare tensor",
+    )
     settings = generator_settings(
         dist, n_items, n, seed, params=params, private_values=private_values, mode=mode
     )

@@ -81,12 +81,7 @@ def generate_known_dataset(
     out: str | os.PathLike, known: KnownSetting, sizes: dict[str, int], seed: int
 ) -> Path:
     """Generate a known-optimum set and save it (atomically) with its optimum and split."""
-    out = Path(out)
-    if out.suffix.lower() != ".safetensors":
-        raise BundleflowError(
-            f"{out}: generated sets are saved as .safetensors (so they keep their optimum, "
-            "seed and split); name the output *.safetensors"
-        )
+    out = data_io.safetensors_output(out, "optimum")
     if sizes["train"] < 1 or sizes["val"] < 1 or sizes["test"] < 1:
         raise BundleflowError(f"split sizes {sizes} leave a part empty; every part needs ≥ 1")
     valuations = sample_parts(known, sizes, seed)
