@@ -97,7 +97,8 @@ def test_fused_matches_the_recorded_public_pass(reference_pass):
     lot = fused_lotteries(menu, flow, lam, ref["eps"])
     assert _rel(lot.log_p0, ref["log_p0"]) < 1e-6
     assert _rel(lot.log_det, ref["trace_term"]) < 1e-6
-    assert _rel(lot.alpha, ref["alpha"]) < 1e-5
+    # one float32 ulp of the ≈ 900-nat ℓ under softmax: see test_reference_fixture
+    assert _rel(lot.alpha, ref["alpha"]) < float(torch.finfo(torch.float32).eps * ref["ell"].abs().max())
     assert torch.equal(lot.bundles, ref["bundles"])
     from bundleflow.revenue import soft_revenue
 
