@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16, H200 call of 2026-12-02: compiled Adam (bundleflow/adam.py) — the GPU tier, Adam
+# Issue 16, H200 call of 2026-12-02: compiled Adam (bundleflow/maths/adam.py) — the GPU tier, Adam
 # side by side, bench m=50/500, profile of the trained step, paper-m50 twice (cold, warm)
 # with a cProfile of the warm run (where Stage 2's time outside the steps goes).
 set -u

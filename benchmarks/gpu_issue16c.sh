@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issues 16/17, H200 call of 2026-12-02 (after gpu_issue16b.sh): paper-m50 twice with compiled
 # Adam (cold: data, flow, baselines, kernels; warm: the same command again), then the price
-# polish (bundleflow/polish.py, scripts/polish_experiment.py) on an arbitrary-upv-m50 run of
+# polish (bundleflow/maths/polish.py, scripts/polish_experiment.py) on an arbitrary-upv-m50 run of
 # a fresh data seed. One run at a time.
 set -u
 source benchmarks/gpu_env.sh

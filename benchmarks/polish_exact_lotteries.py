@@ -1,5 +1,5 @@
 """The price polish on exact lotteries (no flow): how far the start of the known-optimum recipe
-goes with :func:`bundleflow.polish.polish_prices` alone, with and without plateau moves.
+goes with :func:`bundleflow.maths.polish.polish_prices` alone, with and without plateau moves.
 
 The menu is the recipe's start: the top atoms of the training split as deterministic
 elements, then even lotteries over seeded pairs of them (``menu.init_bundles=atom_pairs``),
@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from bundleflow.fallback import fit_posted_prices
-from bundleflow.polish import hard_revenue_of, polish_prices
+from bundleflow.evaluation.posted import fit_posted_prices
+from bundleflow.maths.polish import hard_revenue_of, polish_prices
 from bundleflow.train.stage2 import top_atoms
 from bundleflow.valuations.known import make_setting
 from bundleflow.valuations.oracle import bundle_values

@@ -2,6 +2,6 @@
 
 import sys
 
-from bundleflow.cli import main
+from bundleflow.cli.app import main
 
 sys.exit(main())

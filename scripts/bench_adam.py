@@ -15,7 +15,7 @@ import statistics
 
 import torch
 
-from bundleflow.adam import CompiledAdam
+from bundleflow.maths.adam import CompiledAdam
 
 
 def time_optimizer(make, shapes, steps: int) -> float:

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the reference
 
-from bundleflow.baselines import fit_baselines  # noqa: E402
+from bundleflow.evaluation.baselines import fit_baselines  # noqa: E402
 from bundleflow.valuations import known  # noqa: E402
 from tests import baselines_reference as reference  # noqa: E402
 

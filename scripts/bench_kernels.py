@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bundleflow import bench  # noqa: E402
-from bundleflow.fast_step import Stage2Step, make_optimizer  # noqa: E402
-from bundleflow.profiling import environment  # noqa: E402
-from bundleflow.timing import synchronize  # noqa: E402
+from bundleflow.perf import bench  # noqa: E402
+from bundleflow.perf.profiling import environment  # noqa: E402
+from bundleflow.system.timing import synchronize  # noqa: E402
+from bundleflow.train.stage2_step import Stage2Step, make_optimizer  # noqa: E402
 
 
 def main() -> None:

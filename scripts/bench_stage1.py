@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bundleflow.config import load_config  # noqa: E402
-from bundleflow.flow import MixtureNoise, VelocityField, flow_pairs, rectified_flow_loss  # noqa: E402
+from bundleflow.maths.flow import MixtureNoise, VelocityField, flow_pairs, rectified_flow_loss  # noqa: E402
+from bundleflow.train.config import load_config  # noqa: E402
 from bundleflow.train.stage1_step import Stage1Step, time_stage1  # noqa: E402
 
 PAPER_STEPS = 30000

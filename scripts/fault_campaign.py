@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bundleflow.checkpoint import latest, read_checkpoint  # noqa: E402
+from bundleflow.train.checkpoint import latest, read_checkpoint  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ARGS = ["train", "--preset", "tiny", "--device", "cpu", "--no-progress"]
@@ -59,7 +59,7 @@ class _Os:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd)
 atomic.os = _Os()
-from bundleflow.cli import main
+from bundleflow.cli.app import main
 sys.exit(main(sys.argv[3:]))
 """
 

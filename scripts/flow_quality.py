@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bundleflow.flow import integrate, round_bundles
+from bundleflow.maths.flow import integrate, round_bundles
 from bundleflow.train.stage1 import load_flow
 
 

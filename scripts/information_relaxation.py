@@ -24,9 +24,11 @@ import math
 
 import torch
 
-from bundleflow.baselines import _single_price as monopoly  # the closed-form posted price
-from bundleflow.baselines import bundle_size_outcome, fit_bundle_size_prices
-from bundleflow.evaluate import paired_ratio_ci
+from bundleflow.evaluation.baselines import (
+    _single_price as monopoly,  # the closed-form posted price
+)
+from bundleflow.evaluation.baselines import bundle_size_outcome, fit_bundle_size_prices
+from bundleflow.evaluation.evaluate import paired_ratio_ci
 from bundleflow.valuations import io as data_io
 from bundleflow.valuations.xor import atoms_and_values
 

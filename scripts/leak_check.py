@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
-    from bundleflow.config import load_config
-    from bundleflow.flow import VelocityField
+    from bundleflow.maths.flow import VelocityField
+    from bundleflow.train.config import load_config
     from bundleflow.train.data import RunData
     from bundleflow.train.plan import resolve_plan
     from bundleflow.train.stage2 import setup_stage2

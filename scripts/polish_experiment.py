@@ -1,4 +1,4 @@
-"""Experiment: price polish (bundleflow.polish) on a finished run's frozen mechanism.
+"""Experiment: price polish (bundleflow.maths.polish) on a finished run's frozen mechanism.
 
     python scripts/polish_experiment.py RUN_DIR [--data FILE] [--rounds 3]
         [--min-buyers 1 30 ...] [--seed 0] [--device cpu|cuda] [--json OUT]
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from bundleflow.config import load_config
-from bundleflow.evaluate import paired_ratio_ci
-from bundleflow.mechanism import FrozenMechanism
-from bundleflow.polish import polish_prices
+from bundleflow.evaluation.evaluate import paired_ratio_ci
+from bundleflow.evaluation.mechanism import FrozenMechanism
+from bundleflow.maths.polish import polish_prices
+from bundleflow.train.config import load_config
 from bundleflow.train.data import fitted_baselines, load_run_data
 
 

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bundleflow.checkpoint import read_checkpoint  # noqa: E402
-from bundleflow.config import load_config  # noqa: E402
-from bundleflow.menu import Menu, lottery_utilities  # noqa: E402
-from bundleflow.revenue import hard_outcome  # noqa: E402
+from bundleflow.maths.menu import Menu, lottery_utilities  # noqa: E402
+from bundleflow.maths.revenue import hard_outcome  # noqa: E402
+from bundleflow.train.checkpoint import read_checkpoint  # noqa: E402
+from bundleflow.train.config import load_config  # noqa: E402
 from bundleflow.train.data import load_run_data  # noqa: E402
 from bundleflow.train.stage1 import load_flow_ckpt  # noqa: E402
 

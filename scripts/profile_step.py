@@ -2,7 +2,7 @@
 
     python scripts/profile_step.py --items 500 --precision bf16 [--mode eager] [--kernels compiled]
 
-Runs the bench's step (``bundleflow.bench``) for a few warm-up steps, then 10 steps under
+Runs the bench's step (``bundleflow.perf.bench``) for a few warm-up steps, then 10 steps under
 ``torch.profiler`` and prints the top kernels (eager mode, so each op is visible).
 """
 
@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bundleflow import bench  # noqa: E402
+from bundleflow.perf import bench  # noqa: E402
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 # Create .venv and install bundleflow with its dev tools and the tracking (tensorboard) and
 # notebook (nbclient, ipykernel) extras.
 # torch is installed first and pinned here (not in pyproject, which keeps a range), from the
-# index that fits this machine (bundleflow/torch_index.py, the README's driver table): no
+# index that fits this machine (bundleflow/system/torch_index.py, the README's driver table): no
 # NVIDIA driver -> the CPU build; a driver -> the newest CUDA build it runs. It prints what it
 # chose and why; when that index is unreachable it says so and installs from pip's own index.
 # Override for your machine:
@@ -25,7 +25,7 @@ if [ -n "$ASKED_TORCH" ] || ! .venv/bin/python -c "import torch" >/dev/null 2>&1
     .venv/bin/python -m pip install --quiet "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
   else
     # stdout: the pip arguments, one a line; stderr: what was chosen and why
-    mapfile -t TORCH_ARGS < <(.venv/bin/python bundleflow/torch_index.py --spec "$TORCH_SPEC")
+    mapfile -t TORCH_ARGS < <(.venv/bin/python bundleflow/system/torch_index.py --spec "$TORCH_SPEC")
     [ "${#TORCH_ARGS[@]}" -gt 0 ] || { echo "setup: could not choose a torch build" >&2; exit 1; }
     .venv/bin/python -m pip install --quiet "${TORCH_ARGS[@]}"
   fi

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from bundleflow import baselines
+from bundleflow.evaluation import baselines
 from bundleflow.valuations.io import read_valuations
 
 

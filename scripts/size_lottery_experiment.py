@@ -4,7 +4,7 @@
 
 Option (k, q, p): any k items of the bidder's choice, delivered with probability q, for the
 price p (paid either way): utility q·V(k) − p, V(k) the best atom of size ≤ k. Candidates
-every k = 1..m with every q; prices by the exact coordinate ascent of bundleflow.polish on
+every k = 1..m with every q; prices by the exact coordinate ascent of bundleflow.maths.polish on
 the file's training split beside bundle-size pricing fitted there, validation picking the
 round; prints the test revenue with and without the lotteries (paired 95% CI).
 
@@ -25,11 +25,11 @@ import math
 
 import torch
 
-from bundleflow.baselines import effective_size_prices, fit_bundle_size_prices
-from bundleflow.evaluate import paired_ratio_ci
-from bundleflow.fallback import PostedPrices
-from bundleflow.polish import polish_prices
-from bundleflow.revenue import hard_outcome
+from bundleflow.evaluation.baselines import effective_size_prices, fit_bundle_size_prices
+from bundleflow.evaluation.evaluate import paired_ratio_ci
+from bundleflow.evaluation.posted import PostedPrices
+from bundleflow.maths.polish import polish_prices
+from bundleflow.maths.revenue import hard_outcome
 from bundleflow.valuations import io as data_io
 from bundleflow.valuations.xor import atoms_and_values
 

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bundleflow.config import load_config  # noqa: E402
-from bundleflow.flow import integrate, round_bundles  # noqa: E402
+from bundleflow.maths.flow import integrate, round_bundles  # noqa: E402
+from bundleflow.train.config import load_config  # noqa: E402
 from bundleflow.train.stage1 import train_stage1  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """The posted-price baseline fits as they were before issue 27 (commit 6a6e4b7): the direct
 evaluation of every candidate over every bidder and atom, the reference the fast fits in
-:mod:`bundleflow.baselines` must reproduce (tests and ``scripts/bench_baselines.py``).
+:mod:`bundleflow.evaluation.baselines` must reproduce (tests and ``scripts/bench_baselines.py``).
 
 One change: candidates whose revenues differ by less than ``REVENUE_TIE`` (relative) tie, as
 in the fast fits. The strict comparison let float summation noise break ties that are exact
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bundleflow.revenue import hard_choice
+from bundleflow.maths.revenue import hard_choice
 from bundleflow.valuations.xor import atoms_and_values
 
 # Fitting knobs. Grids are multiplicative around the current price so that a fit is
@@ -49,11 +49,11 @@ def atom_parts(valuations: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def posted_outcome(values: Tensor, prices: Tensor) -> tuple[Tensor, Tensor]:
-    """The hard rule (:func:`bundleflow.revenue.hard_choice`) over options: values and
+    """The hard rule (:func:`bundleflow.maths.revenue.hard_choice`) over options: values and
     prices ``[..., N, K]`` (broadcast).
 
     Returns ``choice [..., N]`` (lowest index among the utility maxima,
-    :data:`bundleflow.revenue.WALK_AWAY` when the best utility is negative) and
+    :data:`bundleflow.maths.revenue.WALK_AWAY` when the best utility is negative) and
     ``payment [..., N]``.
     """
     return hard_choice(values - prices, prices)  # (..., N, K) utilities

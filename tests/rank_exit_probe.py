@@ -35,6 +35,6 @@ if __name__ == "__main__":
     atexit.register(_record)
     if os.environ.get("BUNDLEFLOW_FAULT_RANK") == os.environ.get("RANK"):
         _fault(int(os.environ.get("BUNDLEFLOW_FAULT_STEP", "5")))
-    from bundleflow.cli import main
+    from bundleflow.cli.app import main
 
     sys.exit(main())

@@ -1,11 +1,11 @@
-"""CompiledAdam (bundleflow.adam): torch's Adam, one elementwise function per parameter."""
+"""CompiledAdam (bundleflow.maths.adam): torch's Adam, one elementwise function per parameter."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bundleflow.adam import CompiledAdam, adam_update
+from bundleflow.maths.adam import CompiledAdam, adam_update
 
 
 def _pair(device="cpu", compile=False, **opt_kw):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bundleflow.baselines import (
+from bundleflow.evaluation.baselines import (
     bundle_size_outcome,
     effective_size_prices,
     fit_baselines,
@@ -18,8 +18,8 @@ from bundleflow.baselines import (
     grand_bundle_payments,
     item_price_outcome,
 )
-from bundleflow.evaluate import baselines_report, paired_ratio_ci
-from bundleflow.revenue import WALK_AWAY
+from bundleflow.evaluation.evaluate import baselines_report, paired_ratio_ci
+from bundleflow.maths.revenue import WALK_AWAY
 from bundleflow.valuations import known
 
 INF = math.inf
@@ -256,7 +256,7 @@ def test_fitted_baselines_are_cached_by_the_training_split(tmp_path, monkeypatch
     """The second run on the same training split reads the fit back (identical prices, no
     refit); another split is fitted anew."""
     import bundleflow.train.data as run_data
-    from bundleflow.baselines import fit_baselines
+    from bundleflow.evaluation.baselines import fit_baselines
 
     monkeypatch.setenv("BUNDLEFLOW_CACHE", str(tmp_path))
     gen = torch.Generator().manual_seed(5)
@@ -322,7 +322,7 @@ def test_fast_fits_equal_the_direct_reference(case, seed):
 def test_two_option_revenue_equals_a_direct_loop_with_ties():
     """The histogram scoring of a coordinate step against the rule applied per bidder and
     candidate, on integer utilities and a grid through them (ties at every candidate)."""
-    from bundleflow.baselines import _two_option_revenue
+    from bundleflow.evaluation.baselines import _two_option_revenue
 
     g = torch.Generator().manual_seed(70)
     n = 400
@@ -346,7 +346,7 @@ def test_two_option_revenue_equals_a_direct_loop_with_ties():
 
 
 def test_distinct_rows_and_their_counts():
-    from bundleflow.baselines import _distinct
+    from bundleflow.evaluation.baselines import _distinct
 
     rows = random_xor(30, 4, 3, seed=71)
     order = torch.randperm(50, generator=torch.Generator().manual_seed(0))
@@ -361,8 +361,8 @@ def test_distinct_rows_and_their_counts():
 def test_fallback_reuses_the_fitted_baselines(monkeypatch):
     """With the posted price beside a menu, the run fits the baselines once (the report's
     cached fit) and the fallback takes its prices from it."""
-    from bundleflow import baselines
-    from bundleflow.fallback import fit_posted_prices
+    from bundleflow.evaluation import baselines
+    from bundleflow.evaluation.posted import fit_posted_prices
 
     train = random_xor(300, 6, 4, seed=72)
     fitted = fit_baselines(train)
@@ -381,7 +381,7 @@ def test_fallback_reuses_the_fitted_baselines(monkeypatch):
 def test_uniform_runs_equal_the_direct_rule(integer):
     """Uniform-price revenue from each bidder's runs of candidates equals the rule applied
     to every candidate, with sizes missing and candidates on exact crossings (ties)."""
-    from bundleflow.baselines import (
+    from bundleflow.evaluation.baselines import (
         _size_table,
         _uniform_revenue,
         _uniform_revenue_direct,

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from bundleflow import bench, fast_step
-from bundleflow.cli import main
-from bundleflow.fast_step import Stage2Step, make_optimizer, stage2_loss
+from bundleflow.cli.app import main
+from bundleflow.perf import bench
+from bundleflow.train import stage2_step as fast_step
+from bundleflow.train.stage2_step import Stage2Step, make_optimizer, stage2_loss
 
 TINY = [
     "--items", "10", "--menu", "40", "--support", "4", "--batch", "16", "--atoms", "3",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bundleflow.config import load_config
 from bundleflow.errors import BundleflowError
-from bundleflow.flow import VelocityField, integrate
-from bundleflow.menu import Menu, freeze_flow, lottery_utilities, straight_through_delta
-from bundleflow.revenue import soft_revenue
+from bundleflow.maths.flow import VelocityField, integrate
+from bundleflow.maths.menu import Menu, freeze_flow, lottery_utilities, straight_through_delta
+from bundleflow.maths.revenue import soft_revenue
+from bundleflow.train.config import load_config
 from bundleflow.train.plan import resolve_plan
 from bundleflow.valuations.xor import xor_bundle_values, xor_relaxed_values
 
@@ -109,7 +109,7 @@ def test_config_and_plan():
 def test_step_refuses_fused_kernels_with_bundle_grad():
     """The fused backward carries only the trace term: asking for it with the bundle
     gradient is an error, not a silent switch (the plan chooses plain kernels)."""
-    from bundleflow.fast_step import Stage2Step, make_optimizer
+    from bundleflow.train.stage2_step import Stage2Step, make_optimizer
 
     torch.manual_seed(0)
     flow = freeze_flow(VelocityField(4, hidden=8))

@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
-from bundleflow import __version__, checkpoint
-from bundleflow.checkpoint import (
+from bundleflow import __version__
+from bundleflow.errors import BundleflowError
+from bundleflow.train import checkpoint
+from bundleflow.train.checkpoint import (
     MANIFEST,
     latest,
     load_optimizer_tensors,
@@ -20,7 +22,6 @@ from bundleflow.checkpoint import (
     replace_checkpoint,
     write_checkpoint,
 )
-from bundleflow.errors import BundleflowError
 
 
 def _components() -> dict:

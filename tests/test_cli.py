@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bundleflow import __version__
-from bundleflow.cli import main
+from bundleflow.cli.app import main
 from tests.conftest import run_cli
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundleflow.cli import main
-from bundleflow.cli_data import ProgressBar
+from bundleflow.cli.app import main
+from bundleflow.cli.data import ProgressBar
 from tests.conftest import cli_error, run_cli
 
 STATS_KEYS = {

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bundleflow.cli import main
+from bundleflow.cli.app import main
 from tests.conftest import cli_error, isolated_bundleflow_home, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

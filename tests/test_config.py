@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bundleflow.config import (
+from bundleflow.errors import BundleflowError
+from bundleflow.train.config import (
     CONFIG_DIR,
     Config,
     load_config,
@@ -16,7 +17,6 @@ from bundleflow.config import (
     to_dict,
     to_flat_dict,
 )
-from bundleflow.errors import BundleflowError
 from tests.conftest import cli_error, run_cli
 
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -266,7 +266,7 @@ def test_cli_unknown_key_exits_2_with_one_line(tmp_path):
 def test_set_mixed_precision_no_is_fp32_not_a_yaml_boolean():
     """`--set mixed_precision=no` (documented as the way to ask for fp32) must not fail as
     YAML's false; other string keys still reject booleans."""
-    from bundleflow.config import load_config, parse_set
+    from bundleflow.train.config import load_config, parse_set
 
     assert load_config("tiny", parse_set(["mixed_precision=no"])).mixed_precision == "no"
     with pytest.raises(BundleflowError, match="data.dist"):

@@ -391,7 +391,7 @@ def test_unrecognised_format_names_the_file_and_the_accepted_formats(tmp_path, n
 
 
 def test_unrecognised_format_through_the_cli_is_exit_2_and_one_line(tmp_path, capsys):
-    from bundleflow.cli import main
+    from bundleflow.cli.app import main
 
     path = tmp_path / "values.csv"
     path.write_text("item0,item1,value\n1,0,3.5\n")

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundleflow.checkpoint import read_checkpoint
-from bundleflow.distributed import Comm, shard_sizes
+from bundleflow.system.distributed import Comm, shard_sizes
+from bundleflow.train.checkpoint import read_checkpoint
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.skipif(
@@ -95,9 +95,9 @@ def _torchrun(nproc: int, runs: Path, extra: list[str], env: dict, **kw):
 def _no_gloo_left(runs: Path, ranks=("0", "1")) -> None:
     """Issue 28: no rank exits with the process group's threads still running (they outlived
     destroy_process_group when torch._dynamo was imported after the group; see
-    bundleflow.distributed.before_process_group). Older torch keeps the group to exit
-    (bundleflow.distributed.JOINED_GLOO_TORCH): nothing to check there."""
-    from bundleflow.distributed import joins_gloo_threads
+    bundleflow.system.distributed.before_process_group). Older torch keeps the group to exit
+    (bundleflow.system.distributed.JOINED_GLOO_TORCH): nothing to check there."""
+    from bundleflow.system.distributed import joins_gloo_threads
 
     if not joins_gloo_threads():
         return

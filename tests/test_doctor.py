@@ -13,9 +13,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bundleflow import devices, doctor, telemetry
-from bundleflow.cli import main
-from bundleflow.doctor import (
+from bundleflow.cli.app import main
+from bundleflow.errors import BundleflowError
+from bundleflow.system import devices, doctor, telemetry
+from bundleflow.system.doctor import (
     FAIL,
     PASS,
     WARN,
@@ -26,7 +27,6 @@ from bundleflow.doctor import (
     NvmlFacts,
     TorchFacts,
 )
-from bundleflow.errors import BundleflowError
 from tests.conftest import run_cli
 
 H100 = (9, 0)
@@ -188,10 +188,10 @@ def test_cuda_wheel_fix_keeps_the_version_and_fits_the_driver(version, driver, f
 @pytest.mark.parametrize("driver", [None, "580.82.07", "575.51.03", "535.183.01", "470.256.02"])
 def test_cuda_wheel_fix_agrees_with_setup_and_the_readme_table(driver):
     """The doctor's reinstall line names the build scripts/setup.sh picks for the same
-    driver (bundleflow.torch_index.choose, whose table README "Setup" prints)."""
+    driver (bundleflow.system.torch_index.choose, whose table README "Setup" prints)."""
     from pathlib import Path
 
-    from bundleflow import torch_index
+    from bundleflow.system import torch_index
 
     fix = doctor.cuda_wheel_fix("2.13.0", driver)
     choice = torch_index.choose("2.13.0", driver)

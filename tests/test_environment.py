@@ -255,7 +255,7 @@ def test_flags_after_the_service_name_replace_only_the_flags(compose, name):
     `entrypoint:`, so FLAGS are bundleflow's flags, not a whole command line to retype."""
     service = compose["services"][name]
     assert service["entrypoint"][-1] in TRAINING and service["command"][0].startswith("--")
-    from bundleflow.cli import build_parser
+    from bundleflow.cli.app import build_parser
 
     entry = argv({"entrypoint": service["entrypoint"]})
     build_parser().parse_args([*entry[1:], "--preset", "default", "--max-steps", "10"])
@@ -307,7 +307,7 @@ def test_test_service_runs_the_gpu_tier_and_test_cpu_does_not_need_it(compose):
 
 @pytest.mark.parametrize("name", sorted(SERVICES - {"test", "test-cpu"}))
 def test_service_commands_parse_with_the_cli(compose, name):
-    from bundleflow.cli import build_parser
+    from bundleflow.cli.app import build_parser
 
     command = argv(compose["services"][name])
     assert command[0] == "bundleflow"
@@ -726,7 +726,7 @@ def test_env_example_documents_every_variable_the_code_reads():
 
 # --------------------------------------------------------------------------- the right torch
 
-TORCH_INDEX_PY = REPO / "bundleflow" / "torch_index.py"
+TORCH_INDEX_PY = REPO / "bundleflow" / "system" / "torch_index.py"
 
 
 @pytest.mark.parametrize(
@@ -744,7 +744,7 @@ TORCH_INDEX_PY = REPO / "bundleflow" / "torch_index.py"
     ],
 )
 def test_torch_build_follows_the_driver(driver, caps, flavour, words):
-    from bundleflow.torch_index import choose
+    from bundleflow.system.torch_index import choose
 
     choice = choose("2.13.0", driver, caps)
     assert choice.flavour == flavour and words in choice.why, choice
@@ -753,7 +753,7 @@ def test_torch_build_follows_the_driver(driver, caps, flavour, words):
 
 
 def test_torch_build_of_other_release_lines():
-    from bundleflow.torch_index import choose, cuda_flavours
+    from bundleflow.system.torch_index import choose, cuda_flavours
 
     assert choose("2.5.1", "550.54.15").flavour == "cu124"  # the image's torch
     assert choose("2.5.1", "530.30.02").flavour == "cu121"
@@ -860,12 +860,12 @@ def test_torch_spec_overrides_the_choice(tmp_path, local_index):
         ranged.stdout.splitlines() == ["torch>=2.5"] and "pip's own index decides" in ranged.stderr
     )
     setup = (REPO / "scripts" / "setup.sh").read_text()
-    assert 'bundleflow/torch_index.py --spec "$TORCH_SPEC"' in setup
+    assert 'bundleflow/system/torch_index.py --spec "$TORCH_SPEC"' in setup
     assert '--index-url "$TORCH_INDEX_URL"' in setup  # TORCH_INDEX_URL still wins
 
 
 def test_readme_driver_table_is_the_one_setup_uses():
-    from bundleflow.torch_index import DEFAULT_TORCH, driver_table
+    from bundleflow.system.torch_index import DEFAULT_TORCH, driver_table
 
     assert driver_table(DEFAULT_TORCH) in README.read_text()
     setup = (REPO / "scripts" / "setup.sh").read_text()

@@ -69,7 +69,7 @@ def test_relaxation_features_by_hand():
 def test_flow_quality_proxies_of_a_flow_that_empties_every_bundle():
     # Q ≡ -5 and σ ≡ 1: each of the 5 Euler steps multiplies z by (1 - 5/5) = 0, so every end
     # point is 0: all bundles empty, exactly at a corner, and no start point's move flips one.
-    from bundleflow.flow import VelocityField
+    from bundleflow.maths.flow import VelocityField
 
     quality = _load("flow_quality")
     field = VelocityField(6, 8, 8)

@@ -26,18 +26,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundleflow import baselines
-from bundleflow.cli import main
-from bundleflow.config import load_config, parse_set
-from bundleflow.distributed import Comm
+from bundleflow.cli.app import main
 from bundleflow.errors import BundleflowError
-from bundleflow.evaluate import evaluate_mechanism
-from bundleflow.fallback import PostedPrices, fit_posted_prices
-from bundleflow.fast_step import stage2_loss
-from bundleflow.flow import VelocityField
-from bundleflow.mechanism import FrozenMechanism
-from bundleflow.menu import Menu, freeze_flow, lottery_utilities
-from bundleflow.revenue import WALK_AWAY, hard_outcome, sharded_soft_revenue, soft_revenue
+from bundleflow.evaluation import baselines
+from bundleflow.evaluation.evaluate import evaluate_mechanism
+from bundleflow.evaluation.mechanism import FrozenMechanism
+from bundleflow.evaluation.posted import PostedPrices, fit_posted_prices
+from bundleflow.maths.flow import VelocityField
+from bundleflow.maths.menu import Menu, freeze_flow, lottery_utilities
+from bundleflow.maths.revenue import WALK_AWAY, hard_outcome, sharded_soft_revenue, soft_revenue
+from bundleflow.system.distributed import Comm
+from bundleflow.train.config import load_config, parse_set
+from bundleflow.train.stage2_step import stage2_loss
 from bundleflow.valuations.io import load_dataset
 from tests.conftest import isolated_bundleflow_home
 from tests.test_revenue import ALPHA, BUNDLES, PRICES, VALUATIONS

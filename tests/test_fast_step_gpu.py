@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from bundleflow import bench
-from bundleflow.fast_step import Stage2Step, make_optimizer, stage2_loss
+from bundleflow.perf import bench
+from bundleflow.train.stage2_step import Stage2Step, make_optimizer, stage2_loss
 
 pytestmark = [
     pytest.mark.gpu,
@@ -126,7 +126,7 @@ def test_bf16_flow_step_within_the_public_codes_fp16_tolerance(mode):
 def test_bench_cli_on_cuda(capsys):
     import json
 
-    from bundleflow.cli import main
+    from bundleflow.cli.app import main
 
     code = main(
         ["bench", "--device", "cuda", "--menu", "200", "--steps", "5", "--eval-valuations", "64",
@@ -142,7 +142,7 @@ def test_bench_cli_on_cuda(capsys):
 def test_graph_step_with_a_fallback_equals_eager_computation_on_its_inputs():
     """The fallback column (menu.fallback) inside the captured step: computed from each
     replay's batch, the same loss and gradients as the eager loss on those inputs."""
-    from bundleflow.fallback import PostedPrices
+    from bundleflow.evaluation.posted import PostedPrices
 
     flow, menu, pool, _ = bench.build(CFG, torch.device("cuda"))
     posted = PostedPrices(item_prices=torch.full((CFG.items,), 60.0, device="cuda"))  # raw money

@@ -24,15 +24,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundleflow.checkpoint import (
+from bundleflow.errors import BundleflowError
+from bundleflow.maths.flow import load_reference_flow
+from bundleflow.train.checkpoint import (
     MANIFEST,
     latest,
     read_checkpoint,
     read_manifest,
     write_checkpoint,
 )
-from bundleflow.errors import BundleflowError
-from bundleflow.flow import load_reference_flow
 from bundleflow.train.run import new_run_dir
 from bundleflow.valuations.io import load_dataset
 
@@ -71,7 +71,7 @@ ZYGOTE = CONTENT + textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from bundleflow.checkpoint import prune, replace_checkpoint, write_checkpoint
+    from bundleflow.train.checkpoint import prune, replace_checkpoint, write_checkpoint
 
     def writer(ckpt_dir, step):
         torch.set_num_threads(1)
@@ -195,11 +195,13 @@ FULL_DISK = textwrap.dedent(
     import json, os, resource, signal, sys
     from pathlib import Path
     import torch
-    from bundleflow.checkpoint import latest, read_checkpoint, replace_checkpoint, write_checkpoint
+    from bundleflow.train.checkpoint import (
+        latest, read_checkpoint, replace_checkpoint, write_checkpoint,
+    )
     from bundleflow.errors import BundleflowError
-    from bundleflow.mechanism import FrozenMechanism
+    from bundleflow.evaluation.mechanism import FrozenMechanism
     from bundleflow.train.run import Run
-    from bundleflow.config import Config
+    from bundleflow.train.config import Config
     from bundleflow.valuations.io import save_dataset
 
     root = Path(sys.argv[1])
@@ -271,7 +273,7 @@ AS_NOBODY = textwrap.dedent(
     import json, os, sys
     from pathlib import Path
     import torch
-    from bundleflow.checkpoint import latest, read_checkpoint, write_checkpoint
+    from bundleflow.train.checkpoint import latest, read_checkpoint, write_checkpoint
     from bundleflow.errors import BundleflowError
     from bundleflow.train.run import new_run_dir
     # Imports first: the interpreter's own files may live where nobody cannot read.
@@ -345,7 +347,7 @@ def test_cli_unwritable_runs_dir_exits_2_with_one_line(world_readable_dir):
     cache = world_readable_dir / "cache"
     cache.mkdir(mode=0o777)
     code = (
-        "import os, sys; from bundleflow.cli import build_parser, main; build_parser(); "
+        "import os, sys; from bundleflow.cli.app import build_parser, main; build_parser(); "
         "import bundleflow.train.stage2, accelerate, dotenv, ctypes; "
         "os.setgroups([]); os.setgid(65534); os.setuid(65534); sys.exit(main(sys.argv[1:]))"
     )
@@ -416,7 +418,7 @@ def test_malicious_pickle_is_refused_by_every_reader(tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt", {"menu": {"x": torch.ones(2)}}, step=1)
     shutil.copy(files["torch .pt (zip)"], ckpt / "menu.safetensors")
     manifest = read_manifest(ckpt)
-    from bundleflow.checkpoint import sha256_file
+    from bundleflow.train.checkpoint import sha256_file
 
     manifest["files"]["menu.safetensors"] = sha256_file(ckpt / "menu.safetensors")
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
@@ -474,7 +476,7 @@ STAGE1 = textwrap.dedent(
     """
     import json, sys, torch
     torch.set_num_threads(1)
-    from bundleflow.config import FlowConfig, Stage1Config
+    from bundleflow.train.config import FlowConfig, Stage1Config
     from bundleflow.train.stage1 import get_flow
     cfg = Stage1Config(steps=150, batch_size=64, log_every=50)
     field, info = get_flow(4, FlowConfig(hidden=16), cfg, torch.device("cpu"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bundleflow.flow import (
+from bundleflow.maths.flow import (
     MixtureNoise,
     VelocityField,
     flow_pairs,
@@ -69,9 +69,9 @@ def test_training_lowers_loss_and_learns_rounding():
 
 
 def test_flow_and_mixture_checkpoint_round_trip(tmp_path):
-    from bundleflow.checkpoint import read_checkpoint, write_checkpoint
     from bundleflow.errors import BundleflowError
-    from bundleflow.flow import flow_from_state, flow_state
+    from bundleflow.maths.flow import flow_from_state, flow_state
+    from bundleflow.train.checkpoint import read_checkpoint, write_checkpoint
 
     field = VelocityField(150)  # wide: h=256, h'=512 must survive the round trip
     noise = MixtureNoise(150, generator=torch.Generator().manual_seed(4))

@@ -1,4 +1,4 @@
-"""The fused per-point work (bundleflow.fused) against the plain autograd path and the
+"""The fused per-point work (bundleflow.maths.fused) against the plain autograd path and the
 recorded pass of the public code.
 
 Independent answers: the recorded pass (its gradients, log-densities, bundles), the plain
@@ -14,17 +14,17 @@ import shutil
 import pytest
 import torch
 
-from bundleflow import bench
-from bundleflow.fallback import PostedPrices
-from bundleflow.fast_step import Stage2Step, as_bundles, make_optimizer, stage2_loss
-from bundleflow.fused import (
+from bundleflow.evaluation.posted import PostedPrices
+from bundleflow.maths.fused import (
     Kernels,
     fused_lotteries,
     fused_utilities,
     kernels_for,
     resolve_kernels,
 )
-from bundleflow.menu import Menu, freeze_flow
+from bundleflow.maths.menu import Menu, freeze_flow
+from bundleflow.perf import bench
+from bundleflow.train.stage2_step import Stage2Step, as_bundles, make_optimizer, stage2_loss
 from bundleflow.valuations.xor import xor_value_bruteforce
 from tests.conftest import single_torch_thread
 from tests.test_reference_fixture import _flow, _menu, _rel
@@ -98,9 +98,11 @@ def test_fused_matches_the_recorded_public_pass(reference_pass):
     assert _rel(lot.log_p0, ref["log_p0"]) < 1e-6
     assert _rel(lot.log_det, ref["trace_term"]) < 1e-6
     # one float32 ulp of the ≈ 900-nat ℓ under softmax: see test_reference_fixture
-    assert _rel(lot.alpha, ref["alpha"]) < float(torch.finfo(torch.float32).eps * ref["ell"].abs().max())
+    assert _rel(lot.alpha, ref["alpha"]) < float(
+        torch.finfo(torch.float32).eps * ref["ell"].abs().max()
+    )
     assert torch.equal(lot.bundles, ref["bundles"])
-    from bundleflow.revenue import soft_revenue
+    from bundleflow.maths.revenue import soft_revenue
 
     u = fused_utilities(lot, menu.prices, ref["valuations"])
     assert _rel(u, ref["utilities"]) < 1e-5

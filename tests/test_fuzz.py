@@ -25,10 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
-from bundleflow.checkpoint import MANIFEST, latest, read_checkpoint, write_checkpoint
-from bundleflow.config import load_config, parse_set, to_flat_dict
 from bundleflow.errors import BundleflowError
-from bundleflow.mechanism import FrozenMechanism
+from bundleflow.evaluation.mechanism import FrozenMechanism
+from bundleflow.train.checkpoint import MANIFEST, latest, read_checkpoint, write_checkpoint
+from bundleflow.train.config import load_config, parse_set, to_flat_dict
 from bundleflow.valuations.io import load_dataset, save_dataset
 from tests.conftest import cli_error, run_cli, single_torch_thread
 
@@ -359,9 +359,10 @@ def mechanism_files(draw) -> bytes:
     )
     meta = draw(
         st.sampled_from(["json", "json", "none", "garbage"]).map(
-            lambda k: {"json": {"bundleflow.mechanism": json.dumps(header)}, "none": None}.get(
-                k, {"bundleflow.mechanism": "{not json"}
-            )
+            lambda k: {
+                "json": {"bundleflow.mechanism": json.dumps(header)},
+                "none": None,
+            }.get(k, {"bundleflow.mechanism": "{not json"})
         )
     )
     if not named:
@@ -452,7 +453,7 @@ REFERENCE_KEYS = [f"{layer}.{kind}" for layer in ("fc1", "fc2", "fc3", "fct1", "
 def flow_state_dicts(draw):
     """A valid reference flow state dict with keys dropped, tensors replaced by random ones
     (shapes, dtypes, NaNs), or not a dict at all."""
-    from bundleflow.flow import VelocityField
+    from bundleflow.maths.flow import VelocityField
 
     m, h = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     state = dict(VelocityField(m, h, h).state_dict())
@@ -471,7 +472,7 @@ def flow_state_dicts(draw):
 @given(state=flow_state_dicts(), data=st.data())
 def test_fuzz_reference_flow(work, state, data):
     """The public code's flow .pth (``load_reference_flow``): saved, then perhaps damaged."""
-    from bundleflow.flow import load_reference_flow
+    from bundleflow.maths.flow import load_reference_flow
 
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -502,7 +503,7 @@ BAD_FILES = {
 
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
 def test_cli_bad_data_file_is_exit_2_and_one_line(tmp_path, capsys, name):
-    from bundleflow.cli import main
+    from bundleflow.cli.app import main
 
     bad = tmp_path / name
     bad.write_bytes(BAD_FILES[name])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bundleflow.mechanism import FrozenMechanism
-from bundleflow.menu import Menu
-from bundleflow.revenue import hard_outcome
+from bundleflow.evaluation.mechanism import FrozenMechanism
+from bundleflow.maths.menu import Menu
+from bundleflow.maths.revenue import hard_outcome
 from bundleflow.valuations.xor import xor_bundle_values
 
 pytestmark = [
@@ -72,7 +72,7 @@ def test_reference_pass_on_cuda(reference_pass, path):
 
 def test_frozen_mechanism_same_outcome_cuda_and_cpu():
     gen = torch.Generator().manual_seed(1)
-    from bundleflow.flow import VelocityField
+    from bundleflow.maths.flow import VelocityField
 
     torch.manual_seed(1)
     flow = VelocityField(20, hidden=32).requires_grad_(False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bundleflow.errors import BundleflowError
-from bundleflow.health import FiniteGuard
+from bundleflow.train.health import FiniteGuard
 
 
 def _params(bad: bool = False) -> list[torch.Tensor]:

@@ -12,9 +12,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from bundleflow.baselines import bundle_size_outcome, fit_bundle_size_prices
-from bundleflow.cli import main
-from bundleflow.config import DataConfig
+from bundleflow.cli.app import main
+from bundleflow.evaluation.baselines import bundle_size_outcome, fit_bundle_size_prices
+from bundleflow.train.config import DataConfig
 from bundleflow.valuations import io as data_io
 from bundleflow.valuations import known as k
 from bundleflow.valuations import known_data

@@ -54,7 +54,7 @@ def test_no_memory_growth_over_30000_steps_cuda_graph():
 STAGE1 = """
 import json, sys, torch
 from pathlib import Path
-from bundleflow.config import load_config
+from bundleflow.train.config import load_config
 from bundleflow.train.stage1 import train_stage1
 
 def rss_mib():

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bundleflow.fallback import PostedPrices
-from bundleflow.flow import VelocityField
-from bundleflow.mechanism import FrozenMechanism
-from bundleflow.menu import Menu
-from bundleflow.polish import hard_revenue_of, polish_prices
+from bundleflow.evaluation.mechanism import FrozenMechanism
+from bundleflow.evaluation.posted import PostedPrices
+from bundleflow.maths.flow import VelocityField
+from bundleflow.maths.menu import Menu
+from bundleflow.maths.polish import hard_revenue_of, polish_prices
 from bundleflow.train.stage2 import atom_pairs, price_at_fallback
 from tests.conftest import isolated_bundleflow_home, run_cli
 
@@ -144,7 +144,7 @@ def test_offer_fallback_false_needs_a_fallback(home):
 
 
 def test_the_summary_says_plainly_whether_learned_elements_are_bought():
-    from bundleflow.report import learned_line
+    from bundleflow.evaluation.report import learned_line
 
     tie = {
         "buy_rate": 0.9, "elements_in_use": 0, "menu_size": 1000,

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from bundleflow.errors import BundleflowError
-from bundleflow.flow import VelocityField
-from bundleflow.mechanism import FrozenMechanism
-from bundleflow.menu import Menu, freeze_flow
-from bundleflow.revenue import WALK_AWAY, hard_outcome
+from bundleflow.evaluation.mechanism import FrozenMechanism
+from bundleflow.maths.flow import VelocityField
+from bundleflow.maths.menu import Menu, freeze_flow
+from bundleflow.maths.revenue import WALK_AWAY, hard_outcome
 
 
 def setup(seed=0, m=6, J=12, D=4, n_val=64):

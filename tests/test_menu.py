@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bundleflow.flow import VelocityField, default_hidden_sizes, integrate
-from bundleflow.menu import Menu, freeze_flow
-from bundleflow.revenue import soft_revenue
+from bundleflow.maths.flow import VelocityField, default_hidden_sizes, integrate
+from bundleflow.maths.menu import Menu, freeze_flow
+from bundleflow.maths.revenue import soft_revenue
 
 
 def tiny_setup(seed: int = 0, m: int = 5, J: int = 6, D: int = 3):
@@ -121,7 +121,7 @@ def test_top_atoms_ranks_distinct_bundles_by_total_value():
 def test_atom_initialised_elements_sit_on_their_bundles_corner():
     """menu.init_bundles=atoms: every support point of element j starts on the corner of the
     j-th atom (μ = 0.05 + 0.9·sigmoid(±30) rounds to the atom), after the grand bundle."""
-    from bundleflow.config import load_config
+    from bundleflow.train.config import load_config
     from bundleflow.train.data import RunData
     from bundleflow.train.stage2 import build_menu, top_atoms
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundleflow import devices
-from bundleflow.cli import build_parser, main
-from bundleflow.cli_eval import run_dir_arg
-from bundleflow.config import load_config
-from bundleflow.doctor import NvmlFacts
+from bundleflow.cli.app import build_parser, main
+from bundleflow.cli.evaluate import run_dir_arg
 from bundleflow.errors import BundleflowError
+from bundleflow.system import devices
+from bundleflow.system.doctor import NvmlFacts
+from bundleflow.train.config import load_config
 from tests.test_doctor import h100_facts, unusable
 
 MAX_LINE = 160  # "one or two lines" a terminal shows without wrapping twice

@@ -10,10 +10,15 @@ import math
 import pytest
 import torch
 
-from bundleflow.cli_suite import summarise
-from bundleflow.evaluate import evaluate_mechanism, mean_ci, optimum_comparison
-from bundleflow.mechanism import FrozenMechanism
-from bundleflow.report import ABOVE_OPTIMUM, comparison_table, format_summary, optimum_record
+from bundleflow.cli.suite import summarise
+from bundleflow.evaluation.evaluate import evaluate_mechanism, mean_ci, optimum_comparison
+from bundleflow.evaluation.mechanism import FrozenMechanism
+from bundleflow.evaluation.report import (
+    ABOVE_OPTIMUM,
+    comparison_table,
+    format_summary,
+    optimum_record,
+)
 from bundleflow.valuations import known as k
 
 F32 = float(torch.tensor(1.9, dtype=torch.float32))  # 1.9 as stored

@@ -1,4 +1,4 @@
-"""Price polish (bundleflow.polish): exact line search on hard revenue, checked by hand."""
+"""Price polish (bundleflow.maths.polish): exact line search on hard revenue, checked by hand."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from bundleflow.polish import hard_revenue_of, polish_prices
+from bundleflow.maths.polish import hard_revenue_of, polish_prices
 
 NONE = -math.inf  # no fallback option
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bundleflow import config as cfg
-from bundleflow.cli import main
-from bundleflow.config import load_config
+from bundleflow.cli.app import main
+from bundleflow.train import config as cfg
+from bundleflow.train.config import load_config
 from tests.conftest import cli_env, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def _build_wheel_and_venv(tmp: Path) -> Path:
 
 
 LOOKUP = """
-import bundleflow.config as c
+import bundleflow.train.config as c
 assert c.load_config("paper-m50").data.n_items == 50
 c.load_config("default")
 print(c.__file__, c.CONFIG_DIR)

@@ -9,9 +9,9 @@ import types
 
 import torch
 
-from bundleflow.cli import main
-from bundleflow.profiling import GpuSampler
-from bundleflow.timing import step_stats
+from bundleflow.cli.app import main
+from bundleflow.perf.profiling import GpuSampler
+from bundleflow.system.timing import step_stats
 from tests.test_doctor import FakeNvml
 
 TINY = [

@@ -1,6 +1,6 @@
 """One output discipline: a tqdm bar that log lines never break on a terminal, plain periodic
-progress lines through loguru elsewhere, nothing with --no-progress (bundleflow.progress and
-the CLI's log sink, bundleflow.cli.setup_logging)."""
+progress lines through loguru elsewhere, nothing with --no-progress (bundleflow.system.progress and
+the CLI's log sink, bundleflow.cli.app.setup_logging)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import sys
 import pytest
 from loguru import logger
 
-from bundleflow import progress
-from bundleflow.cli import setup_logging
-from bundleflow.progress import ProgressBar
+from bundleflow.cli.app import setup_logging
+from bundleflow.system import progress
+from bundleflow.system.progress import ProgressBar
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d INFO +stage 2 step 250: validation revenue 1\.5$")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bundleflow.flow import VelocityField, integrate, load_reference_flow
-from bundleflow.menu import Menu, freeze_flow
-from bundleflow.revenue import hard_revenue, soft_revenue
+from bundleflow.maths.flow import VelocityField, integrate, load_reference_flow
+from bundleflow.maths.menu import Menu, freeze_flow
+from bundleflow.maths.revenue import hard_revenue, soft_revenue
 
 
 def _flow(ref: dict) -> VelocityField:

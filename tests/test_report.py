@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundleflow.cli import main
-from bundleflow.config import CONFIG_DIR, load_config
-from bundleflow.mechanism import FrozenMechanism
+from bundleflow.cli.app import main
+from bundleflow.evaluation.mechanism import FrozenMechanism
+from bundleflow.train.config import CONFIG_DIR, load_config
 from bundleflow.valuations import io as data_io
 from bundleflow.valuations.xor import xor_value_bruteforce
 from tests.conftest import isolated_bundleflow_home, run_cli, single_torch_thread
@@ -226,7 +226,7 @@ class _Failed:
 
 
 def test_a_failed_compile_is_a_finding_in_the_plan_and_the_report():
-    from bundleflow.report import format_summary, markdown
+    from bundleflow.evaluation.report import format_summary, markdown
     from bundleflow.train.plan import COMPILER_FIX, resolve_plan
 
     plan = resolve_plan(load_config("tiny"), torch.device("cpu"))

@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from bundleflow.menu import lottery_utilities
-from bundleflow.revenue import WALK_AWAY, hard_outcome, hard_revenue, soft_revenue
+from bundleflow.maths.menu import lottery_utilities
+from bundleflow.maths.revenue import WALK_AWAY, hard_outcome, hard_revenue, soft_revenue
 
 A, B, AB = [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]
 BUNDLES = torch.tensor([[A, A], [AB, AB], [B, AB]])

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundleflow.cli import main
-from bundleflow.config import FlowConfig, Stage1Config
-from bundleflow.fused import resolve_kernels
+from bundleflow.cli.app import main
+from bundleflow.maths.fused import resolve_kernels
 from bundleflow.train import stage1 as stage1_module
+from bundleflow.train.config import FlowConfig, Stage1Config
 from bundleflow.train.plan import stage2_precision
 from bundleflow.train.stage1 import Stage1Stopped, train_stage1
 from bundleflow.valuations.io import generate_dataset

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bundleflow.schedule import InvTempSchedule
+from bundleflow.maths.schedule import InvTempSchedule
 
 
 def run(schedule: InvTempSchedule, locations: dict[int, float], last_step: int) -> dict[int, float]:

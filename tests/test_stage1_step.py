@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from bundleflow.config import FlowConfig, Stage1Config
-from bundleflow.flow import MixtureNoise, VelocityField
+from bundleflow.maths.flow import MixtureNoise, VelocityField
+from bundleflow.train.config import FlowConfig, Stage1Config
 from bundleflow.train.stage1_step import Stage1Step, cosine_lr
 from tests.conftest import single_torch_thread
 

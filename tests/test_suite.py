@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bundleflow.cli import main
-from bundleflow.cli_suite import suite_presets, summarise
-from bundleflow.config import CONFIG_DIR, load_config
-from bundleflow.report import ABOVE_OPTIMUM, comparison_table, optimum_record
+from bundleflow.cli.app import main
+from bundleflow.cli.suite import suite_presets, summarise
+from bundleflow.evaluation.report import ABOVE_OPTIMUM, comparison_table, optimum_record
+from bundleflow.train.config import CONFIG_DIR, load_config
 from bundleflow.valuations.known import make_setting
 
 TINY_KNOWN = {

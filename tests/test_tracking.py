@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bundleflow import telemetry, tracking
 from bundleflow.errors import BundleflowError
+from bundleflow.system import telemetry, tracking
 from tests.conftest import cli_error, isolated_bundleflow_home, run_cli
 
 CPU = ["--preset", "tiny", "--device", "cpu", "--no-progress"]

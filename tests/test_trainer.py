@@ -19,14 +19,14 @@ import torch
 import yaml
 
 from bundleflow import __version__
-from bundleflow.checkpoint import read_checkpoint, write_checkpoint
-from bundleflow.cli import main
-from bundleflow.config import load_config, parse_set
+from bundleflow.cli.app import main
 from bundleflow.errors import BundleflowError
-from bundleflow.evaluate import evaluate_mechanism, json_safe
-from bundleflow.flow import MixtureNoise, VelocityField
-from bundleflow.mechanism import FrozenMechanism
-from bundleflow.menu import Menu, lottery_utilities
+from bundleflow.evaluation.evaluate import evaluate_mechanism, json_safe
+from bundleflow.evaluation.mechanism import FrozenMechanism
+from bundleflow.maths.flow import MixtureNoise, VelocityField
+from bundleflow.maths.menu import Menu, lottery_utilities
+from bundleflow.train.checkpoint import read_checkpoint, write_checkpoint
+from bundleflow.train.config import load_config, parse_set
 from bundleflow.train.stage1 import (
     flow_key,
     get_flow,

@@ -12,10 +12,10 @@ from loguru import logger
 from torch import Tensor
 
 from bundleflow.atomic import atomic_write_bytes
-from bundleflow.baselines import FittedBaselines, fit_baselines
-from bundleflow.config import DataConfig
 from bundleflow.errors import BundleflowError
+from bundleflow.evaluation.baselines import FittedBaselines, fit_baselines
 from bundleflow.paths import default_cache_dir
+from bundleflow.train.config import DataConfig
 from bundleflow.valuations import io as data_io
 from bundleflow.valuations import known as known_settings
 from bundleflow.valuations import known_data

@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bundleflow.config import Config
 from bundleflow.errors import BundleflowError
-from bundleflow.fused import resolve_kernels
+from bundleflow.maths.fused import resolve_kernels
+from bundleflow.train.config import Config
 
 MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILER_FIX = (

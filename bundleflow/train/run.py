@@ -19,10 +19,10 @@ from loguru import logger
 
 from bundleflow import __version__
 from bundleflow.atomic import atomic_write_bytes, write_error
-from bundleflow.checkpoint import torch_build
-from bundleflow.config import Config, to_dict
 from bundleflow.errors import BundleflowError
-from bundleflow.tracking import Tracker
+from bundleflow.system.tracking import Tracker
+from bundleflow.train.checkpoint import torch_build
+from bundleflow.train.config import Config, to_dict
 
 RUN_INFO = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -247,7 +247,7 @@ def make_accelerator(config: Config, device: torch.device):
     """The Accelerator of a run (its process group, under several processes)."""
     from accelerate import Accelerator
 
-    from bundleflow.distributed import before_process_group
+    from bundleflow.system.distributed import before_process_group
 
     before_process_group()  # issue 28: before the group exists (see its docstring)
     kwargs = {"cpu": device.type == "cpu"}

@@ -15,7 +15,20 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from bundleflow.checkpoint import (
+from bundleflow.errors import BundleflowError
+from bundleflow.maths.flow import (
+    MixtureNoise,
+    VelocityField,
+    flow_from_state,
+    flow_pairs,
+    flow_state,
+    load_reference_flow,
+    rectified_flow_loss,
+)
+from bundleflow.paths import default_cache_dir
+from bundleflow.system.progress import ProgressBar
+from bundleflow.system.telemetry import gpu_status_line
+from bundleflow.train.checkpoint import (
     clean_stale,
     flatten_optimizer_state,
     latest,
@@ -26,20 +39,7 @@ from bundleflow.checkpoint import (
     regroup_optimizer_state,
     write_checkpoint,
 )
-from bundleflow.config import FlowConfig, Stage1Config
-from bundleflow.errors import BundleflowError
-from bundleflow.flow import (
-    MixtureNoise,
-    VelocityField,
-    flow_from_state,
-    flow_pairs,
-    flow_state,
-    load_reference_flow,
-    rectified_flow_loss,
-)
-from bundleflow.paths import default_cache_dir
-from bundleflow.progress import ProgressBar
-from bundleflow.telemetry import gpu_status_line
+from bundleflow.train.config import FlowConfig, Stage1Config
 from bundleflow.train.run import optimizer_step
 from bundleflow.train.signals import StopRequest
 from bundleflow.train.stage1_step import Stage1Step

@@ -1,7 +1,7 @@
 """One Stage-1 training step as a callable: eager, or captured whole in a CUDA graph.
 
-A step is the recipe of :func:`bundleflow.flow.flow_pairs` and
-:func:`bundleflow.flow.rectified_flow_loss`, unchanged: B fresh pairs (component
+A step is the recipe of :func:`bundleflow.maths.flow.flow_pairs` and
+:func:`bundleflow.maths.flow.rectified_flow_loss`, unchanged: B fresh pairs (component
 c ~ U{0..K−1}, z0 = μ_c + e^{log_std}·N(0, I), z1 = 1[z0 ≥ 0.5] + target_std·N(0, I)) and
 times t ~ U[0, 1), all drawn on the device from one generator seeded once, in that order;
 the rectified-flow loss, backward, one Adam step, and the loss written into
@@ -40,10 +40,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from bundleflow.config import FlowConfig, Stage1Config
-from bundleflow.fast_step import resolve_mode
-from bundleflow.flow import MixtureNoise, VelocityField, flow_pairs, rectified_flow_loss
-from bundleflow.timing import synchronize
+from bundleflow.maths.flow import MixtureNoise, VelocityField, flow_pairs, rectified_flow_loss
+from bundleflow.system.timing import synchronize
+from bundleflow.train.config import FlowConfig, Stage1Config
+from bundleflow.train.stage2_step import resolve_mode
 
 Stage1Mode = Literal["auto", "eager", "graph"]
 STAGE1_MODES = ("auto", "eager", "graph")

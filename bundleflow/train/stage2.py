@@ -11,8 +11,20 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from bundleflow.baselines import fit_grand_bundle_price
-from bundleflow.checkpoint import (
+from bundleflow.errors import BundleflowError
+from bundleflow.evaluation.baselines import fit_grand_bundle_price
+from bundleflow.evaluation.mechanism import FrozenMechanism
+from bundleflow.evaluation.posted import PostedPrices, fit_posted_prices
+from bundleflow.maths.flow import VelocityField
+from bundleflow.maths.menu import Menu, freeze_flow
+from bundleflow.maths.polish import polish_prices
+from bundleflow.maths.revenue import hard_choice
+from bundleflow.maths.schedule import InvTempSchedule
+from bundleflow.paths import runs_root
+from bundleflow.system.distributed import Comm
+from bundleflow.system.progress import ProgressBar
+from bundleflow.system.telemetry import gpu_metrics, gpu_status_line
+from bundleflow.train.checkpoint import (
     latest,
     load_optimizer_tensors,
     optimizer_tensors,
@@ -21,25 +33,13 @@ from bundleflow.checkpoint import (
     replace_checkpoint,
     write_checkpoint,
 )
-from bundleflow.config import Config, MenuConfig, to_dict
-from bundleflow.distributed import Comm
-from bundleflow.errors import BundleflowError
-from bundleflow.fallback import PostedPrices, fit_posted_prices
-from bundleflow.fast_step import Layout, Stage2Step, make_optimizer
-from bundleflow.flow import VelocityField
-from bundleflow.health import FiniteGuard
-from bundleflow.mechanism import FrozenMechanism
-from bundleflow.menu import Menu, freeze_flow
-from bundleflow.paths import runs_root
-from bundleflow.polish import polish_prices
-from bundleflow.progress import ProgressBar
-from bundleflow.revenue import hard_choice
-from bundleflow.schedule import InvTempSchedule
-from bundleflow.telemetry import gpu_metrics, gpu_status_line
+from bundleflow.train.config import Config, MenuConfig, to_dict
 from bundleflow.train.data import RunData, fitted_baselines
+from bundleflow.train.health import FiniteGuard
 from bundleflow.train.plan import StepPlan
 from bundleflow.train.run import RUN_INFO, Run
 from bundleflow.train.signals import StopRequest
+from bundleflow.train.stage2_step import Layout, Stage2Step, make_optimizer
 from bundleflow.valuations.xor import atoms_and_values
 
 MECHANISM_FILE = "mechanism.safetensors"
@@ -178,7 +178,7 @@ def price_at_fallback(
 
 def build_optimizer(menu: Menu, cfg: Config, plan: StepPlan) -> torch.optim.Adam:
     """Adam: lr for M and w, a separate (normalised-money) lr for the prices, built as the
-    plan's step needs it (:func:`bundleflow.fast_step.make_optimizer`)."""
+    plan's step needs it (:func:`bundleflow.train.stage2_step.make_optimizer`)."""
     groups = [
         {"params": [menu.means, menu.logits], "lr": cfg.stage2.lr},
         {"params": [menu.prices], "lr": cfg.stage2.price_lr},
@@ -227,7 +227,7 @@ class Stage2Parts:
     ``[lo, hi)`` of ``n_elements`` and the whole batch) or ``replicate`` (the whole menu and
     ``1/world`` of the batch; gradients averaged). ``fallback``: posted prices offered as
     option J (normalised money, on the device), or None. ``step``: the one step
-    (:class:`bundleflow.fast_step.Stage2Step`) in the plan's mode, kernels and layout.
+    (:class:`bundleflow.train.stage2_step.Stage2Step`) in the plan's mode, kernels and layout.
     """
 
     flow: VelocityField
@@ -444,7 +444,7 @@ class Stage2Trainer:
 
     Under several processes every rank builds one and calls :meth:`fit`; only the main
     process logs metrics, evaluates and writes files. The step itself is the one
-    :class:`bundleflow.fast_step.Stage2Step`, in the mode ``plan`` resolved.
+    :class:`bundleflow.train.stage2_step.Stage2Step`, in the mode ``plan`` resolved.
     """
 
     def __init__(
@@ -778,7 +778,7 @@ class Stage2Trainer:
     @torch.no_grad()
     def polish(self, mech: FrozenMechanism) -> float:
         """Exact hard-revenue price polish of the frozen best menu on the training split,
-        the round kept by validation (``stage2.polish_rounds``; :mod:`bundleflow.polish`)."""
+        the round kept by validation (``stage2.polish_rounds``; :mod:`bundleflow.maths.polish`)."""
         device, batch = mech.prices.device, self.cfg.eval.batch_size
         train = self.data.train_user.to(device)
         val = self.data.denormalise(self.data.val).to(device)

@@ -1,1 +1,3 @@
-"""Valuations: XOR and additive, the batched value oracle, CATS generation and file IO."""
+"""Bidders and their data: XOR and additive valuations, the batched value oracle, the CATS
+generator, the known-optimum families with their exact optima, and the data files (readers,
+writers, the data cache). Imports only the foundation (``errors``, ``paths``, ``atomic``)."""

@@ -1,0 +1,170 @@
+"""Price polish: coordinate ascent on the hard revenue of a frozen menu's prices.
+
+Stage 2 optimises a soft (softmax) revenue; what is reported is the hard one (argmax, IR).
+Given the frozen lotteries, each element's expected value w_ij = Σ_d α_jd v_i(S_jd) is
+fixed, so the hard training revenue as a function of one price p_j, the others held, is
+piecewise linear with its maxima just below the thresholds t_i = w_ij − u_i^{−j}, where
+u_i^{−j} is bidder i's best utility without element j (the other elements, the posted-price
+fallback, walking away at 0). With the thresholds sorted, R(p) over every candidate is one
+cumulative sum: the exact best price for element j in O(N log N). Elements are visited in a
+seeded random order; a round visits each once; every accepted change raises the training
+revenue, so the polish never lowers it.
+
+A menu with other prices is still a menu: DSIC and IR hold as before. Validation picks the
+round to keep (round 0, the unpolished menu, included), so the validation revenue never
+drops either. Tensors only; the one Python loop is over the coordinate-ascent visits (each
+visit depends on the previous one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from bundleflow.maths.revenue import hard_revenue
+
+
+@dataclass
+class PolishResult:
+    prices: Tensor
+    round_kept: int
+    train_revenue: list[float] = field(default_factory=list)
+    val_revenue: list[float] = field(default_factory=list)
+    changed: list[int] = field(default_factory=list)
+
+
+def _options(values: Tensor, prices: Tensor, fb_u: Tensor) -> Tensor:
+    """Utilities ``[N, J+2]``: the J elements, the fallback, walking away (0)."""
+    n = values.shape[0]
+    return torch.cat([values - prices, fb_u[:, None], values.new_zeros(n, 1)], dim=1)
+
+
+def _payments(idx: Tensor, prices: Tensor, fb_pay: Tensor) -> Tensor:
+    """Payment of option ``idx [N]`` (J = fallback, J+1 = walk away) for each row."""
+    J = prices.shape[0]
+    el = prices[idx.clamp(max=J - 1)]
+    return torch.where(idx < J, el, torch.where(idx == J, fb_pay, torch.zeros_like(fb_pay)))
+
+
+def _top2(u: Tensor) -> tuple[Tensor, Tensor]:
+    """The two best options per row, ties in the hard rule's order (lowest index first:
+    ``topk`` does not promise that, and a bidder indifferent between the fallback and
+    walking away buys)."""
+    vals, idx = torch.sort(u, dim=1, descending=True, stable=True)
+    return vals[:, :2], idx[:, :2]
+
+
+def _plateau_step(
+    t: Tensor, cand: Tensor, alt_pay: Tensor, price: Tensor, current: float, margin: float, ok
+) -> int | None:
+    """``t`` sorted falling, ``alt_pay`` in its order, ``cand = t − margin``: the index of
+    the candidate with the most buyers among those losing at most ``margin`` per buyer
+    against ``current``, if it has more buyers than the price now; None otherwise."""
+    buyers_now = int((t > price).sum())
+    # the exact gain at each candidate, ties counted: the buyers are all thresholds > cand
+    n_buy = torch.searchsorted(-t, -cand)  # (N,) t falls, so -t rises
+    csum = torch.cat([alt_pay.new_zeros(1), torch.cumsum(alt_pay, 0)])
+    exact = n_buy * cand - csum[n_buy]
+    fine = ok & (exact >= current - margin * n_buy - 1e-9) & (n_buy > buyers_now)
+    if not bool(fine.any()):
+        return None
+    return int(torch.where(fine, n_buy, -1).argmax())
+
+
+def hard_revenue_of(values: Tensor, prices: Tensor, fb_u: Tensor, fb_pay: Tensor) -> float:
+    """Mean payment under the hard rule (:func:`bundleflow.maths.revenue.hard_revenue`: ties to
+    the lowest index, the fallback after the elements, buy iff the best utility ≥ 0)."""
+    return float(hard_revenue(values - prices, prices, (fb_u, fb_pay)))
+
+
+def polish_prices(
+    values: Tensor,
+    prices: Tensor,
+    fb_u: Tensor,
+    fb_pay: Tensor,
+    *,
+    rounds: int = 3,
+    margin: float = 1e-6,
+    min_buyers: int = 1,
+    val: tuple[Tensor, Tensor, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    plateau: bool = False,
+) -> PolishResult:
+    """Coordinate ascent on the prices ``[J]`` for element values ``[N, J]``.
+
+    ``fb_u``/``fb_pay`` ``[N]``: the fallback's utility (−inf: none) and payment.
+    ``margin``: a new price sits this far below the marginal bidder's threshold (strict
+    preference, so ties never decide). ``min_buyers``: a price must sell to at least this
+    many training bidders (a floor against prices fitted to one valuation). ``val``:
+    (values, fb_u, fb_pay) of the validation split; the round with the best validation
+    revenue is returned (round 0 = the input prices).
+
+    ``plateau``: also accept a price cut that wins element j more buyers while losing at
+    most ``margin`` per buyer (bidders who were paying the same elsewhere, now paying a hair
+    less here). Such near-neutral moves let the ascent leave a trap no single strict gain
+    leaves: on specialists + flexible, a lottery priced at its expected posted price must
+    first match the loss-leader item's price (no gain) before raising that item pays.
+    """
+    values = values.to(torch.float64)
+    fb_u = fb_u.to(torch.float64)
+    fb_pay = fb_pay.to(torch.float64)
+    prices = prices.to(torch.float64).clone()
+    n, J = values.shape
+    u = _options(values, prices, fb_u)
+    top_u, top_i = _top2(u)
+    ranks = torch.arange(1, n + 1, dtype=torch.float64, device=values.device)
+
+    val64 = None if val is None else tuple(x.to(torch.float64) for x in val)
+
+    def val_rev(p: Tensor) -> float:
+        return float("nan") if val64 is None else hard_revenue_of(val64[0], p, *val64[1:])
+
+    result = PolishResult(prices=prices.clone(), round_kept=0)
+    result.train_revenue.append(hard_revenue_of(values, prices, fb_u, fb_pay))
+    result.val_revenue.append(val_rev(prices))
+    result.changed.append(0)
+    best_val, best_prices = result.val_revenue[0], prices.clone()
+    for r in range(1, rounds + 1):
+        changed = 0
+        for j in torch.randperm(J, generator=generator).tolist():
+            first = top_i[:, 0] == j
+            alt_u = torch.where(first, top_u[:, 1], top_u[:, 0])
+            alt_i = torch.where(first, top_i[:, 1], top_i[:, 0])
+            alt_pay = _payments(alt_i, prices, fb_pay)
+            t = values[:, j] - alt_u  # buys j iff p_j < t
+            ts, order = torch.sort(t, descending=True)
+            cum = torch.cumsum(alt_pay[order], dim=0)
+            cand = ts - margin
+            gain = ranks * cand - cum
+            ok = (cand >= 0) & (ranks >= min_buyers) & torch.isfinite(cand)
+            gain = torch.where(ok, gain, torch.full_like(gain, -torch.inf))
+            k = int(gain.argmax())
+            buyers = t > prices[j]
+            current = float(((prices[j] - alt_pay) * buyers).sum())
+            if not bool(ok[k]):
+                continue
+            if float(gain[k]) <= current + 1e-9 * n:
+                if not plateau:
+                    continue
+                k = _plateau_step(ts, cand, alt_pay[order], prices[j], current, margin, ok)
+                if k is None:
+                    continue
+            prices[j] = cand[k]
+            changed += 1
+            col = values[:, j] - prices[j]
+            u[:, j] = col
+            rows = (top_i[:, 0] == j) | (top_i[:, 1] == j) | (col > top_u[:, 1])
+            if bool(rows.any()):
+                sub_u, sub_i = _top2(u[rows])
+                top_u[rows], top_i[rows] = sub_u, sub_i
+        result.train_revenue.append(hard_revenue_of(values, prices, fb_u, fb_pay))
+        result.val_revenue.append(val_rev(prices))
+        result.changed.append(changed)
+        if val is not None and result.val_revenue[-1] > best_val:
+            best_val, best_prices, result.round_kept = result.val_revenue[-1], prices.clone(), r
+        if changed == 0:
+            break
+    result.prices = best_prices if val is not None else prices
+    return result
