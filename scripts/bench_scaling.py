@@ -33,15 +33,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bundleflow.maths.flow import VelocityField, default_hidden_sizes  # noqa: E402
-from bundleflow.perf.bench import synthetic_xor  # noqa: E402
-from bundleflow.system.distributed import Comm, before_process_group  # noqa: E402
-from bundleflow.train.config import load_config, replace  # noqa: E402
-from bundleflow.train.data import RunData  # noqa: E402
-from bundleflow.train.plan import resolve_plan  # noqa: E402
-from bundleflow.train.stage2 import setup_stage2  # noqa: E402
+from bundleflow.maths.flow import VelocityField, default_hidden_sizes
+from bundleflow.perf.bench import synthetic_xor
+from bundleflow.system.distributed import Comm, before_process_group
+from bundleflow.train.config import load_config, replace
+from bundleflow.train.data import RunData
+from bundleflow.train.plan import resolve_plan
+from bundleflow.train.stage2 import setup_stage2
 
 
 def main() -> None:

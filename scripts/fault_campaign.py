@@ -34,10 +34,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bundleflow.train.checkpoint import latest, read_checkpoint  # noqa: E402
+from bundleflow.train.checkpoint import latest, read_checkpoint
 
 BIN = Path(sys.executable).parent
 ARGS = ["train", "--preset", "tiny", "--device", "cpu", "--no-progress"]
@@ -70,7 +67,6 @@ def _env(work: Path) -> dict:
         "BUNDLEFLOW_CACHE": str(work / "cache"),
         "ACCELERATE_USE_CPU": "1",
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
     }
 
 
