@@ -3,12 +3,14 @@
 A reader sees the old file or the complete new one, never a partial write. A write that
 fails (full disk, file-size limit, read-only or unwritable directory) removes its temporary
 file and raises one :class:`~bundleflow.errors.BundleflowError` naming the file and the fix.
+The file checksum that data sets and checkpoints record (:func:`file_sha256`) lives here too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import tempfile
@@ -22,6 +24,7 @@ from bundleflow.errors import BundleflowError
 
 _FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+_READ_BLOCK = 1 << 22
 
 
 def write_error(path: str | Path, err: BaseException) -> BundleflowError:
@@ -120,3 +123,12 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """An open binary file whose contents replace ``path`` atomically when the block ends."""
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         yield handle
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks (data sets can be many GB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(_READ_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -33,6 +32,7 @@ from bundleflow import __version__
 from bundleflow.atomic import (
     atomic_write_bytes,
     file_mode,
+    file_sha256,
     fsync_dir,
     is_write_failure,
     write_error,
@@ -42,6 +42,7 @@ from bundleflow.errors import BundleflowError
 CHECKPOINT_FORMAT = 1
 MANIFEST = "manifest.json"
 _SAFE_FILE = re.compile(r"[A-Za-z0-9_-]+\.safetensors")  # no paths, no "..": stays inside
+sha256_file = file_sha256  # the old name, still imported by tests/test_faults.py
 
 
 def torch_build() -> dict:
@@ -51,14 +52,6 @@ def torch_build() -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
     }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_finite(components: dict[str, dict[str, Tensor]], where: str) -> None:
@@ -112,7 +105,7 @@ def write_checkpoint(
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
             os.chmod(path, file_mode())  # safetensors creates 0o600; honour the umask
-            files[path.name] = sha256_file(path)
+            files[path.name] = file_sha256(path)
         manifest = {
             "format": CHECKPOINT_FORMAT,
             "package_version": __version__,
@@ -189,7 +182,7 @@ def verify_checkpoint(directory: str | Path) -> dict:
         if not path.is_file():
             raise BundleflowError(f"{path}: missing from the checkpoint")
         try:
-            actual = sha256_file(path)
+            actual = file_sha256(path)
         except OSError as err:
             raise BundleflowError(f"{path}: cannot read ({err.strerror})") from None
         if actual != expected:

@@ -10,13 +10,6 @@ import torch
 from torch import Tensor
 
 
-def sample_additive(
-    n: int, n_items: int, *, generator: torch.Generator | None = None, device=None
-) -> Tensor:
-    """``[n, m]`` item values drawn i.i.d. from U[0, 1)."""
-    return torch.rand(n, n_items, generator=generator, device=device)
-
-
 @torch.no_grad()
 def additive_bundle_values(values: Tensor, bundles: Tensor) -> Tensor:
     """``[B, m] @ [A, m]^T -> [B, A]``: the value of every bundle to every bidder."""

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from bundleflow import __version__
-from bundleflow.atomic import atomic_open, atomic_path
+from bundleflow.atomic import atomic_open, atomic_path, file_sha256
 from bundleflow.errors import BundleflowError
 from bundleflow.paths import default_cache_dir
 from bundleflow.valuations import cats
@@ -72,7 +72,6 @@ _SAFETENSORS_REASONS = (
     ("invalid json", "unreadable safetensors header ({message})"),
     ("offset", "tensor offsets do not match its shape"),
 )  # fmt: skip
-_READ_BLOCK = 1 << 22
 ACCEPTED_FORMATS = (
     "bundleflow .safetensors, the reference tensor [N, K, m+1] in a torch .pt/.pth or a .zip "
     "holding one, CATS text output (.txt/.cats)"
@@ -728,14 +727,6 @@ def load_dataset(path: str | os.PathLike, n_items: int | None = None) -> Dataset
     else:
         split = reference_split(valuations.shape[0])
     return Dataset(valuations=valuations, metadata=meta, split=split, path=path)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(_READ_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike) -> Dataset:
