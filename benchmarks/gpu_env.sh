@@ -1,12 +1,14 @@
-# Sourced by the benchmarks/gpu_*.sh scripts on a lent GPU machine (repository root as the
-# working directory): the carried wheels (.whl: loguru, python-dotenv) and the environment.
+# Sourced by the runners in benchmarks/ on a lent GPU machine (repository root as the working
+# directory): the carried wheels (.whl: loguru, python-dotenv), the environment, and where the
+# results go. scripts/ import bundleflow from the tree through PYTHONPATH.
+site=
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+  --upgrade --target /tmp/site .whl/*.whl && site=/tmp/site:
+export PYTHONPATH=$site$PWD
 export PYTHONUNBUFFERED=1 BUNDLEFLOW_HOME=/tmp/bf TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 [ -d .shared ] && export BUNDLEFLOW_SHARED=$PWD/.shared
 W=/tmp/w; mkdir -p $W
-save() { tar -C /tmp -czf "$OUT/results.tgz" w; }
-# keep: the results without data, weights, plots or checkpoints (issue-17 scripts onwards)
+# keep: the results without data, weights, plots or checkpoints, as $OUT/results.tgz
 keep() { (cd /tmp && tar -czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.pt' \
   --exclude='*.png' --exclude='checkpoints' w); }
 # run_preset NAME PRESET ARGS...: one training run in its own runs root, one line of results
