@@ -13,7 +13,7 @@ import sys
 import yaml
 from loguru import logger
 
-from bundleflow.cli.train import add_config_args
+from bundleflow.cli.options import add_config_args
 from bundleflow.train import config as cfg
 
 
@@ -56,13 +56,13 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from bundleflow.cli.train import DEFAULT_PRESET, take_data_file
+    from bundleflow.train.launch import DEFAULT_PRESET, take_data_file
 
     overrides = cfg.parse_set(args.overrides)
     if args.device:
         overrides["device"] = args.device
     if args.data:  # as `train --data FILE`: the file's path, m and money scale
-        take_data_file(args, overrides)
+        take_data_file(args.data, overrides)
     config = cfg.load_config(args.preset or DEFAULT_PRESET, overrides)
     sys.stdout.write(yaml.safe_dump(cfg.to_dict(config), sort_keys=False))
     return 0

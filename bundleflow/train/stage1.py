@@ -392,6 +392,9 @@ def get_flow(
     """
     key = flow_key(n_items, flow_cfg, cfg)
     directory = flow_cache_dir(key)
+    accelerator = train_kw.get("accelerator")
+    if accelerator is not None and accelerator.num_processes > 1:
+        return _get_flow_together(n_items, flow_cfg, cfg, device, key, **train_kw)
     hit = _cached(directory, key, locked=False)  # fast path, no lock
     if hit is not None:
         return hit
@@ -412,6 +415,35 @@ def get_flow(
                 logger.info("another run cached this flow first; keeping theirs")
             except BundleflowError as err:
                 logger.warning("could not cache the flow: {}", err)
+    return field, {"key": key, "path": str(directory), "cached": False, **summary}
+
+
+def _get_flow_together(
+    n_items: int, flow_cfg: FlowConfig, cfg: Stage1Config, device: torch.device, key: str,
+    **train_kw,
+) -> tuple[VelocityField, dict]:  # fmt: skip
+    """Several processes: the main process looks in the cache (a damaged entry is named and
+    trained again, never used); on a miss every rank trains Stage 1 together (DDP) and only
+    the main process writes the cache entry."""
+    from accelerate.utils import broadcast_object_list
+
+    accelerator = train_kw["accelerator"]
+    directory = flow_cache_dir(key)
+    main = accelerator.is_main_process
+    hit = [_cached(directory, key, locked=True) is not None if main else None]
+    if broadcast_object_list(hit, from_process=0)[0]:
+        field, _, manifest = load_flow(directory)
+        return field, {"key": key, "path": str(directory), "cached": True}
+    show = train_kw.pop("show_progress", True) and main
+    field, noise, summary = train_stage1(
+        n_items, flow_cfg, cfg, device, show_progress=show, **train_kw
+    )
+    if main:
+        try:
+            save_flow(directory, field, noise, {"summary": summary, "key": key})
+        except (FileExistsError, OSError) as err:
+            logger.warning("flow not cached in {}: {}", directory, err)
+    accelerator.wait_for_everyone()
     return field, {"key": key, "path": str(directory), "cached": False, **summary}
 
 
