@@ -15,11 +15,8 @@ import torch
 
 from bundleflow.cli.app import main
 from bundleflow.errors import BundleflowError
-from bundleflow.system import devices, doctor, telemetry
+from bundleflow.system import devices, diagnosis, doctor, doctor_checks, telemetry
 from bundleflow.system.doctor import (
-    FAIL,
-    PASS,
-    WARN,
     CompilerFacts,
     Facts,
     GpuInfo,
@@ -27,6 +24,8 @@ from bundleflow.system.doctor import (
     NvmlFacts,
     TorchFacts,
 )
+from bundleflow.system.doctor_checks import FAIL, PASS, WARN
+from bundleflow.system.torch_index import TORCH_INDEX
 from tests.conftest import run_cli
 
 H100 = (9, 0)
@@ -101,26 +100,26 @@ def env(facts: Facts, **values) -> Facts:
     return replace(facts, env={**facts.env, **values})
 
 
-def by_name(checks) -> dict[str, doctor.Check]:
+def by_name(checks) -> dict[str, doctor_checks.Check]:
     return {c.name: c for c in checks}
 
 
-def verdict(facts: Facts, name: str, expect_gpu: bool = False) -> doctor.Check:
-    return by_name(doctor.run_checks(facts, expect_gpu=expect_gpu))[name]
+def verdict(facts: Facts, name: str, expect_gpu: bool = False) -> doctor_checks.Check:
+    return by_name(doctor_checks.run_checks(facts, expect_gpu=expect_gpu))[name]
 
 
 # --------------------------------------------------------------------------- the healthy case
 
 
 def test_healthy_h100_passes_every_check():
-    checks = doctor.run_checks(h100_facts(), expect_gpu=True)
+    checks = doctor_checks.run_checks(h100_facts(), expect_gpu=True)
     assert [c for c in checks if c.status != PASS] == []
-    assert doctor.exit_code(checks) == 0
+    assert doctor_checks.exit_code(checks) == 0
     named = by_name(checks)
     assert "NVIDIA H100 80GB HBM3" in named["gpu 0"].value and "sm_90" in named["gpu 0"].value
     assert "80.0 GiB" in named["gpu 0"].value and "util 0%" in named["gpu 0"].value
     assert named["arch"].value.startswith("sm_90")
-    assert doctor.diagnose(h100_facts()) is None
+    assert diagnosis.diagnose(h100_facts()) is None
 
 
 # --------------------------------------------------------------------------- the table's causes
@@ -129,12 +128,12 @@ def test_healthy_h100_passes_every_check():
 def test_cpu_only_wheel_on_a_gpu_machine_fails_with_the_reinstall_for_its_driver():
     """Driver 550.54.15: the newest CUDA build of 2.5.1 it runs is cu124 (setup.sh's table)."""
     facts = unusable(h100_facts(), cuda=None, version="2.5.1+cpu", compiled=False, arch_list=[])
-    checks = by_name(doctor.run_checks(facts))  # a FAIL even without --expect-gpu
+    checks = by_name(doctor_checks.run_checks(facts))  # a FAIL even without --expect-gpu
     assert checks["torch build"].status == FAIL and "CPU-only" in checks["torch build"].value
     assert checks["cuda"].status == FAIL
     for name in ("torch build", "cuda"):
         assert "+cu124" in checks[name].fix and "download.pytorch.org/whl/cu124" in checks[name].fix
-    assert doctor.diagnose(facts).check == "torch build"
+    assert diagnosis.diagnose(facts).check == "torch build"
 
 
 def test_cpu_only_wheel_without_a_gpu_warns_unless_a_gpu_is_expected():
@@ -149,10 +148,10 @@ def test_cpu_only_wheel_without_a_gpu_warns_unless_a_gpu_is_expected():
         version="2.13.0+cpu",
         compiled=False,
     )
-    relaxed = doctor.run_checks(facts)
+    relaxed = doctor_checks.run_checks(facts)
     assert {c.name for c in relaxed if c.status == WARN} >= {"torch build", "cuda"}
-    assert doctor.exit_code(relaxed) == 0
-    strict = by_name(doctor.run_checks(facts, expect_gpu=True))
+    assert doctor_checks.exit_code(relaxed) == 0
+    strict = by_name(doctor_checks.run_checks(facts, expect_gpu=True))
     assert strict["cuda"].status == FAIL
     # the CUDA build of the installed version (setup.sh's pin), never the image's 2.5.1;
     # no driver known: the newest build of 2.13 (there is no cu128 for 2.13), naming its driver
@@ -160,7 +159,7 @@ def test_cpu_only_wheel_without_a_gpu_warns_unless_a_gpu_is_expected():
     assert "torch==2.13.0+cu130 --index-url https://download.pytorch.org/whl/cu130" in (
         strict["cuda"].fix
     )
-    assert doctor.exit_code(list(strict.values())) == 1
+    assert doctor_checks.exit_code(list(strict.values())) == 1
 
 
 @pytest.mark.parametrize(
@@ -179,8 +178,8 @@ def test_cpu_only_wheel_without_a_gpu_warns_unless_a_gpu_is_expected():
 )
 def test_cuda_wheel_fix_keeps_the_version_and_fits_the_driver(version, driver, flavour):
     base = version.split("+")[0]
-    fix = doctor.cuda_wheel_fix(version, driver)
-    assert f"install torch=={base}+{flavour} --index-url {doctor.TORCH_INDEX}{flavour}" in fix
+    fix = diagnosis.cuda_wheel_fix(version, driver)
+    assert f"install torch=={base}+{flavour} --index-url {TORCH_INDEX}{flavour}" in fix
     if driver == "470.256.02":
         assert "after upgrading the NVIDIA driver to >= 525.60.13" in fix
 
@@ -193,7 +192,7 @@ def test_cuda_wheel_fix_agrees_with_setup_and_the_readme_table(driver):
 
     from bundleflow.system import torch_index
 
-    fix = doctor.cuda_wheel_fix("2.13.0", driver)
+    fix = diagnosis.cuda_wheel_fix("2.13.0", driver)
     choice = torch_index.choose("2.13.0", driver)
     if choice.flavour != "cpu":
         assert f"+{choice.flavour} --index-url {choice.index_url}" in fix
@@ -206,15 +205,15 @@ def test_cuda_wheel_fix_agrees_with_setup_and_the_readme_table(driver):
 def test_cuda_wheel_fix_names_the_venv_pip(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "executable", str(tmp_path / ".venv" / "bin" / "python"))
-    assert ": .venv/bin/python -m pip install torch==" in doctor.cuda_wheel_fix("2.13.0", None)
+    assert ": .venv/bin/python -m pip install torch==" in diagnosis.cuda_wheel_fix("2.13.0", None)
     monkeypatch.setattr(sys, "executable", "/usr/bin/python3")
-    assert ": pip install torch==" in doctor.cuda_wheel_fix("2.13.0", None)
+    assert ": pip install torch==" in diagnosis.cuda_wheel_fix("2.13.0", None)
 
 
 @pytest.mark.parametrize("value", ["", "-1"])
 def test_cuda_visible_devices_empty_hides_the_gpus(value):
     facts = env(unusable(h100_facts()), CUDA_VISIBLE_DEVICES=value)
-    checks = by_name(doctor.run_checks(facts))
+    checks = by_name(doctor_checks.run_checks(facts))
     assert checks["CUDA_VISIBLE_DEVICES"].status == FAIL
     assert checks["cuda"].status == FAIL and "hides every GPU" in checks["cuda"].value
     assert "unset CUDA_VISIBLE_DEVICES" in checks["cuda"].fix
@@ -232,7 +231,7 @@ def test_cuda_visible_devices_out_of_range():
 
 def test_driver_too_old_for_the_wheel():
     facts = unusable(h100_facts(nvml=replace(h100_facts().nvml, cuda_driver=11080)))
-    checks = by_name(doctor.run_checks(facts))
+    checks = by_name(doctor_checks.run_checks(facts))
     assert checks["cuda driver"].status == FAIL and "too old" in checks["cuda driver"].value
     assert "11.8" in checks["cuda driver"].value and "12.1" in checks["cuda driver"].value
     assert checks["cuda"].status == FAIL
@@ -253,7 +252,7 @@ def test_container_without_the_compute_capability():
         init_error="Found no NVIDIA driver on your system",
     )
     facts = replace(facts, libcuda="libcuda.so.1: cannot open shared object file")
-    checks = by_name(doctor.run_checks(facts))
+    checks = by_name(doctor_checks.run_checks(facts))
     assert checks["NVIDIA_DRIVER_CAPABILITIES"].status == FAIL
     assert checks["cuda"].status == FAIL and "compute capability" in checks["cuda"].value
     for name in ("NVIDIA_DRIVER_CAPABILITIES", "cuda", "libcuda"):
@@ -269,13 +268,13 @@ def test_container_started_without_gpus():
         )
     )
     facts = env(facts, NVIDIA_VISIBLE_DEVICES=None)
-    strict = by_name(doctor.run_checks(facts, expect_gpu=True))
+    strict = by_name(doctor_checks.run_checks(facts, expect_gpu=True))
     assert strict["cuda"].status == FAIL and "without GPUs" in strict["cuda"].value
     assert "--gpus all" in strict["cuda"].fix and "device reservation" in strict["cuda"].fix
     for name in ("/dev/nvidia*", "NVIDIA_VISIBLE_DEVICES", "nvml"):
         assert strict[name].status == FAIL and "--gpus all" in strict[name].fix
-    relaxed = doctor.run_checks(facts)  # no GPU to be seen, none expected: CPU runs are fine
-    assert doctor.exit_code(relaxed) == 0
+    relaxed = doctor_checks.run_checks(facts)  # no GPU to be seen, none expected: CPU runs are fine
+    assert doctor_checks.exit_code(relaxed) == 0
     assert by_name(relaxed)["cuda"].status == WARN
 
 
@@ -286,9 +285,9 @@ def test_gpu_architecture_missing_from_the_wheel():
     assert check.status == FAIL and "sm_100" in check.value
     assert "cu128" in check.fix
     # the same family runs older cubins: sm_86 on the sm_80/sm_86 wheel, sm_89 on sm_86
-    assert doctor.arch_supported((8, 9), CU121_ARCHES)
-    assert not doctor.arch_supported((12, 0), CU121_ARCHES)
-    assert doctor.arch_supported((9, 0), ["sm_80", "sm_90a"])
+    assert diagnosis.arch_supported((8, 9), CU121_ARCHES)
+    assert not diagnosis.arch_supported((12, 0), CU121_ARCHES)
+    assert diagnosis.arch_supported((9, 0), ["sm_80", "sm_90a"])
 
 
 def test_arch_from_nvml_when_torch_cannot_initialise():
@@ -465,7 +464,7 @@ def test_gather_survives_every_probe_raising(monkeypatch):
         if name.startswith("probe_"):
             monkeypatch.setattr(doctor, name, boom)
     facts = doctor.gather()
-    checks = doctor.run_checks(facts, expect_gpu=True)
+    checks = doctor_checks.run_checks(facts, expect_gpu=True)
     assert all(c.name != "internal" for c in checks)
     assert by_name(checks)["cuda"].status == FAIL
 
@@ -481,7 +480,7 @@ def test_gather_from_patched_sources_diagnoses_the_hidden_gpus(monkeypatch):
     monkeypatch.setattr(doctor, "probe_dev_nvidia", lambda: ["/dev/nvidia0", "/dev/nvidiactl"])
     monkeypatch.setattr(doctor, "probe_libcuda", lambda: None)
     facts = doctor.gather()
-    check = by_name(doctor.run_checks(facts))["cuda"]
+    check = by_name(doctor_checks.run_checks(facts))["cuda"]
     assert check.status == FAIL and "CUDA_VISIBLE_DEVICES=''" in check.value
 
 
@@ -544,7 +543,7 @@ def test_a_missing_dotenv_is_no_warning():
     check = verdict(h100_facts(dotenv=None), ".env")
     assert (check.status, check.fix) == (PASS, "")
     assert "optional" in check.value
-    checks = doctor.run_checks(h100_facts(dotenv=None), expect_gpu=True)
+    checks = doctor_checks.run_checks(h100_facts(dotenv=None), expect_gpu=True)
     assert [c for c in checks if c.status != PASS] == []  # a healthy host needs no .env
 
 
@@ -618,8 +617,8 @@ def test_gpu_status_line(monkeypatch):
 
 
 def test_healthy_compiler_and_headers_pass():
-    checks = by_name(doctor.run_checks(h100_facts(), expect_gpu=True))
-    assert checks["c compiler"] == doctor.Check(
+    checks = by_name(doctor_checks.run_checks(h100_facts(), expect_gpu=True))
+    assert checks["c compiler"] == doctor_checks.Check(
         "c compiler", PASS, "/usr/bin/gcc (Triton builds its CUDA launcher with it)"
     )
     assert checks["python headers"].status == PASS
@@ -628,7 +627,7 @@ def test_healthy_compiler_and_headers_pass():
 
 def test_missing_compiler_on_cuda_is_a_finding_with_its_fix():
     facts = h100_facts(compiler=replace(GCC, cc=None))
-    checks = doctor.run_checks(facts)  # a usable GPU: FAIL even without --expect-gpu
+    checks = doctor_checks.run_checks(facts)  # a usable GPU: FAIL even without --expect-gpu
     check = by_name(checks)["c compiler"]
     assert check.status == FAIL
     assert check.value == (
@@ -640,7 +639,7 @@ def test_missing_compiler_on_cuda_is_a_finding_with_its_fix():
         "has them)"
     )
     assert by_name(checks)["python headers"].status == PASS  # one finding, one line
-    assert doctor.exit_code(checks) == 1
+    assert doctor_checks.exit_code(checks) == 1
 
 
 def test_a_cc_that_is_not_a_compiler_is_named():
@@ -660,7 +659,7 @@ def test_a_compiler_without_libc_headers_is_a_finding():
 
 def test_missing_python_headers_is_a_finding_with_its_fix():
     facts = h100_facts(compiler=replace(GCC, python_h=False))
-    checks = by_name(doctor.run_checks(facts))
+    checks = by_name(doctor_checks.run_checks(facts))
     check = checks["python headers"]
     assert check.status == FAIL
     assert check.value.startswith("/usr/include/python3.10/Python.h missing: Triton cannot")
@@ -700,7 +699,7 @@ def test_probe_reports_a_compiler_that_cannot_find_libc_headers(tmp_path):
     facts = doctor.probe_compiler({"CC": str(fake)})
     assert facts.cc == str(fake)
     assert facts.cc_error == "<stdin>:1:10: fatal error: dlfcn.h: No such file or directory"
-    check = doctor.check_compiler(h100_facts(compiler=facts), expect_gpu=True)
+    check = doctor_checks.check_compiler(h100_facts(compiler=facts), expect_gpu=True)
     assert check.status == FAIL and "libc6-dev" in check.fix
 
 

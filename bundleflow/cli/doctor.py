@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from bundleflow.cli.train import add_config_args
+from bundleflow.cli.options import add_config_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,16 +44,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from bundleflow.system import doctor
+    from bundleflow.system.doctor_checks import exit_code, format_report, run_checks, to_json
 
     facts = doctor.gather()
-    checks = doctor.run_checks(facts, expect_gpu=args.expect_gpu)
+    checks = run_checks(facts, expect_gpu=args.expect_gpu)
     if facts.launcher.process_index == 0:  # under a launcher, one report
         if args.json:
-            payload = doctor.to_json(checks, facts, args.expect_gpu)
+            payload = to_json(checks, facts, args.expect_gpu)
             sys.stdout.write(json.dumps(payload) + "\n")
         else:
-            sys.stdout.write(doctor.format_report(checks) + "\n")
-    return doctor.exit_code(checks)
+            sys.stdout.write(format_report(checks) + "\n")
+    return exit_code(checks)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

@@ -9,15 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from bundleflow.errors import BundleflowError
-from bundleflow.system.doctor import (
-    FAIL,
-    Facts,
-    check_arch,
-    diagnose,
-    gather,
-    gpu_visible,
-    probe_env,
-)
+from bundleflow.system.diagnosis import diagnose, gpu_visible
+from bundleflow.system.doctor import Facts, gather, probe_env
+from bundleflow.system.doctor_checks import FAIL, check_arch
 
 CUDA_INDEX = re.compile(r"cuda:(\d+)")
 """``--device cuda:N``: GPU N of those torch sees (after CUDA_VISIBLE_DEVICES)."""
