@@ -15,7 +15,22 @@ import pytest
 import torch
 
 from bundleflow.errors import BundleflowError
-from bundleflow.valuations import io as data_io
+from bundleflow.valuations import cats
+from bundleflow.valuations.cats_data import (
+    cache_key,
+    cached_dataset,
+    generate_dataset,
+    generator_settings,
+)
+from bundleflow.valuations.cats_text import read_cats_text
+from bundleflow.valuations.dataset import convert, load_dataset
+from bundleflow.valuations.split import DEFAULT_SPLIT, reference_split, split_from_fractions
+from bundleflow.valuations.tensor_files import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    save_dataset,
+    tensor_sha256,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # Written by bundleflow's own safetensors writer (format version 1, before the library wrote
@@ -54,15 +69,15 @@ class _RunsCode:
 
 
 def test_generated_set_round_trips_with_metadata(tmp_path):
-    out = data_io.generate_dataset(tmp_path / "a.safetensors", "arbitrary", 8, 40, seed=1)
-    data = data_io.load_dataset(out, n_items=8)
+    out = generate_dataset(tmp_path / "a.safetensors", "arbitrary", 8, 40, seed=1)
+    data = load_dataset(out, n_items=8)
     meta = data.metadata
     assert data.valuations.shape == (40, 6, 9)
-    assert meta["format"] == data_io.FORMAT_NAME and meta["format_version"] == 2
+    assert meta["format"] == FORMAT_NAME and meta["format_version"] == 2
     gen = meta["generator"]
     assert (gen["dist"], gen["n_items"], gen["n"], gen["seed"]) == ("arbitrary", 8, 40, 1)
     assert gen["params"]["budget_factor"] == 1.5 and gen["values"] == "upv"
-    assert meta["sha256"] == data_io.tensor_sha256(data.valuations)
+    assert meta["sha256"] == tensor_sha256(data.valuations)
     assert data.split.origin == "recorded"
     assert data.split.sizes() == {"train": 36, "val": 2, "test": 2}
     assert data.part("test").shape[0] == 2
@@ -72,9 +87,9 @@ def test_generated_set_round_trips_with_metadata(tmp_path):
 
 
 def test_same_settings_same_bytes_different_seed_different(tmp_path):
-    a = data_io.generate_dataset(tmp_path / "a.safetensors", "regions", 9, 30, seed=4)
-    b = data_io.generate_dataset(tmp_path / "b.safetensors", "regions", 9, 30, seed=4)
-    c = data_io.generate_dataset(tmp_path / "c.safetensors", "regions", 9, 30, seed=5)
+    a = generate_dataset(tmp_path / "a.safetensors", "regions", 9, 30, seed=4)
+    b = generate_dataset(tmp_path / "b.safetensors", "regions", 9, 30, seed=4)
+    c = generate_dataset(tmp_path / "c.safetensors", "regions", 9, 30, seed=5)
     assert a.read_bytes() == b.read_bytes()
     assert _sha(a) != _sha(c)
 
@@ -83,7 +98,7 @@ def test_our_files_are_plain_safetensors(tmp_path):
     safetensors = pytest.importorskip("safetensors")
     pytest.importorskip("numpy")  # safetensors.torch writes through numpy (matplotlib has it)
     v = _valuations()
-    path = data_io.save_dataset(tmp_path / "v.safetensors", v, {"note": "x"})
+    path = save_dataset(tmp_path / "v.safetensors", v, {"note": "x"})
     with safetensors.safe_open(str(path), framework="pt") as f:
         assert torch.equal(f.get_tensor("valuations"), v)
         assert json.loads(f.metadata()["bundleflow"])["note"] == "x"
@@ -94,7 +109,7 @@ def test_reads_files_written_by_the_safetensors_library(tmp_path):
     pytest.importorskip("numpy")
     v = _valuations()
     st.save_file({"x": v.double()}, str(tmp_path / "other.safetensors"))
-    data = data_io.load_dataset(tmp_path / "other.safetensors")
+    data = load_dataset(tmp_path / "other.safetensors")
     assert torch.equal(data.valuations, v) and data.split.origin == "reference"
 
 
@@ -108,12 +123,12 @@ def test_version_1_files_still_read_as_before():
     """A file of the former hand-written writer: the same tensor, metadata and split that
     writer's reader returned (pinned here from it)."""
     assert _sha(V1_FILE) == V1_FILE_SHA256, "the fixture itself changed"
-    data = data_io.load_dataset(V1_FILE, n_items=5)
+    data = load_dataset(V1_FILE, n_items=5)
     assert data.valuations.dtype == torch.float32 and data.valuations.shape == (40, 6, 6)
-    assert data_io.tensor_sha256(data.valuations) == V1_TENSOR_SHA256
+    assert tensor_sha256(data.valuations) == V1_TENSOR_SHA256
     meta = data.metadata
     assert (meta["format"], meta["format_version"], meta["sha256"]) == (
-        data_io.FORMAT_NAME,
+        FORMAT_NAME,
         1,
         V1_TENSOR_SHA256,
     )
@@ -130,26 +145,26 @@ def test_version_2_differs_from_version_1_only_in_the_header_key_order(tmp_path)
     """Rewriting a version-1 file's tensor and metadata: the same data bytes and header
     length; the header's JSON differs only in format_version (the library orders a tensor's
     keys dtype, shape, data_offsets; version 1 sorted them)."""
-    old = data_io.load_dataset(V1_FILE)
+    old = load_dataset(V1_FILE)
     meta = {k: v for k, v in old.metadata.items() if k not in ("sha256", "shape", "dtype")}
-    path = data_io.save_dataset(tmp_path / "v2.safetensors", old.valuations, meta)
+    path = save_dataset(tmp_path / "v2.safetensors", old.valuations, meta)
     (h1, data1), (h2, data2) = _header(V1_FILE.read_bytes()), _header(path.read_bytes())
     assert data2 == data1 and len(path.read_bytes()) == len(V1_FILE.read_bytes())
     m1, m2 = (json.loads(h.pop("__metadata__")["bundleflow"]) for h in (h1, h2))
     assert h1 == h2
-    assert (m1.pop("format_version"), m2.pop("format_version")) == (1, data_io.FORMAT_VERSION)
+    assert (m1.pop("format_version"), m2.pop("format_version")) == (1, FORMAT_VERSION)
     assert m1 == m2
-    again = data_io.load_dataset(path)
+    again = load_dataset(path)
     assert torch.equal(again.valuations, old.valuations)
     assert again.split.to_dict() == old.split.to_dict()
 
 
 def test_cache_names_survive_the_format_version(tmp_path):
     """Sets cached before version 2 keep their file names (the cache key did not move)."""
-    settings = data_io.generator_settings("regions", 5, 40, 7)
-    blob = {"settings": settings, "split": list(data_io.DEFAULT_SPLIT), "format_version": 1}
+    settings = generator_settings("regions", 5, 40, 7)
+    blob = {"settings": settings, "split": list(DEFAULT_SPLIT), "format_version": 1}
     want = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
-    assert data_io.cache_key(settings, data_io.DEFAULT_SPLIT) == want
+    assert cache_key(settings, DEFAULT_SPLIT) == want
 
 
 def test_loaded_data_do_not_depend_on_the_file_afterwards(tmp_path):
@@ -157,13 +172,13 @@ def test_loaded_data_do_not_depend_on_the_file_afterwards(tmp_path):
     truncated or copied over in place while a run trains kills it with SIGBUS."""
     script = (
         "import sys, torch\n"
-        "from bundleflow.valuations import io\n"
-        "data = io.load_dataset(sys.argv[1])\n"
+        "from bundleflow.valuations.dataset import load_dataset\n"
+        "data = load_dataset(sys.argv[1])\n"
         "open(sys.argv[1], 'wb').close()\n"
         "print(float(data.valuations.sum()))\n"
     )
-    path = data_io.save_dataset(tmp_path / "v.safetensors", _valuations(n=2000), {})
-    want = float(data_io.load_dataset(path).valuations.sum())
+    path = save_dataset(tmp_path / "v.safetensors", _valuations(n=2000), {})
+    want = float(load_dataset(path).valuations.sum())
     done = subprocess.run(
         [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
     )
@@ -172,7 +187,7 @@ def test_loaded_data_do_not_depend_on_the_file_afterwards(tmp_path):
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):
-    path = data_io.save_dataset(tmp_path / "v.safetensors", _valuations(seed=1), {})
+    path = save_dataset(tmp_path / "v.safetensors", _valuations(seed=1), {})
     before = path.read_bytes()
 
     def fail(fd):
@@ -180,7 +195,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fail)
     with pytest.raises(BundleflowError, match="disk full"):
-        data_io.save_dataset(path, _valuations(seed=2), {})
+        save_dataset(path, _valuations(seed=2), {})
     assert path.read_bytes() == before, "the old file is untouched"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.safetensors"], "no temp file left"
 
@@ -191,7 +206,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 def test_pt_file_uses_the_reference_split(tmp_path):
     v = _valuations(n=200)
     torch.save(v, tmp_path / "ref.pt")
-    data = data_io.load_dataset(tmp_path / "ref.pt", n_items=5)
+    data = load_dataset(tmp_path / "ref.pt", n_items=5)
     assert torch.equal(data.valuations, v)
     # first 95% training (its last 5% validation), last 5% test
     assert data.split.origin == "reference"
@@ -199,40 +214,40 @@ def test_pt_file_uses_the_reference_split(tmp_path):
 
 
 def test_reference_split_sizes():
-    s = data_io.reference_split(20_000)
+    s = reference_split(20_000)
     assert s.sizes() == {"train": 18_050, "val": 950, "test": 1_000}
-    s = data_io.split_from_fractions(20_000, (0.90, 0.05, 0.05))
+    s = split_from_fractions(20_000, (0.90, 0.05, 0.05))
     assert s.sizes() == {"train": 18_000, "val": 1_000, "test": 1_000}
     with pytest.raises(BundleflowError, match="--split"):
-        data_io.split_from_fractions(100, (0.9, 0.2, 0.05))
+        split_from_fractions(100, (0.9, 0.2, 0.05))
 
 
 def test_pt_dict_and_zip(tmp_path):
     v = _valuations()
     torch.save({"valuations": v, "note": "x"}, tmp_path / "d.pt")
-    assert torch.equal(data_io.load_dataset(tmp_path / "d.pt").valuations, v)
+    assert torch.equal(load_dataset(tmp_path / "d.pt").valuations, v)
     torch.save(v, tmp_path / "inner.pt")
     with zipfile.ZipFile(tmp_path / "pub.zip", "w") as z:
         z.write(tmp_path / "inner.pt", "data/cats_m5.pt")
-    assert torch.equal(data_io.load_dataset(tmp_path / "pub.zip").valuations, v)
+    assert torch.equal(load_dataset(tmp_path / "pub.zip").valuations, v)
     with zipfile.ZipFile(tmp_path / "two.zip", "w") as z:
         z.write(tmp_path / "inner.pt", "a.pt")
         z.write(tmp_path / "inner.pt", "b.pt")
     with pytest.raises(BundleflowError, match=r"two\.zip.*exactly one"):
-        data_io.load_dataset(tmp_path / "two.zip")
+        load_dataset(tmp_path / "two.zip")
 
 
 def test_pickle_needing_code_is_refused(tmp_path):
     torch.save({"valuations": _valuations(), "obj": _NeedsCode()}, tmp_path / "code.pt")
     with pytest.raises(BundleflowError, match=r"code\.pt.*pickled Python code"):
-        data_io.load_dataset(tmp_path / "code.pt")
+        load_dataset(tmp_path / "code.pt")
 
 
 def test_malicious_pickle_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     (tmp_path / "evil.pt").write_bytes(pickle.dumps(_RunsCode(str(marker)), protocol=2))
     with pytest.raises(BundleflowError, match=r"evil\.pt"):
-        data_io.load_dataset(tmp_path / "evil.pt")
+        load_dataset(tmp_path / "evil.pt")
     assert not marker.exists()
 
 
@@ -265,53 +280,53 @@ def test_bad_tensors_are_rejected_naming_the_file(tmp_path, name, make, message)
     path = tmp_path / f"bad-{name.replace(' ', '-')}.pt"
     torch.save(make(), path)
     with pytest.raises(BundleflowError, match=message) as err:
-        data_io.load_dataset(path)
+        load_dataset(path)
     assert str(path) in str(err.value)
 
 
 def test_m_mismatch(tmp_path):
     torch.save(_valuations(m=5), tmp_path / "m5.pt")
     with pytest.raises(BundleflowError, match=r"m5\.pt.*m=5 items but this run uses m=10"):
-        data_io.load_dataset(tmp_path / "m5.pt", n_items=10)
+        load_dataset(tmp_path / "m5.pt", n_items=10)
 
 
 def test_empty_and_missing_files(tmp_path):
     for name in ("e.safetensors", "e.pt", "e.txt", "e.zip"):
         (tmp_path / name).write_bytes(b"")
         with pytest.raises(BundleflowError, match=rf"{name}: the file is empty"):
-            data_io.load_dataset(tmp_path / name)
+            load_dataset(tmp_path / name)
     with pytest.raises(BundleflowError, match="no such file"):
-        data_io.load_dataset(tmp_path / "missing.safetensors")
+        load_dataset(tmp_path / "missing.safetensors")
 
 
 def test_truncated_files(tmp_path):
-    path = data_io.save_dataset(tmp_path / "v.safetensors", _valuations(), {})
+    path = save_dataset(tmp_path / "v.safetensors", _valuations(), {})
     raw = path.read_bytes()
     for cut in (4, 40, len(raw) - 10):
         (tmp_path / "cut.safetensors").write_bytes(raw[:cut])
         with pytest.raises(BundleflowError, match=r"cut\.safetensors.*(truncated|shorter)"):
-            data_io.load_dataset(tmp_path / "cut.safetensors")
+            load_dataset(tmp_path / "cut.safetensors")
     torch.save(_valuations(), tmp_path / "v.pt")
     raw = (tmp_path / "v.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(BundleflowError, match=r"cut\.pt.*truncated or corrupt"):
-        data_io.load_dataset(tmp_path / "cut.pt")
+        load_dataset(tmp_path / "cut.pt")
 
 
 def test_checksum_mismatch(tmp_path):
-    path = data_io.save_dataset(tmp_path / "v.safetensors", _valuations(), {})
+    path = save_dataset(tmp_path / "v.safetensors", _valuations(), {})
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0x01  # flip a bit of the last value
     path.write_bytes(bytes(raw))
     with pytest.raises(BundleflowError, match="checksum mismatch"):
-        data_io.load_dataset(path)
+        load_dataset(path)
 
 
 def test_output_suffix_checked(tmp_path):
     with pytest.raises(BundleflowError, match=r"\.safetensors"):
-        data_io.save_dataset(tmp_path / "v.npy", _valuations(), {})
+        save_dataset(tmp_path / "v.npy", _valuations(), {})
     with pytest.raises(BundleflowError, match=r"\.safetensors"):
-        data_io.generate_dataset(tmp_path / "v.pt", "arbitrary", 5, 5, seed=0)
+        generate_dataset(tmp_path / "v.pt", "arbitrary", 5, 5, seed=0)
 
 
 # --- CATS text ----------------------------------------------------------------------------
@@ -331,10 +346,10 @@ dummy 2
 def test_cats_text_groups_bidders_and_drops_dummies(tmp_path):
     path = tmp_path / "small.txt"
     path.write_text(CATS_TEXT)
-    parsed = data_io.read_cats_text(path)
+    parsed = read_cats_text(path)
     assert (parsed.goods, parsed.bids, parsed.dummy, parsed.bid_lines) == (4, 4, 2, 4)
     assert parsed.bidders == [[(10.5, (0, 1)), (9.0, (2, 3))], [(3.25, (1,))], [(7.0, (0, 2))]]
-    v = data_io.load_dataset(path, n_items=4).valuations
+    v = load_dataset(path, n_items=4).valuations
     assert v.shape == (3, 2, 5)
     assert v[0].tolist() == [[1, 1, 0, 0, 10.5], [0, 0, 1, 1, 9.0]]
     assert v[1, 1].tolist() == [0] * 5
@@ -359,7 +374,7 @@ def test_malformed_cats_text_names_file_and_line(tmp_path, edit, message):
     path = tmp_path / "small.txt"
     path.write_bytes(edit(CATS_TEXT).encode("latin-1"))
     with pytest.raises(BundleflowError, match=message):
-        data_io.load_dataset(path)
+        load_dataset(path)
 
 
 # --- files of no accepted format -----------------------------------------------------------
@@ -379,14 +394,14 @@ def test_unrecognised_format_names_the_file_and_the_accepted_formats(tmp_path, n
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(BundleflowError) as err:
-        data_io.load_dataset(path)
+        load_dataset(path)
     message = str(err.value)
     assert message.startswith(f"{path}: not a recognised data file")
     for accepted in (".safetensors", "[N, K, m+1]", ".pt", ".zip", "CATS text", "data convert"):
         assert accepted in message, accepted
     assert "goods" not in message  # not the CATS parser's complaint
     with pytest.raises(BundleflowError, match="not a recognised data file"):
-        data_io.convert(path, tmp_path / "out.safetensors")
+        convert(path, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -402,19 +417,19 @@ def test_unrecognised_format_through_the_cli_is_exit_2_and_one_line(tmp_path, ca
 
 def test_accepted_formats_are_recognised_by_content_under_other_names(tmp_path):
     v = _valuations()
-    data_io.save_dataset(tmp_path / "v.safetensors", v, {})
+    save_dataset(tmp_path / "v.safetensors", v, {})
     (tmp_path / "ours.data").write_bytes((tmp_path / "v.safetensors").read_bytes())
     torch.save(v, tmp_path / "ref.bin")
     (tmp_path / "cats-output").write_text(CATS_TEXT)  # starts with a %% comment, then 'goods'
     (tmp_path / "cats.dat").write_text(CATS_TEXT.replace("%% a comment\n", ""))
-    assert torch.equal(data_io.load_dataset(tmp_path / "ours.data").valuations, v)
-    assert torch.equal(data_io.load_dataset(tmp_path / "ref.bin").valuations, v)
+    assert torch.equal(load_dataset(tmp_path / "ours.data").valuations, v)
+    assert torch.equal(load_dataset(tmp_path / "ref.bin").valuations, v)
     for name in ("cats-output", "cats.dat"):
-        assert data_io.load_dataset(tmp_path / name, n_items=4).valuations.shape == (3, 2, 5)
+        assert load_dataset(tmp_path / name, n_items=4).valuations.shape == (3, 2, 5)
     # CATS text under another name still gets the CATS parser's line-numbered errors
     (tmp_path / "cut.dat").write_text(CATS_TEXT.replace("bids 4", "bids 6"))
     with pytest.raises(BundleflowError, match=r"cut\.dat:\d+: the header announces 6"):
-        data_io.load_dataset(tmp_path / "cut.dat")
+        load_dataset(tmp_path / "cut.dat")
 
 
 def _fixture_cases():
@@ -427,7 +442,7 @@ def _fixture_cases():
 def test_real_cats_files_parse_to_documented_counts(name, expected):
     if expected is None:
         pytest.skip(f"{CATS_FIXTURES} not found: ../shared is absent on this machine")
-    parsed = data_io.read_cats_text(CATS_FIXTURES / name)
+    parsed = read_cats_text(CATS_FIXTURES / name)
     first = parsed.bidders[0]
     got = {
         "goods": parsed.goods,
@@ -442,19 +457,19 @@ def test_real_cats_files_parse_to_documented_counts(name, expected):
     assert got == expected
     for bidder in parsed.bidders:  # CATS: every atom of one bidder has the same size
         assert len({len(goods) for _, goods in bidder}) == 1
-    data = data_io.load_dataset(CATS_FIXTURES / name, n_items=50)
+    data = load_dataset(CATS_FIXTURES / name, n_items=50)
     assert data.valuations.shape[0] == expected["bidders"]
 
 
 def test_convert_text_to_safetensors_and_pt(tmp_path):
     src = tmp_path / "small.txt"
     src.write_text(CATS_TEXT)
-    data_io.convert(src, tmp_path / "small.safetensors")
-    data = data_io.load_dataset(tmp_path / "small.safetensors")
+    convert(src, tmp_path / "small.safetensors")
+    data = load_dataset(tmp_path / "small.safetensors")
     assert data.metadata["source"]["format"] == "cats-text"
     assert data.metadata["converted_from"]["file"] == "small.txt"
     assert data.split.origin == "recorded"
-    data_io.convert(tmp_path / "small.safetensors", tmp_path / "small.pt")
+    convert(tmp_path / "small.safetensors", tmp_path / "small.pt")
     assert torch.equal(torch.load(tmp_path / "small.pt", weights_only=True), data.valuations)
 
 
@@ -463,23 +478,21 @@ def test_convert_text_to_safetensors_and_pt(tmp_path):
 
 def test_cache_generates_once_keyed_by_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("BUNDLEFLOW_CACHE", str(tmp_path / "cache"))
-    first = data_io.cached_dataset("regions", 9, 25, seed=2)
+    first = cached_dataset("regions", 9, 25, seed=2)
     assert first.parent == tmp_path / "cache" / "data" and first.exists()
 
     def no_generation(*args, **kwargs):
         raise AssertionError("a cached set must not be regenerated")
 
-    monkeypatch.setattr(data_io.cats, "generate", no_generation)
-    assert data_io.cached_dataset("regions", 9, 25, seed=2) == first
+    monkeypatch.setattr(cats, "generate", no_generation)
+    assert cached_dataset("regions", 9, 25, seed=2) == first
     monkeypatch.undo()
     monkeypatch.setenv("BUNDLEFLOW_CACHE", str(tmp_path / "cache"))
-    other = data_io.cached_dataset("regions", 9, 25, seed=3)
+    other = cached_dataset("regions", 9, 25, seed=3)
     assert other != first
-    jumpy = data_io.cached_dataset(
-        "regions", 9, 25, seed=2, params=data_io.cats.CatsParams(jump_prob=0.2)
-    )
+    jumpy = cached_dataset("regions", 9, 25, seed=2, params=cats.CatsParams(jump_prob=0.2))
     assert jumpy not in (first, other)
     # a corrupt cached file is regenerated, bit for bit the same
     good = first.read_bytes()
     first.write_bytes(good[: len(good) // 2])
-    assert data_io.cached_dataset("regions", 9, 25, seed=2).read_bytes() == good
+    assert cached_dataset("regions", 9, 25, seed=2).read_bytes() == good

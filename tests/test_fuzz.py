@@ -29,7 +29,8 @@ from bundleflow.errors import BundleflowError
 from bundleflow.evaluation.mechanism import FrozenMechanism
 from bundleflow.train.checkpoint import MANIFEST, latest, read_checkpoint, write_checkpoint
 from bundleflow.train.config import load_config, parse_set, to_flat_dict
-from bundleflow.valuations.io import load_dataset, save_dataset
+from bundleflow.valuations.dataset import load_dataset
+from bundleflow.valuations.tensor_files import save_dataset
 from tests.conftest import cli_error, run_cli, single_torch_thread
 
 EXAMPLES = 1000

@@ -15,9 +15,9 @@ import torch
 from bundleflow.cli.app import main
 from bundleflow.evaluation.baselines import bundle_size_outcome, fit_bundle_size_prices
 from bundleflow.train.config import DataConfig
-from bundleflow.valuations import io as data_io
 from bundleflow.valuations import known as k
 from bundleflow.valuations import known_data
+from bundleflow.valuations.dataset import load_dataset
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -206,13 +206,13 @@ def test_known_dataset_records_optimum_and_split(tmp_path):
     s = k.make_setting("unit-demand")
     sizes = {"train": 300, "val": 50, "test": 700}
     path = known_data.generate_known_dataset(tmp_path / "u.safetensors", s, sizes, seed=4)
-    data = data_io.load_dataset(path)
+    data = load_dataset(path)
     assert data.split.sizes() == sizes
     assert data.metadata["known"]["optimum"] == pytest.approx(s.optimum.optimum)
     assert data.metadata["known"]["setting"] == "unit-demand"
     bigger = {**sizes, "test": 2000}
     path2 = known_data.generate_known_dataset(tmp_path / "u2.safetensors", s, bigger, seed=4)
-    data2 = data_io.load_dataset(path2)
+    data2 = load_dataset(path2)
     assert torch.equal(data2.part("train"), data.part("train"))  # own stream per part
     assert torch.equal(data2.part("test")[:700], data.part("test"))
 
@@ -246,6 +246,6 @@ def test_cli_generate_setting(tmp_path, capsys):
     expected = k.make_setting("catalogue", n_items=20, catalogue_size=30, synergy_max=8.0)
     assert result["optimum"] == pytest.approx(expected.optimum.optimum)
     assert result["split"] == {"train": 100, "val": 20, "test": 300}
-    meta = data_io.load_dataset(out).metadata
+    meta = load_dataset(out).metadata
     assert meta["regenerate"].startswith("bundleflow data generate --setting catalogue")
     assert main([*argv[:3], "unit-demand", "--items", "3", *argv[6:]]) == 2  # m is 2

@@ -18,7 +18,9 @@ from loguru import logger
 from bundleflow.errors import BundleflowError
 from bundleflow.system.progress import ProgressBar
 from bundleflow.valuations import cats, known, known_data
-from bundleflow.valuations import io as data_io
+from bundleflow.valuations.cats_data import generate_dataset
+from bundleflow.valuations.dataset import convert, load_dataset
+from bundleflow.valuations.split import DEFAULT_SPLIT
 from bundleflow.valuations.stats import dataset_stats
 
 # Help for every CATS parameter flag (defaults come from CatsParams and are shown by --help).
@@ -107,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--split",
         type=_parse_split,
-        default=data_io.DEFAULT_SPLIT,
+        default=DEFAULT_SPLIT,
         metavar="TRAIN,VAL,TEST",
         help="contiguous split fractions, recorded in the file (default 0.90,0.05,0.05)",
     )
@@ -225,7 +227,7 @@ def _generate_known(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     path = known_data.generate_known_dataset(args.out, setting, sizes, args.seed)
     seconds = time.perf_counter() - start
-    data = data_io.load_dataset(path)  # read back: validates and checks the checksum
+    data = load_dataset(path)  # read back: validates and checks the checksum
     logger.info("wrote {} ({} valuations) in {:.1f}s", path, sum(sizes.values()), seconds)
     opt = setting.optimum
     return {
@@ -278,7 +280,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.n, f"{args.dist} m={args.items}", enabled=False if args.no_progress else None
     )
     start = time.perf_counter()
-    path = data_io.generate_dataset(
+    path = generate_dataset(
         args.out,
         args.dist,
         args.items,
@@ -292,7 +294,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         progress=bar,
     )
     seconds = time.perf_counter() - start
-    data = data_io.load_dataset(path)  # read back: validates and checks the checksum
+    data = load_dataset(path)  # read back: validates and checks the checksum
     logger.info("wrote {} ({} valuations) in {:.1f}s", path, args.n, seconds)
     result = {
         "out": str(path),
@@ -306,7 +308,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    data = data_io.load_dataset(args.file, n_items=args.items)
+    data = load_dataset(args.file, n_items=args.items)
     result: dict = {"file": str(data.path), **dataset_stats(data.valuations)}
     result["split"] = data.split.sizes()
     result["split_origin"] = data.split.origin
@@ -327,7 +329,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    data = data_io.convert(args.src, args.dst)
+    data = convert(args.src, args.dst)
     logger.info("converted {} -> {} ({} valuations)", args.src, args.dst, data.valuations.shape[0])
     result = {
         "in": str(args.src),

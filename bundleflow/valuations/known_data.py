@@ -22,8 +22,10 @@ from torch import Tensor
 from bundleflow import __version__
 from bundleflow.errors import BundleflowError
 from bundleflow.paths import default_cache_dir
-from bundleflow.valuations import io as data_io
+from bundleflow.valuations.dataset import load_dataset
 from bundleflow.valuations.known import DEFAULTS, KnownSetting, make_setting
+from bundleflow.valuations.split import Split
+from bundleflow.valuations.tensor_files import safetensors_output, save_dataset
 
 DEFAULT_VAL = 20_000
 """Validation valuations of a generated known-optimum set."""
@@ -81,12 +83,12 @@ def generate_known_dataset(
     out: str | os.PathLike, known: KnownSetting, sizes: dict[str, int], seed: int
 ) -> Path:
     """Generate a known-optimum set and save it (atomically) with its optimum and split."""
-    out = data_io.safetensors_output(out, "optimum")
+    out = safetensors_output(out, "optimum")
     if sizes["train"] < 1 or sizes["val"] < 1 or sizes["test"] < 1:
         raise BundleflowError(f"split sizes {sizes} leave a part empty; every part needs ≥ 1")
     valuations = sample_parts(known, sizes, seed)
     a, b = sizes["train"], sizes["train"] + sizes["val"]
-    split = data_io.Split((0, a), (a, b), (b, valuations.shape[0]), origin="recorded")
+    split = Split((0, a), (a, b), (b, valuations.shape[0]), origin="recorded")
     record = settings_record(known, sizes, seed)
     meta = {
         "generator": record,
@@ -101,7 +103,7 @@ def generate_known_dataset(
             "bundles": [row.nonzero().squeeze(1).tolist() for row in known.catalogue.bundles],
             "weights": known.catalogue.weights.tolist(),
         }
-    return data_io.save_dataset(out, valuations, meta)
+    return save_dataset(out, valuations, meta)
 
 
 def cached_known_dataset(
@@ -120,7 +122,7 @@ def cached_known_dataset(
     path = root / "data" / f"{name}.safetensors"
     if path.exists():
         try:
-            data_io.load_dataset(path, n_items=known.n_items)
+            load_dataset(path, n_items=known.n_items)
             return path
         except BundleflowError as err:
             logger.warning("cached data set unusable, regenerating it: {}", err)
