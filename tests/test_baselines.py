@@ -322,7 +322,7 @@ def test_fast_fits_equal_the_direct_reference(case, seed):
 def test_two_option_revenue_equals_a_direct_loop_with_ties():
     """The histogram scoring of a coordinate step against the rule applied per bidder and
     candidate, on integer utilities and a grid through them (ties at every candidate)."""
-    from bundleflow.evaluation.baselines import _two_option_revenue
+    from bundleflow.evaluation.fit_prices import _two_option_revenue
 
     g = torch.Generator().manual_seed(70)
     n = 400
@@ -346,7 +346,7 @@ def test_two_option_revenue_equals_a_direct_loop_with_ties():
 
 
 def test_distinct_rows_and_their_counts():
-    from bundleflow.evaluation.baselines import _distinct
+    from bundleflow.evaluation.fit_prices import _distinct
 
     rows = random_xor(30, 4, 3, seed=71)
     order = torch.randperm(50, generator=torch.Generator().manual_seed(0))
@@ -381,7 +381,7 @@ def test_fallback_reuses_the_fitted_baselines(monkeypatch):
 def test_uniform_runs_equal_the_direct_rule(integer):
     """Uniform-price revenue from each bidder's runs of candidates equals the rule applied
     to every candidate, with sizes missing and candidates on exact crossings (ties)."""
-    from bundleflow.evaluation.baselines import (
+    from bundleflow.evaluation.fit_prices import (
         _size_table,
         _uniform_revenue,
         _uniform_revenue_direct,
