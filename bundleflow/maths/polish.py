@@ -79,6 +79,69 @@ def hard_revenue_of(values: Tensor, prices: Tensor, fb_u: Tensor, fb_pay: Tensor
     return float(hard_revenue(values - prices, prices, (fb_u, fb_pay)))
 
 
+@dataclass(frozen=True)
+class _Ascent:
+    """The knobs of one coordinate step (see :func:`polish_prices`)."""
+
+    margin: float
+    min_buyers: int
+    plateau: bool
+
+
+def _best_price(
+    j: int,
+    values: Tensor,
+    prices: Tensor,
+    top: tuple[Tensor, Tensor],
+    fb_pay: Tensor,
+    ranks: Tensor,
+    knobs: _Ascent,
+) -> Tensor | None:
+    """Element ``j``'s best price with the others held, from every bidder's threshold
+    t_i = w_ij − u_i^{−j} (``top``: each row's two best options, utilities and indices); None
+    when no candidate beats the revenue at the price now (or, with ``plateau``, no
+    near-neutral cut wins more buyers)."""
+    top_u, top_i = top
+    first = top_i[:, 0] == j
+    alt_u = torch.where(first, top_u[:, 1], top_u[:, 0])
+    alt_i = torch.where(first, top_i[:, 1], top_i[:, 0])
+    alt_pay = _payments(alt_i, prices, fb_pay)
+    t = values[:, j] - alt_u  # buys j iff p_j < t
+    ts, order = torch.sort(t, descending=True)
+    cum = torch.cumsum(alt_pay[order], dim=0)
+    cand = ts - knobs.margin
+    gain = ranks * cand - cum
+    ok = (cand >= 0) & (ranks >= knobs.min_buyers) & torch.isfinite(cand)
+    gain = torch.where(ok, gain, torch.full_like(gain, -torch.inf))
+    k = int(gain.argmax())
+    buyers = t > prices[j]
+    current = float(((prices[j] - alt_pay) * buyers).sum())
+    if not bool(ok[k]):
+        return None
+    if float(gain[k]) <= current + 1e-9 * values.shape[0]:
+        if not knobs.plateau:
+            return None
+        k = _plateau_step(ts, cand, alt_pay[order], prices[j], current, knobs.margin, ok)
+        if k is None:
+            return None
+    return cand[k]
+
+
+def _set_price(
+    j: int, price: Tensor, values: Tensor, prices: Tensor, u: Tensor, top: tuple[Tensor, Tensor]
+) -> None:
+    """Set p_j = ``price`` in place and refresh the utilities ``u`` and the two best options
+    ``top`` of every row the change can affect (j among them, or j now beating the second)."""
+    top_u, top_i = top
+    prices[j] = price
+    col = values[:, j] - prices[j]
+    u[:, j] = col
+    rows = (top_i[:, 0] == j) | (top_i[:, 1] == j) | (col > top_u[:, 1])
+    if bool(rows.any()):
+        sub_u, sub_i = _top2(u[rows])
+        top_u[rows], top_i[rows] = sub_u, sub_i
+
+
 def polish_prices(
     values: Tensor,
     prices: Tensor,
@@ -115,6 +178,7 @@ def polish_prices(
     u = _options(values, prices, fb_u)
     top_u, top_i = _top2(u)
     ranks = torch.arange(1, n + 1, dtype=torch.float64, device=values.device)
+    knobs = _Ascent(margin=margin, min_buyers=min_buyers, plateau=plateau)
 
     val64 = None if val is None else tuple(x.to(torch.float64) for x in val)
 
@@ -129,36 +193,11 @@ def polish_prices(
     for r in range(1, rounds + 1):
         changed = 0
         for j in torch.randperm(J, generator=generator).tolist():
-            first = top_i[:, 0] == j
-            alt_u = torch.where(first, top_u[:, 1], top_u[:, 0])
-            alt_i = torch.where(first, top_i[:, 1], top_i[:, 0])
-            alt_pay = _payments(alt_i, prices, fb_pay)
-            t = values[:, j] - alt_u  # buys j iff p_j < t
-            ts, order = torch.sort(t, descending=True)
-            cum = torch.cumsum(alt_pay[order], dim=0)
-            cand = ts - margin
-            gain = ranks * cand - cum
-            ok = (cand >= 0) & (ranks >= min_buyers) & torch.isfinite(cand)
-            gain = torch.where(ok, gain, torch.full_like(gain, -torch.inf))
-            k = int(gain.argmax())
-            buyers = t > prices[j]
-            current = float(((prices[j] - alt_pay) * buyers).sum())
-            if not bool(ok[k]):
+            price = _best_price(j, values, prices, (top_u, top_i), fb_pay, ranks, knobs)
+            if price is None:
                 continue
-            if float(gain[k]) <= current + 1e-9 * n:
-                if not plateau:
-                    continue
-                k = _plateau_step(ts, cand, alt_pay[order], prices[j], current, margin, ok)
-                if k is None:
-                    continue
-            prices[j] = cand[k]
+            _set_price(j, price, values, prices, u, (top_u, top_i))
             changed += 1
-            col = values[:, j] - prices[j]
-            u[:, j] = col
-            rows = (top_i[:, 0] == j) | (top_i[:, 1] == j) | (col > top_u[:, 1])
-            if bool(rows.any()):
-                sub_u, sub_i = _top2(u[rows])
-                top_u[rows], top_i[rows] = sub_u, sub_i
         result.train_revenue.append(hard_revenue_of(values, prices, fb_u, fb_pay))
         result.val_revenue.append(val_rev(prices))
         result.changed.append(changed)
