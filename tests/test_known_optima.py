@@ -18,6 +18,22 @@ from bundleflow.train.config import DataConfig
 from bundleflow.valuations import known as k
 from bundleflow.valuations import known_data
 from bundleflow.valuations.dataset import load_dataset
+from bundleflow.valuations.known_families import (
+    DDT_BOX,
+    additive_ddt,
+    additive_uniform,
+    unit_demand,
+)
+from bundleflow.valuations.known_optima import (
+    ADDITIVE_UNIFORM_OPTIMA,
+    DDT_BEST_DETERMINISTIC,
+    DDT_MENU,
+    ddt_grand_bundle,
+    manelli_vincent_m2,
+    menu_revenue_2d,
+    pavlov_optimum,
+    single_price_unit_demand,
+)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -56,23 +72,23 @@ def _close(payments: torch.Tensor, target: float, z: float = 4.0) -> None:
 
 
 def test_ddt_optimum_is_88_over_9_exactly():
-    assert k.menu_revenue_2d(k.DDT_BOX, k.DDT_MENU) == Fraction(88, 9)
+    assert menu_revenue_2d(DDT_BOX, DDT_MENU) == Fraction(88, 9)
     assert k.make_setting("additive-ddt").optimum.optimum == pytest.approx(88 / 9, abs=1e-12)
 
 
 def test_exact_revenue_matches_monte_carlo_on_generated_ddt():
-    vals = k.additive_ddt(300_000, _gen(1))
+    vals = additive_ddt(300_000, _gen(1))
     assert torch.allclose(vals[:, 2, 2], vals[:, 0, 2] + vals[:, 1, 2])  # b_{12} = v1 + v2
     ddt = [([(0.5, [1]), (0.5, [0, 1])], 8.0), ([(1.0, [0, 1])], 12.0)]  # ½ item 1, item 2
     _close(_menu_payments(vals, ddt), 88 / 9)
     det = [([(1.0, [1])], 5.488), ([(1.0, [0, 1])], 11.942)]
-    exact = k.menu_revenue_2d(k.DDT_BOX, [((0, 1, 0), 5.488), ((1, 1, 0), 11.942)])
+    exact = menu_revenue_2d(DDT_BOX, [((0, 1, 0), 5.488), ((1, 1, 0), 11.942)])
     _close(_menu_payments(vals, det), exact)
 
 
 def test_ddt_reference_revenues():
     def det(p1, p2, p12):
-        return k.menu_revenue_2d(k.DDT_BOX, [((1, 0, 0), p1), ((0, 1, 0), p2), ((1, 1, 0), p12)])
+        return menu_revenue_2d(DDT_BOX, [((1, 0, 0), p1), ((0, 1, 0), p2), ((1, 1, 0), p12)])
 
     grid = [(4 + 0.5 * i, 4 + 0.5 * j, 8 + 0.5 * m) for i in range(25) for j in range(7)
             for m in range(31)]  # fmt: skip
@@ -85,13 +101,13 @@ def test_ddt_reference_revenues():
                          for a in steps for b in steps for c in steps]  # fmt: skip
                 value, x = max((det(*c), c) for c in cands)
         best = max(best, value)
-    assert best == pytest.approx(k.DDT_BEST_DETERMINISTIC, abs=2e-4)
+    assert best == pytest.approx(DDT_BEST_DETERMINISTIC, abs=2e-4)
     assert best < 88 / 9 - 0.07  # the lottery is worth ≈ 0.8%
-    gb, price = k.ddt_grand_bundle()
-    grid_gb = max(k.menu_revenue_2d(k.DDT_BOX, [((1, 1, 0), 8 + i / 500)]) for i in range(7500))
+    gb, price = ddt_grand_bundle()
+    grid_gb = max(menu_revenue_2d(DDT_BOX, [((1, 1, 0), 8 + i / 500)]) for i in range(7500))
     assert gb == pytest.approx(grid_gb, abs=1e-5) and gb == pytest.approx(9.62685, abs=1e-5)
     # separate Myerson prices: item 1 at 8 (64/12), item 2 at its floor 4
-    items = k.menu_revenue_2d(k.DDT_BOX, [((1, 0, 0), 8), ((0, 1, 0), 4), ((1, 1, 0), 12)])
+    items = menu_revenue_2d(DDT_BOX, [((1, 0, 0), 8), ((0, 1, 0), 4), ((1, 1, 0), 12)])
     assert items == pytest.approx(28 / 3, abs=1e-12)
 
 
@@ -99,15 +115,15 @@ def test_ddt_reference_revenues():
 
 
 def test_pavlov_u23_optimum_and_single_price():
-    revenue, p, q = k.pavlov_optimum(2.0)
+    revenue, p, q = pavlov_optimum(2.0)
     assert revenue == pytest.approx(2.1331, abs=1e-4)
     assert p == pytest.approx(2.2817, abs=2e-4) and q == pytest.approx(2.1151, abs=2e-4)
-    single, price = k.single_price_unit_demand(2.0)
+    single, price = single_price_unit_demand(2.0)
     grid = max(x * (1 - (x - 2) ** 2) for x in (2 + i / 100_000 for i in range(100_001)))
     assert single == pytest.approx(grid, abs=1e-9) and price == pytest.approx(2.2153, abs=1e-4)
     assert single == pytest.approx(2.1126, abs=1e-4)
     assert revenue / single - 1 == pytest.approx(0.0097, abs=3e-4)  # the lottery's room
-    vals = k.unit_demand(400_000, _gen(2))
+    vals = unit_demand(400_000, _gen(2))
     menu = [([(1.0, [0])], p), ([(1.0, [1])], p), ([(0.5, [0]), (0.5, [1])], q)]
     _close(_menu_payments(vals, menu), revenue)
 
@@ -118,18 +134,18 @@ def test_pavlov_u01_is_one_price_and_scales():
     assert opt.extra["item_price"] == pytest.approx(1 / math.sqrt(3), abs=1e-4)
     assert opt.best_posted_price == pytest.approx(opt.optimum, abs=1e-7)
     scaled = k.make_setting("unit-demand", low=4.0, high=6.0).optimum
-    assert scaled.optimum == pytest.approx(2 * k.pavlov_optimum(2.0)[0], abs=1e-9)
+    assert scaled.optimum == pytest.approx(2 * pavlov_optimum(2.0)[0], abs=1e-9)
 
 
 # --------------------------------------------------------------------------- additive-uniform
 
 
 def test_manelli_vincent_and_xor_layout():
-    assert k.manelli_vincent_m2() == pytest.approx(0.54920, abs=1e-5)
-    vals = k.additive_uniform(200_000, _gen(3), n_items=2)
+    assert manelli_vincent_m2() == pytest.approx(0.54920, abs=1e-5)
+    vals = additive_uniform(200_000, _gen(3), n_items=2)
     assert vals.shape == (200_000, 3, 3)
     menu = [([(1.0, [0])], 2 / 3), ([(1.0, [1])], 2 / 3), ([(1.0, [0, 1])], (4 - 2**0.5) / 3)]
-    _close(_menu_payments(vals, menu), k.manelli_vincent_m2())
+    _close(_menu_payments(vals, menu), manelli_vincent_m2())
 
 
 @pytest.mark.parametrize("m", [3, pytest.param(4, marks=pytest.mark.slow)])
@@ -137,12 +153,12 @@ def test_published_optima_are_the_best_size_schedules(m):
     """Giannakopoulos–Koutsoupias: the optimum is a bundle-size schedule; fit one on 3·10⁴
     additive draws, score it on 10⁵ fresh XOR draws of the generator."""
     prices = fit_bundle_size_prices(torch.rand(30_000, m, generator=_gen(4)))
-    vals = k.additive_uniform(100_000, _gen(5), n_items=m)
+    vals = additive_uniform(100_000, _gen(5), n_items=m)
     sets = vals[0, :, :m]
     singles = vals[0, sets.sum(1) == 1, m]  # atoms {1}, {2}, {3}, ... in item order
     assert torch.allclose(vals[0, :, m], sets @ singles)  # b_S = Σ_{i∈S} v_i
     payments = bundle_size_outcome(vals, prices)[1].double()
-    published = k.ADDITIVE_UNIFORM_OPTIMA[m]
+    published = ADDITIVE_UNIFORM_OPTIMA[m]
     se = float(payments.std()) / math.sqrt(payments.numel())
     assert float(payments.mean()) == pytest.approx(published, abs=4 * se + 0.0005)
 

@@ -20,6 +20,7 @@ from bundleflow.evaluation.report import (
     optimum_record,
 )
 from bundleflow.valuations import known as k
+from bundleflow.valuations.known_mechanisms import TIE_TOL, LotteryMenu, as_xor
 
 F32 = float(torch.tensor(1.9, dtype=torch.float32))  # 1.9 as stored
 
@@ -35,7 +36,7 @@ def _xor(rows: list[list[tuple[list[int], float]]], m: int) -> torch.Tensor:
     return out
 
 
-def _brute_force(vals: torch.Tensor, menu: k.LotteryMenu) -> list[float]:
+def _brute_force(vals: torch.Tensor, menu: LotteryMenu) -> list[float]:
     """Scalar loops: each option's expected XOR value, utility; the highest utility (≥ 0,
     within the tie tolerance) and among ties the dearest option."""
     m = vals.shape[2] - 1
@@ -50,7 +51,7 @@ def _brute_force(vals: torch.Tensor, menu: k.LotteryMenu) -> list[float]:
                 best = max([v for s, v in atoms if s <= bundle] + [0.0])
                 value += float(menu.probs[j, d]) * best
             utilities.append((value - float(menu.prices[j]), float(menu.prices[j])))
-        tol = k.TIE_TOL * max(1.0, float(menu.prices.abs().max()))
+        tol = TIE_TOL * max(1.0, float(menu.prices.abs().max()))
         top = max(u for u, _ in utilities)
         chosen = [p for u, p in utilities if u >= top - tol and u >= -tol]
         out.append(max(chosen) if chosen else 0.0)
@@ -104,7 +105,7 @@ def test_unit_demand_pavlov_menu():
 
 def test_ddt_menu_and_its_tie():
     s = k.make_setting("additive-ddt")
-    vals = k.as_xor(torch.tensor([[4.0, 4.0], [10.0, 5.0], [6.0, 6.0], [8.0, 6.0], [5.0, 4.0]]))
+    vals = as_xor(torch.tensor([[4.0, 4.0], [10.0, 5.0], [6.0, 6.0], [8.0, 6.0], [5.0, 4.0]]))
     # (4,4): lottery 6 < 8, bundle 8 < 12; (10,5): bundle 3 > lottery 2; (6,6): lottery 1 >
     # bundle 0; (8,6): both 2 — the bundle (dearer); (5,4): lottery 6.5 < 8, bundle 9 < 12
     _check(s, vals, [0.0, 12.0, 8.0, 12.0, 0.0])
@@ -115,7 +116,7 @@ def test_manelli_vincent_menu_and_m3_has_none():
     item, bundle = 2 / 3, (4 - math.sqrt(2)) / 3
     values = torch.tensor([[0.7, 0.1], [0.5, 0.5], [0.3, 0.3], [0.1, 0.95], [0.9, 0.9]])
     expected = [item, bundle, 0.0, item, bundle]  # (0.9, 0.9): bundle 0.938 > item 0.233
-    _check(s, k.as_xor(values), expected)
+    _check(s, as_xor(values), expected)
     assert s.optimal_payments(values).tolist() == pytest.approx(expected)  # additive [N, m]
     assert k.make_setting("additive-uniform", n_items=3).optimal_payments(values) is None
 
