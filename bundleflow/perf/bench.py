@@ -31,8 +31,8 @@ from bundleflow.maths.flow import VelocityField, default_hidden_sizes
 from bundleflow.maths.fused import resolve_kernels
 from bundleflow.maths.menu import Menu, freeze_flow
 from bundleflow.maths.schedule import REFERENCE_INITIAL
-from bundleflow.perf.profiling import environment
-from bundleflow.system.timing import synchronize
+from bundleflow.perf.profiling import environment, peak_memory
+from bundleflow.system.timing import step_stats, synchronize
 from bundleflow.train.stage2_step import Stage2Step, make_optimizer, stage2_loss, tf32_matmul
 
 # Parity tolerances by precision: relative loss difference, max |Δgrad| / max |grad| per
@@ -51,6 +51,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 LR = 0.3  # the reference's single Adam learning rate (raw money units here)
 PRICE_SCALE = 700.0  # raw CATS-like money: prices U[0, 700)
 INV_TEMP = MIX_TEMP = REFERENCE_INITIAL  # the reference's initial λ
+BENCH_STATS = ("median", "p10", "p90", "min", "max", "steps")  # each path's step times
 
 
 @dataclass
@@ -154,25 +155,6 @@ def parity_step(step, menu: Menu, flow: VelocityField, tolerance: dict, n_steps:
     return result
 
 
-def _peak_gib(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-
-
-def _stats(seconds: list[float]) -> dict:
-    ms = sorted(s * 1e3 for s in seconds)
-    q = statistics.quantiles(ms, n=10) if len(ms) > 1 else [ms[0]] * 9
-    return {
-        "median_ms": round(statistics.median(ms), 4),
-        "p10_ms": round(q[0], 4),
-        "p90_ms": round(q[-1], 4),
-        "min_ms": round(ms[0], 4),
-        "max_ms": round(ms[-1], 4),
-        "steps": len(ms),
-    }
-
-
 def build(cfg: BenchConfig, device: torch.device):
     """Flow, the initial menu and the valuation pool (all seeded)."""
     torch.manual_seed(cfg.seed)
@@ -248,41 +230,12 @@ def run_bench(cfg: BenchConfig, device: torch.device, steps_override: dict | Non
         },
         "environment": environment(device),
     }  # fmt: skip
-    times: dict[str, list[float]] = {}
     for name, (step, path_menu) in paths.items():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        entry: dict = {"precision": step.precision}
-        if name == "fast":
-            entry["mode"] = step.mode
-            entry["kernels"] = step.kernel_mode
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(cfg.warmup):
-            step(INV_TEMP, MIX_TEMP)
-        synchronize(device)
-        entry["warmup_s"] = round(time.perf_counter() - t0, 3)  # includes any compilation
-        key = path_precision_key(name, step, device)
-        entry["parity"] = parity_step(step, path_menu, flow, TOLERANCES[key], cfg.n_steps)
-        if name == "fast" and getattr(step, "fallback_reason", None):
-            entry["fallback"] = step.fallback_reason
-        synchronize(device)
-        entry["peak_memory_gib"] = _peak_gib(device)
-        if entry["parity"]["ok"]:
-            times[name] = []
-        else:
-            logger.error("{} path failed the parity check, not timed: {}", name, entry["parity"])
-        report[name] = entry
-    for _ in range(cfg.steps):  # interleaved
-        for name in times:
-            step = paths[name][0]
-            synchronize(device)
-            t0 = time.perf_counter()
-            step(INV_TEMP, MIX_TEMP)
-            synchronize(device)
-            times[name].append(time.perf_counter() - t0)
+        report[name] = warm_up_and_check(cfg, name, step, path_menu, flow, device)
+    timed = [name for name in paths if report[name]["parity"]["ok"]]
+    times = time_interleaved({name: paths[name][0] for name in timed}, cfg.steps, device)
     for name in paths:
-        stats = _stats(times[name]) if name in times else {"median_ms": None}
+        stats = step_stats(times[name], BENCH_STATS, 4) if name in times else {"median_ms": None}
         report[name].update(stats)
     f, r = report["fast"]["median_ms"], report["reference"]["median_ms"]
     report["ratio"] = round(r / f, 3) if f and r else None
@@ -291,12 +244,47 @@ def run_bench(cfg: BenchConfig, device: torch.device, steps_override: dict | Non
     report["steps"] = cfg.steps
     report["warmup"] = cfg.warmup
     if device.type != "cuda":
-        import resource
-
-        report["process_max_rss_gib"] = round(
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3
-        )
+        report["process_max_rss_gib"] = peak_memory(device).get("process_max_rss_gib")
     return report
+
+
+def warm_up_and_check(cfg: BenchConfig, name: str, step, path_menu: Menu, flow, device) -> dict:
+    """One path's report entry before timing: its precision, warm-up time (compilation
+    included), the parity step and the peak memory so far."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    entry: dict = {"precision": step.precision}
+    if name == "fast":
+        entry["mode"] = step.mode
+        entry["kernels"] = step.kernel_mode
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg.warmup):
+        step(INV_TEMP, MIX_TEMP)
+    synchronize(device)
+    entry["warmup_s"] = round(time.perf_counter() - t0, 3)  # includes any compilation
+    key = path_precision_key(name, step, device)
+    entry["parity"] = parity_step(step, path_menu, flow, TOLERANCES[key], cfg.n_steps)
+    if name == "fast" and getattr(step, "fallback_reason", None):
+        entry["fallback"] = step.fallback_reason
+    synchronize(device)
+    entry["peak_memory_gib"] = peak_memory(device).get("cuda_max_allocated_gib")
+    if not entry["parity"]["ok"]:
+        logger.error("{} path failed the parity check, not timed: {}", name, entry["parity"])
+    return entry
+
+
+def time_interleaved(steps: dict, n: int, device: torch.device) -> dict[str, list[float]]:
+    """``n`` timed steps of each path, interleaved so that drift hits every path alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(n):
+        for name, step in steps.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            step(INV_TEMP, MIX_TEMP)
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def format_text(report: dict) -> str:

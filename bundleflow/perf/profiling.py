@@ -25,12 +25,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from loguru import logger
 
 from bundleflow.system.timing import step_stats, synchronize
 from bundleflow.train.config import Config, to_dict
+
+if TYPE_CHECKING:
+    from bundleflow.train.plan import StepPlan
 
 TRACE = "trace.json"
 TRACE_STAGE1 = "trace-stage1.json"
@@ -366,17 +370,7 @@ def run_profile(
     )
     report = {
         "environment": environment(device),
-        "config": {
-            "name": cfg.name,
-            "n_items": data.n_items,
-            "menu_size": cfg.menu.size,
-            "support": cfg.menu.support,
-            "batch_size": cfg.stage2.batch_size,
-            "euler_steps": cfg.flow.euler_steps,
-            "path": cfg.stage2.path,
-            "mixed_precision": plan.precision.value,
-            "stage1_batch_size": cfg.stage1.batch_size,
-        },
+        "config": config_summary(cfg, data.n_items, plan),
         "warmup": warmup,
         "flow": "Stage-1 steps above" if stage1_steps else "random initialisation",
         "stages": {s.name: s.__dict__ for s in stages},
@@ -386,6 +380,21 @@ def run_profile(
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / REPORT_MD).write_text(format_markdown(report))
     return report
+
+
+def config_summary(cfg: Config, n_items: int, plan: StepPlan) -> dict:
+    """The shape of what was profiled, for the report's header: sizes, path and precision."""
+    return {
+        "name": cfg.name,
+        "n_items": n_items,
+        "menu_size": cfg.menu.size,
+        "support": cfg.menu.support,
+        "batch_size": cfg.stage2.batch_size,
+        "euler_steps": cfg.flow.euler_steps,
+        "path": cfg.stage2.path,
+        "mixed_precision": plan.precision.value,
+        "stage1_batch_size": cfg.stage1.batch_size,
+    }
 
 
 def environment(device: torch.device) -> dict:

@@ -53,15 +53,34 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def step_stats(seconds: list[float]) -> dict:
-    """Median, p90 (nearest rank), mean, min and max of step times, in milliseconds."""
+PROFILE_STATS = ("steps", "median", "p90", "mean", "min", "max")
+"""The figures of ``bundleflow profile``'s step times (profile.json and profile.md)."""
+
+
+def nearest_rank(ascending: list[float], share: float) -> float:
+    """The ``share`` quantile by nearest rank: the smallest value with at least that share of
+    the values at or below it (p90 of 1..10 is 9). One definition for every step-time table."""
+    return ascending[max(0, math.ceil(share * len(ascending)) - 1)]
+
+
+def step_stats(
+    seconds: list[float], fields: tuple[str, ...] = PROFILE_STATS, digits: int = 3
+) -> dict:
+    """Step times in milliseconds: ``steps`` and ``<figure>_ms`` for each other of ``fields``
+    (median, p10 and p90 by nearest rank, mean, min, max), in that order, rounded to
+    ``digits``."""
     ms = sorted(s * 1e3 for s in seconds)
-    p90 = ms[max(0, math.ceil(0.9 * len(ms)) - 1)]
+    figures = {
+        "median": statistics.median(ms),
+        "p10": nearest_rank(ms, 0.1),
+        "p90": nearest_rank(ms, 0.9),
+        "mean": statistics.fmean(ms),
+        "min": ms[0],
+        "max": ms[-1],
+    }
     return {
-        "steps": len(ms),
-        "median_ms": round(statistics.median(ms), 3),
-        "p90_ms": round(p90, 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-        "min_ms": round(ms[0], 3),
-        "max_ms": round(ms[-1], 3),
+        name if name == "steps" else f"{name}_ms": (
+            len(ms) if name == "steps" else round(figures[name], digits)
+        )
+        for name in fields
     }
