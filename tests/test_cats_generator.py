@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bundleflow.errors import BundleflowError
-from bundleflow.valuations import cats
+from bundleflow.valuations import cats, cats_generate
 from bundleflow.valuations.cats import CatsParams, ItemStructure
 
 
@@ -19,7 +19,7 @@ def _bidders(dist, n_items, params, values="upv", count=200, seed=0):
     """(structure, bidder) pairs, a fresh structure for each."""
     out = []
     for i in range(count):
-        rng = cats.sample_rng(seed, i)
+        rng = cats_generate.sample_rng(seed, i)
         structure = cats.make_structure(dist, n_items, params, rng)
         out.append((structure, cats.sample_bidder(structure, params, values, rng)))
     return out
@@ -197,9 +197,9 @@ def test_restart_when_value_not_positive():
 
 def test_generate_shape_padding_and_determinism():
     params = CatsParams(max_substitutable_bids=3)
-    a = cats.generate("regions", 16, 40, seed=7, params=params)
-    b = cats.generate("regions", 16, 40, seed=7, params=params)
-    c = cats.generate("regions", 16, 40, seed=8, params=params)
+    a = cats_generate.generate("regions", 16, 40, seed=7, params=params)
+    b = cats_generate.generate("regions", 16, 40, seed=7, params=params)
+    c = cats_generate.generate("regions", 16, 40, seed=8, params=params)
     assert a.shape == (40, 4, 17) and a.dtype == torch.float32
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
@@ -214,18 +214,18 @@ def test_generate_shape_padding_and_determinism():
 
 
 def test_output_independent_of_worker_count():
-    n = 2 * cats.CHUNK_SIZE + 17
-    one = cats.generate("arbitrary", 10, n, seed=3, workers=1)
-    two = cats.generate("arbitrary", 10, n, seed=3, workers=2)
+    n = 2 * cats_generate.CHUNK_SIZE + 17
+    one = cats_generate.generate("arbitrary", 10, n, seed=3, workers=1)
+    two = cats_generate.generate("arbitrary", 10, n, seed=3, workers=2)
     assert torch.equal(one, two)
-    head = cats.generate("arbitrary", 10, 17, seed=3, workers=1)
+    head = cats_generate.generate("arbitrary", 10, 17, seed=3, workers=1)
     assert torch.equal(one[:17], head), "sample i depends on (seed, i) only"
 
 
 def test_fixed_mode_shares_the_structure():
-    fixed = cats.generate("regions", 16, 30, seed=5, mode="fixed")
-    fresh = cats.generate("regions", 16, 30, seed=5, mode="fresh")
-    assert torch.equal(fixed, cats.generate("regions", 16, 30, seed=5, mode="fixed"))
+    fixed = cats_generate.generate("regions", 16, 30, seed=5, mode="fixed")
+    fresh = cats_generate.generate("regions", 16, 30, seed=5, mode="fresh")
+    assert torch.equal(fixed, cats_generate.generate("regions", 16, 30, seed=5, mode="fixed"))
     assert not torch.equal(fixed, fresh)
 
 
@@ -235,7 +235,7 @@ def test_default_statistics_at_m50():
     from bundleflow.valuations.stats import dataset_stats
 
     for dist in cats.DISTRIBUTIONS:
-        s = dataset_stats(cats.generate(dist, 50, 1000, seed=11, workers=1))
+        s = dataset_stats(cats_generate.generate(dist, 50, 1000, seed=11, workers=1))
         assert 8.5 < s["mean_atom_size"] < 11.5
         assert 6 <= s["median_atom_size"] <= 8
         assert 4.3 < s["mean_atoms"] < 5.1
@@ -260,10 +260,10 @@ def test_bad_parameters_are_user_errors(kwargs):
 
 def test_bad_generate_arguments():
     with pytest.raises(BundleflowError, match="at least 4 goods"):
-        cats.generate("regions", 3, 5, seed=0)
+        cats_generate.generate("regions", 3, 5, seed=0)
     with pytest.raises(BundleflowError, match="dist"):
-        cats.generate("paths", 10, 5, seed=0)
+        cats_generate.generate("paths", 10, 5, seed=0)
     with pytest.raises(BundleflowError, match="--n"):
-        cats.generate("arbitrary", 10, 0, seed=0)
+        cats_generate.generate("arbitrary", 10, 0, seed=0)
     with pytest.raises(BundleflowError, match="unknown CATS parameter"):
         CatsParams.from_dict({"jump": 0.1})

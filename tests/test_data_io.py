@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bundleflow.errors import BundleflowError
-from bundleflow.valuations import cats
+from bundleflow.valuations import cats, cats_generate
 from bundleflow.valuations.cats_data import (
     cache_key,
     cached_dataset,
@@ -484,7 +484,7 @@ def test_cache_generates_once_keyed_by_settings(tmp_path, monkeypatch):
     def no_generation(*args, **kwargs):
         raise AssertionError("a cached set must not be regenerated")
 
-    monkeypatch.setattr(cats, "generate", no_generation)
+    monkeypatch.setattr(cats_generate, "generate", no_generation)
     assert cached_dataset("regions", 9, 25, seed=2) == first
     monkeypatch.undo()
     monkeypatch.setenv("BUNDLEFLOW_CACHE", str(tmp_path / "cache"))

@@ -16,31 +16,18 @@ Follows ``shared/spec/cats.md`` (CATS 2.2: regions.cpp, arbitrary.cpp), step by 
 The output of one bidder is the XOR valuation ``[1 + max_substitutable_bids, m + 1]``:
 B first, then the substitutes in descending value, zero rows as padding.
 
-Everything per sample is plain Python on a ``random.Random`` seeded from (seed, index),
-so a data set is byte-identical for the same settings and seed whatever the number of
-worker processes, and stable across Python versions (``Random.random`` is documented as
-reproducible). Generation is a data-preparation step, not a training hot path.
+Everything here is plain Python on the ``random.Random`` it is given; a data set of n
+bidders, one RNG per sample and in worker processes: :mod:`~bundleflow.valuations.cats_generate`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import random
-import sys
-from array import array
 from bisect import bisect_right
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from itertools import accumulate
-from multiprocessing import get_context
-from multiprocessing.context import BaseContext
 from operator import add, mul
-
-import torch
-from torch import Tensor
 
 from bundleflow.errors import BundleflowError
 
@@ -55,11 +42,6 @@ ALGORITHM_VERSION = 1
 # Safety nets that CATS does not have (it would loop forever instead).
 MAX_MAP_ATTEMPTS = 10_000  # regions: passes over the grid until every cell has a neighbour
 MAX_RESTARTS = 10_000  # draws of a bidder until v(B) > 0
-
-# Samples per task handed to a worker process, and the size below which one process is used
-# (starting workers costs about a second: they import torch).
-CHUNK_SIZE = 250
-MIN_SAMPLES_PER_WORKER = 2_000
 
 
 @dataclass(frozen=True)
@@ -190,14 +172,16 @@ class Bidder:
     """Times the bidder was redrawn because v(B) ≤ 0."""
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """``value`` is one of ``allowed``, else a user error naming the ``--name`` flag."""
     if value not in allowed:
         raise BundleflowError(
             f"unknown {name} {value!r}; choose one of {', '.join(allowed)} (--{name})"
         )
 
 
-def _check_items(dist: str, n_items: int) -> None:
+def check_items(dist: str, n_items: int) -> None:
+    """m is a whole number ≥ 1 (≥ 4 for regions: a 2×2 grid), else a user error."""
     if not isinstance(n_items, int) or n_items < 1:
         raise BundleflowError(f"--items must be a whole number ≥ 1, got {n_items!r}")
     if dist == "regions" and n_items < 4:
@@ -216,7 +200,7 @@ def regions_structure(n_items: int, params: CatsParams, rng: random.Random) -> I
     pass is repeated, adding edges on top of the existing ones (as CATS does). Goods beyond
     r² have no neighbours. The common values c_x ~ U[1, max_good_value] are drawn after.
     """
-    _check_items("regions", n_items)
+    check_items("regions", n_items)
     side = math.isqrt(n_items)
     adjacent: list[set[int]] = [set() for _ in range(n_items)]
     rand = rng.random
@@ -254,7 +238,7 @@ def regions_structure(n_items: int, params: CatsParams, rng: random.Random) -> I
 
 def arbitrary_structure(n_items: int, params: CatsParams, rng: random.Random) -> ItemStructure:
     """The arbitrary map: symmetric d_ij ~ U(0, 1) (a 0 is redrawn), d_ii = 0; then c_x."""
-    _check_items("arbitrary", n_items)
+    check_items("arbitrary", n_items)
     rand = rng.random
     rows = [[0.0] * n_items for _ in range(n_items)]
     for i in range(n_items):
@@ -272,7 +256,7 @@ def arbitrary_structure(n_items: int, params: CatsParams, rng: random.Random) ->
 def make_structure(
     dist: str, n_items: int, params: CatsParams, rng: random.Random
 ) -> ItemStructure:
-    _check_choice("dist", dist, DISTRIBUTIONS)
+    check_choice("dist", dist, DISTRIBUTIONS)
     if dist == "regions":
         return regions_structure(n_items, params, rng)
     return arbitrary_structure(n_items, params, rng)
@@ -422,50 +406,10 @@ def sample_bidder(
     rng: random.Random,
 ) -> Bidder:
     """One CATS bidder on ``structure`` (steps 1–5 of the spec)."""
-    _check_choice("values", private_values, PRIVATE_VALUES)
-    m = structure.n_items
-    common = structure.common
-    jump = params.jump_prob if structure.dist == "regions" else 0.0
-    exponent = 1.0 + params.additivity
-    for restarts in range(MAX_RESTARTS):  # noqa: B007 (reported in the Bidder)
-        private, weight = draw_private_values(m, params, private_values, rng)
-        grower = _Grower(structure, weight, jump, rng)
-        items, in_bundle, score = grower.start(_draw_first(weight, rng))
-        how = ["first"]
-        while len(items) < m and rng.random() <= params.additional_location:
-            step = grower.add(items, in_bundle, score)
-            if step is not None:
-                how.append(step)
-        value_of = [c + p for c, p in zip(common, private, strict=True)]
-        # summed in sorted order so identical sets get bit-identical values
-        bundle_value = sum(value_of[i] for i in sorted(items)) + len(items) ** exponent
-        if bundle_value > 0:
-            break
-    else:
-        raise BundleflowError(
-            f"CATS: no bundle with a positive value after {MAX_RESTARTS} draws; the private "
-            "values are too negative (check --normal-mean / --deviation / --max-good-value)"
-        )
-
-    size = len(items)
-    bundle = frozenset(items)
-    budget = params.budget_factor * bundle_value
-    min_resale = params.resale_factor * sum(common[i] for i in sorted(items))
-    valid: list[tuple[float, list[int], list[str]]] = []
-    dropped = 0
-    for start in items:
-        grown = _grow_candidate(grower, start, size)
-        if grown is None:
-            dropped += 1
-            continue
-        cand, cand_how = grown
-        ordered = sorted(cand)
-        value = sum(value_of[i] for i in ordered) + size**exponent
-        resale = sum(common[i] for i in ordered)
-        if 0 <= value <= budget and resale >= min_resale and frozenset(cand) != bundle:
-            valid.append((value, cand, cand_how))
-    valid.sort(key=lambda v: -v[0])  # stable: equal values keep their generation order
-    atoms, values, hows = [tuple(items)], [bundle_value], [tuple(how)]
+    check_choice("values", private_values, PRIVATE_VALUES)
+    first = _first_bundle(structure, params, private_values, rng)
+    valid, dropped = _substitute_candidates(first, structure.common, params)
+    atoms, values, hows = [tuple(first.items)], [first.value], [tuple(first.how)]
     seen = set()
     for value, cand, cand_how in valid:
         if len(atoms) > params.max_substitutable_bids:
@@ -478,144 +422,81 @@ def sample_bidder(
         values.append(value)
         hows.append(tuple(cand_how))
     return Bidder(
-        private=tuple(private),
+        private=tuple(first.private),
         atoms=tuple(atoms),
         values=tuple(values),
         how=tuple(hows),
-        candidates=size,
+        candidates=len(first.items),
         dropped=dropped,
-        restarts=restarts,
+        restarts=first.restarts,
     )
 
 
-def bidder_rows(bidder: Bidder, n_items: int, n_atoms: int) -> list[float]:
-    """The bidder as a flat row-major ``[n_atoms, n_items + 1]`` list (zero rows pad)."""
-    width = n_items + 1
-    flat = [0.0] * (n_atoms * width)
-    for k, (atom, value) in enumerate(zip(bidder.atoms, bidder.values, strict=True)):
-        base = k * width
-        for item in atom:
-            flat[base + item] = 1.0
-        flat[base + n_items] = value
-    return flat
+@dataclass(frozen=True, eq=False)
+class _FirstBundle:
+    """Steps 1–4 for one bidder: its private values p_x, c_x + p_x per good, its bundle B
+    (goods in the order added, and how each was added), v(B), the grower the substitutes
+    grow with (its weights pn_x and the bidder's RNG) and the redraws it took."""
+
+    private: list[float]
+    value_of: list[float]
+    items: list[int]
+    how: list[str]
+    value: float
+    grower: _Grower
+    restarts: int
 
 
-def sample_rng(seed: int, index: int) -> random.Random:
-    """The RNG of sample ``index``: a function of (seed, index) only."""
-    return _derived_rng(f"sample:{seed}:{index}")
+def _first_bundle(
+    structure: ItemStructure, params: CatsParams, private_values: str, rng: random.Random
+) -> _FirstBundle:
+    """Draw private values and grow B until v(B) > 0 (CATS redraws the bidder otherwise)."""
+    m = structure.n_items
+    jump = params.jump_prob if structure.dist == "regions" else 0.0
+    exponent = 1.0 + params.additivity
+    for restarts in range(MAX_RESTARTS):
+        private, weight = draw_private_values(m, params, private_values, rng)
+        grower = _Grower(structure, weight, jump, rng)
+        items, in_bundle, score = grower.start(_draw_first(weight, rng))
+        how = ["first"]
+        while len(items) < m and rng.random() <= params.additional_location:
+            step = grower.add(items, in_bundle, score)
+            if step is not None:
+                how.append(step)
+        value_of = [c + p for c, p in zip(structure.common, private, strict=True)]
+        # summed in sorted order so identical sets get bit-identical values
+        bundle_value = sum(value_of[i] for i in sorted(items)) + len(items) ** exponent
+        if bundle_value > 0:
+            return _FirstBundle(private, value_of, items, how, bundle_value, grower, restarts)
+    raise BundleflowError(
+        f"CATS: no bundle with a positive value after {MAX_RESTARTS} draws; the private "
+        "values are too negative (check --normal-mean / --deviation / --max-good-value)"
+    )
 
 
-def structure_rng(seed: int) -> random.Random:
-    """The RNG of the shared item structure in ``fixed`` mode."""
-    return _derived_rng(f"structure:{seed}")
-
-
-def _derived_rng(tag: str) -> random.Random:
-    digest = hashlib.sha256(f"bundleflow/cats/v{ALGORITHM_VERSION}/{tag}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:16], "little"))
-
-
-def _generate_range(
-    dist: str,
-    n_items: int,
-    params_dict: dict,
-    private_values: str,
-    mode: str,
-    seed: int,
-    start: int,
-    stop: int,
-) -> bytes:
-    """Samples ``start..stop-1`` as raw float32 bytes (the worker-process task)."""
-    params = CatsParams(**params_dict)
-    shared = make_structure(dist, n_items, params, structure_rng(seed)) if mode == "fixed" else None
-    out = array("f")
-    for index in range(start, stop):
-        rng = sample_rng(seed, index)
-        structure = shared if shared is not None else make_structure(dist, n_items, params, rng)
-        bidder = sample_bidder(structure, params, private_values, rng)
-        out.extend(bidder_rows(bidder, n_items, params.n_atoms))
-    return out.tobytes()
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (the affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
-def _mp_context() -> BaseContext:
-    # fork on Linux: workers start at once and need no `if __name__ == "__main__"` guard in
-    # the caller's script; they run only pure Python, never torch, so a forked copy of
-    # torch's thread pools is harmless. Elsewhere (macOS: fork is unsafe) spawn.
-    return get_context("fork" if sys.platform.startswith("linux") else "spawn")
-
-
-def generate(
-    dist: str,
-    n_items: int,
-    n: int,
-    seed: int,
-    *,
-    params: CatsParams | None = None,
-    private_values: str = "upv",
-    mode: str = "fresh",
-    workers: int | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> Tensor:
-    """``[n, 1 + max_substitutable_bids, n_items + 1]`` float32 CATS XOR valuations.
-
-    Args:
-        dist: ``"arbitrary"`` or ``"regions"``.
-        n_items: m, the number of goods.
-        n: number of samples (one bidder each).
-        seed: any integer; sample i depends only on (seed, i) and, in ``fixed`` mode, the
-            structure on seed alone — so the output does not depend on ``workers``.
-        params: CATS parameters (defaults: CATS 2.2).
-        private_values: ``"upv"`` (uniform) or ``"npv"`` (normal).
-        mode: ``"fresh"`` (new map and common values per sample: i.i.d. samples) or
-            ``"fixed"`` (one map and common values, i.i.d. bidders on it).
-        workers: processes to use; default: all CPUs for large n, 1 for small n.
-        progress: called with the number of samples done so far.
-
-    Returns:
-        Values in CATS units; atom 0 is B, then substitutes by descending value.
-    """
-    params = params or CatsParams()
-    _check_choice("dist", dist, DISTRIBUTIONS)
-    _check_choice("values", private_values, PRIVATE_VALUES)
-    _check_choice("mode", mode, MODES)
-    _check_items(dist, n_items)
-    if not isinstance(n, int) or n < 1:
-        raise BundleflowError(f"--n must be a whole number ≥ 1, got {n!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise BundleflowError(f"--seed must be an integer, got {seed!r}")
-    if workers is None:
-        workers = min(available_cpus(), max(1, n // MIN_SAMPLES_PER_WORKER))
-    width = params.n_atoms * (n_items + 1)
-    row_bytes = 4 * width
-    # Results are gathered as bytes and turned into a tensor once at the end: torch ops in
-    # this process while workers run would wake its thread pool, which then spins and
-    # competes with the workers for the cores.
-    buffer = bytearray(n * row_bytes)
-    spans = [(a, min(a + CHUNK_SIZE, n)) for a in range(0, n, CHUNK_SIZE)]
-    task = (dist, n_items, params.to_dict(), private_values, mode, seed)
-    done = 0
-
-    def store(span: tuple[int, int], raw: bytes) -> None:
-        nonlocal done
-        buffer[span[0] * row_bytes : span[1] * row_bytes] = raw
-        done += span[1] - span[0]
-        if progress is not None:
-            progress(done)
-
-    if workers <= 1 or len(spans) == 1:
-        for span in spans:
-            store(span, _generate_range(*task, *span))
-    else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as pool:
-            futures = [pool.submit(_generate_range, *task, *span) for span in spans]
-            for span, future in zip(spans, futures, strict=True):
-                store(span, future.result())
-    out = torch.frombuffer(buffer, dtype=torch.float32)
-    return out.view(n, params.n_atoms, n_items + 1)
+def _substitute_candidates(
+    first: _FirstBundle, common: tuple[float, ...], params: CatsParams
+) -> tuple[list[tuple[float, list[int], list[str]]], int]:
+    """Step 5's valid candidates (value, goods, how), most valuable first, and the number
+    dropped because an add found nothing to add."""
+    items, value_of = first.items, first.value_of
+    size = len(items)
+    exponent = 1.0 + params.additivity
+    bundle = frozenset(items)
+    budget = params.budget_factor * first.value
+    min_resale = params.resale_factor * sum(common[i] for i in sorted(items))
+    valid: list[tuple[float, list[int], list[str]]] = []
+    dropped = 0
+    for start in items:
+        grown = _grow_candidate(first.grower, start, size)
+        if grown is None:
+            dropped += 1
+            continue
+        cand, cand_how = grown
+        ordered = sorted(cand)
+        value = sum(value_of[i] for i in ordered) + size**exponent
+        resale = sum(common[i] for i in ordered)
+        if 0 <= value <= budget and resale >= min_resale and frozenset(cand) != bundle:
+            valid.append((value, cand, cand_how))
+    valid.sort(key=lambda v: -v[0])  # stable: equal values keep their generation order
+    return valid, dropped

@@ -21,7 +21,7 @@ from loguru import logger
 from bundleflow import __version__
 from bundleflow.errors import BundleflowError
 from bundleflow.paths import default_cache_dir
-from bundleflow.valuations import cats
+from bundleflow.valuations import cats, cats_generate
 from bundleflow.valuations.dataset import load_dataset
 from bundleflow.valuations.split import DEFAULT_SPLIT, split_from_fractions
 from bundleflow.valuations.tensor_files import safetensors_output, save_dataset
@@ -101,7 +101,7 @@ def generate_dataset(
         dist, n_items, n, seed, params=params, private_values=private_values, mode=mode
     )
     parts = split_from_fractions(n, split)  # fail on a bad split before generating
-    valuations = cats.generate(
+    valuations = cats_generate.generate(
         dist,
         n_items,
         n,
