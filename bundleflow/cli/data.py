@@ -62,7 +62,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     data.set_defaults(func=lambda args: data.print_help(sys.stderr) or 2)
     actions = data.add_subparsers(dest="data_command", metavar="ACTION")
+    _add_generate(actions)
+    _add_stats(actions)
+    _add_convert(actions)
 
+
+def _add_generate(actions: argparse._SubParsersAction) -> None:
+    """`data generate`: what to draw, then the known-optimum and the CATS parameters."""
     gen = actions.add_parser(
         "generate",
         help="generate a CATS or a known-optimum data set",
@@ -73,6 +79,24 @@ def register(sub: argparse._SubParsersAction) -> None:
             "seed give the same bytes."
         ),
     )
+    _set_args(gen)
+    _known_args(gen)
+    _cats_param_args(gen)
+    gen.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="W",
+        help="processes (default: all CPUs for large N); the output does not depend on it",
+    )
+    gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
+
+
+def _set_args(gen: argparse.ArgumentParser) -> None:
+    """The set itself: its source (a CATS distribution or a setting), size, seed, output,
+    private values, mode and split."""
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--dist", choices=cats.DISTRIBUTIONS, help="a CATS distribution")
     source.add_argument(
@@ -113,7 +137,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="TRAIN,VAL,TEST",
         help="contiguous split fractions, recorded in the file (default 0.90,0.05,0.05)",
     )
-    _known_args(gen)
+
+
+def _cats_param_args(gen: argparse.ArgumentParser) -> None:
+    """One flag per CATS parameter (``--max-good-value``, ...), defaults from CatsParams."""
     params = gen.add_argument_group("CATS parameters (CATS 2.2 defaults)")
     defaults = cats.CatsParams()
     for f in fields(cats.CatsParams):
@@ -125,17 +152,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             metavar="X",
             help=f"{PARAM_HELP[f.name]} (default {default})",
         )
-    gen.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        metavar="W",
-        help="processes (default: all CPUs for large N); the output does not depend on it",
-    )
-    gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
-    gen.set_defaults(func=cmd_generate)
 
+
+def _add_stats(actions: argparse._SubParsersAction) -> None:
     stats = actions.add_parser(
         "stats",
         help="statistics of a data set (mean atoms, atom sizes, max values)",
@@ -148,6 +167,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     stats.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     stats.set_defaults(func=cmd_stats)
 
+
+def _add_convert(actions: argparse._SubParsersAction) -> None:
     conv = actions.add_parser(
         "convert",
         help="convert .pt / .zip / CATS text / .safetensors to .safetensors or .pt",
