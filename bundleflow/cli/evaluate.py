@@ -12,9 +12,8 @@ import torch
 
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluation.evaluate import baselines_report, evaluate_mechanism, json_safe
-from bundleflow.evaluation.mechanism import FrozenMechanism
+from bundleflow.evaluation.menu_view import fallback_record, lottery, purchases
 from bundleflow.evaluation.report import format_baselines, format_summary, write_run_report
-from bundleflow.maths.revenue import WALK_AWAY
 from bundleflow.paths import runs_root
 from bundleflow.train.config import Config, load_config
 from bundleflow.train.data import fitted_baselines, load_run_data
@@ -169,29 +168,6 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     return 0
 
 
-def lottery(mech: FrozenMechanism, element: int, min_prob: float = 1e-3) -> list[dict]:
-    """Element ``element``'s lottery: bundles (item lists) with probability ≥ ``min_prob``."""
-    bundles, alpha = mech.bundles[element].cpu(), mech.alpha[element].cpu()
-    return [
-        {"bundle": bundles[d].nonzero().squeeze(1).tolist(), "prob": float(alpha[d])}
-        for d in range(bundles.shape[0])  # D support points: presentation only
-        if float(alpha[d]) >= min_prob
-    ]
-
-
-def fallback_record(mech: FrozenMechanism) -> dict | None:
-    """The fallback's posted prices (user units; ``None`` for a size not for sale)."""
-    fb = mech.fallback
-    if fb is None:
-        return None
-    record: dict = {"option": mech.menu_size, "kind": fb.kind}
-    if fb.item_prices is not None:
-        record["item_prices"] = fb.item_prices.tolist()
-    if fb.size_prices is not None:
-        record["effective_size_prices"] = json_safe(fb.size_prices.tolist()[1:])
-    return record
-
-
 def cmd_menu_show(args: argparse.Namespace) -> int:
     mech = read_mechanism(run_dir_arg(args))
     J, D, m = mech.bundles.shape
@@ -271,31 +247,13 @@ def cmd_menu_query(args: argparse.Namespace) -> int:
             f"{source}: valuations over {valuations.shape[-1] - 1} items, the menu of {run_dir} "
             f"sells {mech.n_items}; pass the data the run was trained on"
         )
-    choice, payment, utility = (x.cpu() for x in mech.play(valuations))
-    J = mech.menu_size
-    bought = sorted(set(choice[(choice != WALK_AWAY) & (choice < J)].tolist()))
-    rows = [
-        {
-            "index": offset + n,
-            "element": int(choice[n]) if int(choice[n]) != WALK_AWAY else None,
-            "payment": float(payment[n]),
-            "utility": float(utility[n]),
-        }
-        for n in range(valuations.shape[0])  # output rows: presentation only
-    ]
-    summary = {
-        "run": str(run_dir),
-        "data": source,
-        "split": args.split,
-        "n": len(rows),
-        "revenue": float(payment.double().mean()) if rows else 0.0,
-        "buy_rate": float((choice != WALK_AWAY).double().mean()) if rows else 0.0,
-    }
-    if mech.fallback is not None:  # option J: the posted prices
-        summary["fallback_rate"] = float((choice == J).double().mean()) if rows else 0.0
+    outcome = purchases(mech, valuations, offset)
+    rows, J = outcome.rows, mech.menu_size
+    summary = {"run": str(run_dir), "data": source, "split": args.split, **outcome.stats}
     if args.json:
         elements = {
-            str(j): {"price": float(mech.prices[j]), "lottery": lottery(mech, j)} for j in bought
+            str(j): {"price": float(mech.prices[j]), "lottery": lottery(mech, j)}
+            for j in outcome.bought
         }
         payload = {**summary, "valuations": rows, "elements": elements}
         if mech.fallback is not None:
