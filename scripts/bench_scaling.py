@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 scripts/bench_scaling.py --items 150 --menu 20000 \
         --batch 1024 --parallel shard                                          # 2 GPUs
 
-Each process runs the trainer's step (``setup_stage2`` + ``Stage2Parts.advance``, as
+Each process runs the trainer's step (``Stage2Trainer.step`` without a run directory, as
 ``bundleflow.train.plan`` resolves it for that many processes: eager; every rank draws the
 whole batch and ε from one seeded generator and takes its part) on a synthetic CATS-like
 pool and a random flow of the preset's width; the global batch is the same for every
@@ -39,7 +39,7 @@ from bundleflow.system.distributed import Comm, before_process_group
 from bundleflow.train.config import load_config, replace
 from bundleflow.train.data import RunData
 from bundleflow.train.plan import resolve_plan
-from bundleflow.train.stage2 import setup_stage2
+from bundleflow.train.stage2 import Stage2Trainer
 
 
 def main() -> None:
@@ -91,13 +91,13 @@ def main() -> None:
     flow = VelocityField(args.items, *default_hidden_sizes(args.items))
     cfg = replace(cfg, mixed_precision=args.mixed_precision)
     plan = resolve_plan(cfg, device, processes=world)  # the step `bundleflow train` runs
-    parts = setup_stage2(cfg, flow, data, plan, comm=comm)
+    trainer = Stage2Trainer(cfg, flow, data, plan, comm=comm)
     times = []
     for step in range(1, args.warmup + args.steps + 1):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        parts.advance(step)
+        trainer.step()
         if cuda:
             torch.cuda.synchronize()
         if step > args.warmup:
@@ -109,7 +109,7 @@ def main() -> None:
         step_ms = float(med) * 1e3
         out = {
             "processes": world,
-            "parallel": parts.parallel,
+            "parallel": trainer.shard.parallel,
             "mixed_precision": args.mixed_precision,
             "shape": {
                 "items": args.items,

@@ -1,6 +1,6 @@
 """Memory over a long Stage-2 run: host RSS and CUDA memory at checkpoints, as JSON.
 
-Runs the trainer's own Stage-2 step (``setup_stage2`` + ``Stage2Parts.advance``: eager,
+Runs the trainer's own Stage-2 step (``Stage2Trainer.step`` without a run directory: eager,
 or captured in a CUDA graph with ``--step graph``) on synthetic XOR valuations and a randomly
 initialised flow (memory does not depend on what the flow learned), the way the loop runs it: losses
 kept on the device and dropped every ``--log-every`` steps. Prints one JSON object:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bundleflow.train.config import load_config
     from bundleflow.train.data import RunData
     from bundleflow.train.plan import resolve_plan
-    from bundleflow.train.stage2 import setup_stage2
+    from bundleflow.train.stage2 import Stage2Trainer
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_user=pool,
         train=pool.to(device),
     )
-    parts = setup_stage2(cfg, flow, data, resolve_plan(cfg, device))  # the trainer's step
+    trainer = Stage2Trainer(cfg, flow, data, resolve_plan(cfg, device))  # the trainer's step
     cuda = device.type == "cuda"
     samples = []
     start = time.monotonic()
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     recent: list[torch.Tensor] = []
     for step in range(1, args.steps + 1):
-        recent.append(parts.advance(step))
+        recent.append(trainer.step())
         if step % args.log_every == 0:
             float(torch.stack(recent).mean())  # the loop's one host read per interval
             recent.clear()

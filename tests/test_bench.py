@@ -11,7 +11,7 @@ import torch
 from bundleflow.cli.app import main
 from bundleflow.perf import bench
 from bundleflow.train import stage2_step as fast_step
-from bundleflow.train.stage2_step import Stage2Step, make_optimizer, stage2_loss
+from bundleflow.train.stage2_step import Stage2Step, StepOptions, make_optimizer, stage2_loss
 
 TINY = [
     "--items", "10", "--menu", "40", "--support", "4", "--batch", "16", "--atoms", "3",
@@ -107,7 +107,7 @@ def test_stage2_step_matches_the_plain_loop():
 def test_graph_mode_refused_on_cpu():
     flow, menu, pool, opt = small_setup()
     with pytest.raises(ValueError, match="CUDA"):
-        Stage2Step(menu, flow, opt, pool, 8, mode="graph")
+        Stage2Step(menu, flow, opt, pool, StepOptions(8, mode="graph"))
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
@@ -119,10 +119,10 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", failing_compile)
     flow, menu, pool, opt = small_setup()
-    step = Stage2Step(menu, flow, opt, pool, 8, mode="compile")
+    step = Stage2Step(menu, flow, opt, pool, StepOptions(8, mode="compile"))
     loss = step(1e-3, 1e-3)
     assert torch.isfinite(loss)
-    assert "no compiler here" in step.fallback_reason
+    assert "no compiler here" in step.eager_reason
     assert step(1e-3, 1e-3).shape == ()
 
 

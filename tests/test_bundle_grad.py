@@ -109,7 +109,7 @@ def test_config_and_plan():
 def test_step_refuses_fused_kernels_with_bundle_grad():
     """The fused backward carries only the trace term: asking for it with the bundle
     gradient is an error, not a silent switch (the plan chooses plain kernels)."""
-    from bundleflow.train.stage2_step import Stage2Step, make_optimizer
+    from bundleflow.train.stage2_step import Stage2Step, StepOptions, make_optimizer
 
     torch.manual_seed(0)
     flow = freeze_flow(VelocityField(4, hidden=8))
@@ -117,6 +117,6 @@ def test_step_refuses_fused_kernels_with_bundle_grad():
     opt = make_optimizer(menu, None, "eager")
     pool = one_bidder().expand(3, 2, 5).clone()
     with pytest.raises(ValueError, match="plain"):
-        Stage2Step(menu, flow, opt, pool, 2, kernels="fused", bundle_temp=0.1)
-    step = Stage2Step(menu, flow, opt, pool, 2, kernels="plain", bundle_temp=0.1)
+        Stage2Step(menu, flow, opt, pool, StepOptions(2, kernels="fused", bundle_temp=0.1))
+    step = Stage2Step(menu, flow, opt, pool, StepOptions(2, kernels="plain", bundle_temp=0.1))
     assert torch.isfinite(step(5.0, 0.3))

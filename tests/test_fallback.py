@@ -244,7 +244,7 @@ def test_stage2_loss_includes_the_fallback_column():
     vals = _xor_sample(16, m, 3)
     eps = menu.draw_noise(gen)
     posted = PostedPrices(item_prices=torch.full((m,), 2.0))
-    loss, _ = stage2_loss(menu, flow, vals, 0.9, 0.1, eps, fallback=posted)
+    loss, _ = stage2_loss(menu, flow, vals, 0.9, 0.1, eps, posted=posted)
     with torch.no_grad():
         u = menu.utilities(menu.lotteries(flow, 0.1, eps=eps), vals)
     expected = soft_revenue(u, menu.prices.detach(), 0.9, posted.outcome(vals))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bundleflow.perf import bench
-from bundleflow.train.stage2_step import Stage2Step, make_optimizer, stage2_loss
+from bundleflow.train.stage2_step import Stage2Step, StepOptions, make_optimizer, stage2_loss
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,10 +21,11 @@ CFG = bench.BenchConfig(items=50, menu=500, support=8, batch=128, atoms=6, pool=
 def setup(mode, tf32=False, q_dtype=None, kernels="plain", exact=False):
     flow, menu, pool, _ = bench.build(CFG, torch.device("cuda"))
     opt = make_optimizer(menu, None, mode, kernels=kernels)  # as training builds it
-    step = Stage2Step(
-        menu, flow, opt, pool, CFG.batch, mode=mode, tf32=tf32, q_dtype=q_dtype, kernels=kernels,
+    options = StepOptions(
+        CFG.batch, mode=mode, tf32=tf32, q_dtype=q_dtype, kernels=kernels,
         exact_density_grad=exact,
     )  # fmt: skip
+    step = Stage2Step(menu, flow, opt, pool, options)
     return flow, menu, step
 
 
@@ -46,7 +47,7 @@ def test_fast_step_parity_with_fp32_reference(mode, kernels):
     band = bench.TOLERANCES["bf16" if kernels == "compiled" else "fp32"]
     result = bench.parity_step(step, menu, flow, band, 5)
     assert result["ok"], result
-    assert step.fallback_reason is None, step.fallback_reason  # really compiled on CUDA
+    assert step.eager_reason is None, step.eager_reason  # really compiled on CUDA
 
 
 @pytest.mark.parametrize("q_dtype", [None, torch.bfloat16])
@@ -74,7 +75,7 @@ def test_compiled_graph_step_equals_the_plain_computation_on_its_inputs(q_dtype)
         assert differing <= tol["bundle_frac"] * bundles.numel(), differing
         for a, b in zip(before.parameters(), menu.parameters(), strict=True):
             assert _rel(b.grad, a.grad) <= tol["grad_rel"]
-    assert step.fallback_reason is None, step.fallback_reason
+    assert step.eager_reason is None, step.eager_reason
 
 
 def test_graph_step_equals_eager_computation_on_its_inputs():
@@ -147,8 +148,8 @@ def test_graph_step_with_a_fallback_equals_eager_computation_on_its_inputs():
     flow, menu, pool, _ = bench.build(CFG, torch.device("cuda"))
     posted = PostedPrices(item_prices=torch.full((CFG.items,), 60.0, device="cuda"))  # raw money
     step = Stage2Step(
-        menu, flow, make_optimizer(menu, None, "graph"), pool, CFG.batch, mode="graph",
-        fallback=posted,
+        menu, flow, make_optimizer(menu, None, "graph"), pool,
+        StepOptions(CFG.batch, mode="graph"), posted=posted,
     )  # fmt: skip
     for _ in range(4):
         step(bench.INV_TEMP, bench.MIX_TEMP)
@@ -157,7 +158,7 @@ def test_graph_step_with_a_fallback_equals_eager_computation_on_its_inputs():
     before.zero_grad(set_to_none=True)
     ref, _ = stage2_loss(
         before, flow, step.last_batch, bench.INV_TEMP, bench.MIX_TEMP, step.last_eps,
-        fallback=posted,
+        posted=posted,
     )  # fmt: skip
     ref.backward()
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=0)

@@ -24,7 +24,13 @@ from bundleflow.maths.fused import (
 )
 from bundleflow.maths.menu import Menu, freeze_flow
 from bundleflow.perf import bench
-from bundleflow.train.stage2_step import Stage2Step, as_bundles, make_optimizer, stage2_loss
+from bundleflow.train.stage2_step import (
+    Stage2Step,
+    StepOptions,
+    as_bundles,
+    make_optimizer,
+    stage2_loss,
+)
 from bundleflow.valuations.xor import xor_value_bruteforce
 from tests.conftest import single_torch_thread
 from tests.test_reference_fixture import _flow, _menu, _rel
@@ -69,8 +75,8 @@ def test_fused_equals_plain_bit_for_bit_in_fp32(exact, additive):
 def test_fused_with_posted_price_option_equals_plain():
     flow, menu, batch, eps = _setup()
     prices = PostedPrices(item_prices=torch.full((CFG.items,), 40.0))
-    plain = _loss_and_grads(menu, flow, batch, eps, fallback=prices)
-    fused = _loss_and_grads(menu, flow, batch, eps, fallback=prices, kernels=kernels_for("fused"))
+    plain = _loss_and_grads(menu, flow, batch, eps, posted=prices)
+    fused = _loss_and_grads(menu, flow, batch, eps, posted=prices, kernels=kernels_for("fused"))
     assert torch.equal(plain[0], fused[0])
     for a, b in zip(plain[2], fused[2], strict=True):
         assert torch.equal(a, b)
@@ -169,7 +175,7 @@ def test_compile_failure_falls_back_to_eager_with_the_reason(monkeypatch):
     flow, menu, batch, eps = _setup()
     plain = _loss_and_grads(menu, flow, batch, eps)
     fused = _loss_and_grads(menu, flow, batch, eps, kernels=kernels)
-    assert "no compiler here" in kernels.fallback_reason
+    assert "no compiler here" in kernels.eager_reason
     assert "compile failed" in kernels.description
     assert torch.equal(plain[0], fused[0])
     for a, b in zip(plain[2], fused[2], strict=True):
@@ -183,8 +189,8 @@ def _three_steps(kernels: str, broken: bool = False) -> tuple[Menu, Stage2Step]:
     _, _, pool, _ = bench.build(CFG, torch.device("cpu"))
     gen = torch.Generator().manual_seed(5)
     opt = make_optimizer(menu, None, "eager")
-    step = Stage2Step(menu, flow, opt, pool, CFG.batch, mode="eager", generator=gen,
-                      kernels=kernels)  # fmt: skip
+    options = StepOptions(CFG.batch, mode="eager", kernels=kernels)
+    step = Stage2Step(menu, flow, opt, pool, options, generator=gen)
     if broken:
         step.kernels = Kernels(compile=False)
         step.kernels.compile = True
@@ -204,8 +210,8 @@ def test_stage2_step_falls_back_to_plain_kernels_when_compiling_fails():
     (bit for bit the plain step's menu after three steps), and the precision says so."""
     plain, _ = _three_steps("plain")
     broken, step = _three_steps("fused", broken=True)
-    assert "no compiler" in step.fallback_reason
-    assert step.precision.endswith(f"plain kernels ({step.fallback_reason})")
+    assert "no compiler" in step.eager_reason
+    assert step.precision.endswith(f"plain kernels ({step.eager_reason})")
     for a, b in zip(plain.parameters(), broken.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -231,7 +237,7 @@ def test_compiled_kernels_match_plain_on_cpu():
     kernels = Kernels(compile=True)
     plain = _loss_and_grads(menu, flow, batch, eps)
     fused = _loss_and_grads(menu, flow, batch, eps, kernels=kernels)
-    assert kernels.fallback_reason is None, kernels.fallback_reason
+    assert kernels.eager_reason is None, kernels.eager_reason
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-6, atol=0)
     assert torch.equal(plain[1], fused[1])
     for a, b in zip(plain[2], fused[2], strict=True):

@@ -14,7 +14,7 @@ from bundleflow.evaluation.posted import PostedPrices
 from bundleflow.maths.flow import VelocityField
 from bundleflow.maths.menu import Menu
 from bundleflow.maths.polish import hard_revenue_of, polish_prices
-from bundleflow.train.stage2 import atom_pairs, price_at_fallback
+from bundleflow.train.menu_init import atom_pairs, price_at_fallback
 from tests.conftest import isolated_bundleflow_home, run_cli
 
 

@@ -106,7 +106,7 @@ def test_mean_support_location_statistic():
 def test_top_atoms_ranks_distinct_bundles_by_total_value():
     """Hand-computed: atom {0,1} appears twice (values 3 and 4: total 7), {2} once (value 10),
     {1} once (value 2); padding rows (empty atoms) never count."""
-    from bundleflow.train.stage2 import top_atoms
+    from bundleflow.train.menu_init import top_atoms
 
     v = torch.zeros(2, 3, 4)  # [N, K, m+1], m = 3
     v[0, 0] = torch.tensor([1.0, 1, 0, 3])
@@ -123,7 +123,7 @@ def test_atom_initialised_elements_sit_on_their_bundles_corner():
     j-th atom (μ = 0.05 + 0.9·sigmoid(±30) rounds to the atom), after the grand bundle."""
     from bundleflow.train.config import load_config
     from bundleflow.train.data import RunData
-    from bundleflow.train.stage2 import build_menu, top_atoms
+    from bundleflow.train.menu_init import build_menu, top_atoms
 
     gen = torch.Generator().manual_seed(0)
     v = torch.zeros(40, 3, 6)

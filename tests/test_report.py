@@ -222,7 +222,7 @@ def test_evaluate_prints_its_own_time_apart_from_the_training_wall_time(trained,
 
 class _Failed:
     def __init__(self, reason):
-        self.fallback_reason = reason
+        self.eager_reason = reason
 
 
 def test_a_failed_compile_is_a_finding_in_the_plan_and_the_report():

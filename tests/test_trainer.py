@@ -27,6 +27,7 @@ from bundleflow.maths.flow import MixtureNoise, VelocityField
 from bundleflow.maths.menu import Menu, lottery_utilities
 from bundleflow.train.checkpoint import read_checkpoint, write_checkpoint
 from bundleflow.train.config import load_config, parse_set
+from bundleflow.train.menu_init import eval_noise
 from bundleflow.train.stage1 import (
     flow_key,
     get_flow,
@@ -36,7 +37,6 @@ from bundleflow.train.stage1 import (
     save_flow,
     train_stage1,
 )
-from bundleflow.train.stage2 import eval_noise
 from bundleflow.valuations.io import load_dataset
 from tests.conftest import (
     cli_error,
@@ -248,7 +248,7 @@ def test_best_checkpoint_reloads_to_the_same_utilities(trained):
     )
     assert not torch.equal(menu.prices, components["menu"]["prices"])
     menu.load_state_dict(components["menu"])
-    eps = eval_noise(menu, config.eval.seed)
+    eps = eval_noise(menu.means.shape, config.eval.seed)
     with torch.no_grad():
         lot = menu.lotteries(field, manifest["extra"]["mix_temp"], eps=eps)
     mech = FrozenMechanism.load(trained / "mechanism.safetensors")
@@ -720,7 +720,7 @@ def test_non_finite_parameters_stop_the_run_and_keep_the_last_good_checkpoint(
         loss = real_step(trainer)
         if trainer.state.step == 12:
             with torch.no_grad():
-                trainer.parts.net.prices[3] = float("nan")
+                trainer.menu.prices[3] = float("nan")
         return loss
 
     monkeypatch.setattr(stage2.Stage2Trainer, "step", poisoned)
@@ -766,12 +766,12 @@ def test_stage1_cosine_schedule_is_its_own_cache_entry_and_decays_the_lr(monkeyp
 
 
 def test_the_trainer_runs_the_one_step_with_its_seeded_draws(trained):
-    """`bundleflow train` and the bare step (setup_stage2 + Stage2Parts.advance, what bench,
+    """`bundleflow train` and the bare trainer's step (Stage2Trainer without a run, what
     profile and the scripts run) end with the same menu, bit for bit: one step
     implementation, its draws from one generator seeded by stage2.seed."""
     from bundleflow.train.data import load_run_data
     from bundleflow.train.plan import resolve_plan
-    from bundleflow.train.stage2 import setup_stage2
+    from bundleflow.train.stage2 import Stage2Trainer
 
     cfg = load_config(str(trained / "config.yaml"))
     cpu = torch.device("cpu")
@@ -779,15 +779,15 @@ def test_the_trainer_runs_the_one_step_with_its_seeded_draws(trained):
     flow, _ = load_flow_ckpt(str(trained), data.n_items)
     plan = resolve_plan(cfg, cpu)
     assert plan.step_mode.value == "eager" and plan.parallel.value == "single"
-    parts = setup_stage2(cfg, flow, data, plan)
-    for step in range(1, cfg.stage2.steps + 1):
-        parts.advance(step)
+    trainer = Stage2Trainer(cfg, flow, data, plan)
+    for _ in range(cfg.stage2.steps):
+        trainer.step()
     final = sorted((trained / "checkpoints").iterdir())[-1]
     saved, manifest = read_checkpoint(final)
     assert manifest["step"] == cfg.stage2.steps
-    for name, value in parts.net.state_dict().items():
+    for name, value in trainer.menu.state_dict().items():
         assert torch.equal(value, saved["menu"][name]), name
-    assert torch.equal(parts.generator.get_state(), saved["rng"]["generator"])
+    assert torch.equal(trainer.generator.get_state(), saved["rng"]["generator"])
 
 
 @pytest.mark.gpu
@@ -798,7 +798,7 @@ def test_graph_and_eager_steps_agree_over_1000_steps(env):
     float rounding over 1,000 steps (fp32 flow network, plain kernels: no compiler)."""
     from bundleflow.train.data import load_run_data
     from bundleflow.train.plan import resolve_plan
-    from bundleflow.train.stage2 import setup_stage2
+    from bundleflow.train.stage2 import Stage2Trainer
 
     cuda = torch.device("cuda")
     sets = ["mixed_precision=no", "stage2.kernels=plain", "stage2.steps=1000", "menu.size=256"]
@@ -808,10 +808,10 @@ def test_graph_and_eager_steps_agree_over_1000_steps(env):
         data = load_run_data(cfg.data, cuda)
         torch.manual_seed(0)
         flow = VelocityField(data.n_items, 16, 16)
-        parts = setup_stage2(cfg, flow, data, resolve_plan(cfg, cuda))
-        assert parts.step.mode == mode
-        losses[mode] = torch.stack([parts.advance(s) for s in range(1, 1001)]).cpu()
-        menus[mode] = {k: v.detach().cpu() for k, v in parts.net.state_dict().items()}
+        trainer = Stage2Trainer(cfg, flow, data, resolve_plan(cfg, cuda))
+        assert trainer.step_fn.mode == mode
+        losses[mode] = torch.stack([trainer.step() for _ in range(1000)]).cpu()
+        menus[mode] = {k: v.detach().cpu() for k, v in trainer.menu.state_dict().items()}
     assert torch.allclose(losses["graph"], losses["eager"], rtol=1e-4, atol=1e-6)
     for name in ("prices", "logits"):
         assert torch.allclose(menus["graph"][name], menus["eager"][name], rtol=1e-3, atol=1e-5)

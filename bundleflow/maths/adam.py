@@ -13,7 +13,7 @@ and the state is Adam's (``step`` a 0-d float32 tensor on the parameter's device
 ``exp_avg``, ``exp_avg_sq``), so checkpoints load either way. Everything stays on the
 device: the step is capturable in a CUDA graph. Where compilation fails (no C compiler in
 the image, an old Triton), the same function runs eagerly — a few more kernels, the same
-numbers up to rounding — and ``fallback_reason`` says why.
+numbers up to rounding — and ``eager_reason`` says why.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class CompiledAdam(torch.optim.Adam):
         kwargs.pop("foreach", None)
         super().__init__(params, foreach=False, **kwargs)
         self._update: Callable = _compiled_update() if compile else adam_update
-        self.fallback_reason: str | None = None
+        self.eager_reason: str | None = None
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - torch's signature
@@ -100,8 +100,8 @@ class CompiledAdam(torch.optim.Adam):
         except Exception as err:  # noqa: BLE001 - any compiler failure: run the math eagerly
             if self._update is adam_update:
                 raise
-            self.fallback_reason = f"compiled Adam failed ({type(err).__name__}: {err})"[:300]
-            logger.warning("{}; Adam runs eagerly", self.fallback_reason)
+            self.eager_reason = f"compiled Adam failed ({type(err).__name__}: {err})"[:300]
+            logger.warning("{}; Adam runs eagerly", self.eager_reason)
             self._update = adam_update
             # the failure happened before any in-place write (compilation precedes the run)
             adam_update(*args)

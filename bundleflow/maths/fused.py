@@ -157,12 +157,12 @@ class _Kernel:
             self.compiled = torch.compile(fn, dynamic=False, fullgraph=True)
 
     def __call__(self, *args):
-        if self.compiled is not None and self.owner.fallback_reason is None:
+        if self.compiled is not None and self.owner.eager_reason is None:
             try:
                 return self.compiled(*args)
             except Exception as err:  # noqa: BLE001 - any compiler failure: eager from now on
                 reason = f"torch.compile failed ({type(err).__name__}: {err})"[:300]
-                self.owner.fallback_reason = reason
+                self.owner.eager_reason = reason
                 logger.warning("{}; the fused kernels run eagerly", reason)
         return self.fn(*args)
 
@@ -172,7 +172,7 @@ class Kernels:
 
     def __init__(self, compile: bool = False):
         self.compile = compile
-        self.fallback_reason: str | None = None
+        self.eager_reason: str | None = None
         self.prepare = _Kernel(self, prepare)
         self.end_points = _Kernel(self, end_points)
         self.density_grad = _Kernel(self, density_grad)
@@ -183,14 +183,14 @@ class Kernels:
     def live(self) -> Kernels | None:
         """These kernels, or None (the plain path) once compiling them has failed: the eager
         fused functions are slower than the plain path (BENCHMARKS.md), so no fallback."""
-        return None if self.fallback_reason is not None else self
+        return None if self.eager_reason is not None else self
 
     @property
     def description(self) -> str:
         if not self.compile:
             return "fused (eager pointwise)"
-        if self.fallback_reason:
-            return f"fused (compile failed, eager pointwise: {self.fallback_reason})"
+        if self.eager_reason:
+            return f"fused (compile failed, eager pointwise: {self.eager_reason})"
         return "fused (torch.compile'd pointwise)"
 
 

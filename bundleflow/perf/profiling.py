@@ -308,17 +308,11 @@ def stage2_step(cfg: Config, flow, data, device: torch.device):
     """The Stage-2 step `bundleflow train` runs with this config on this device (the same
     :func:`bundleflow.train.plan.resolve_plan` answer), as a closure; and that plan."""
     from bundleflow.train.plan import resolve_plan
-    from bundleflow.train.stage2 import setup_stage2
+    from bundleflow.train.stage2 import Stage2Trainer
 
     plan = resolve_plan(cfg, device, has_pool=data.train is not None)
-    parts = setup_stage2(cfg, flow, data, plan)
-    counter = {"step": 0}
-
-    def step() -> None:
-        counter["step"] += 1
-        parts.advance(counter["step"])
-
-    return step, plan
+    trainer = Stage2Trainer(cfg, flow, data, plan)  # no run directory: steps only
+    return trainer.step, plan
 
 
 # --------------------------------------------------------------------------- the job

@@ -266,7 +266,7 @@ def _fit_stage2(job: Job, field, data: RunData, timings: Timings):
     job.run.update_info(step_plan=job.plan.to_dict())
     started = time.monotonic()
     trainer = Stage2Trainer(
-        job.config, field, data, job.run, job.plan, accelerator=job.accelerator,
+        job.config, field, data, job.plan, run=job.run, accelerator=job.accelerator,
         show_progress=not job.launch.no_progress,
     )  # fmt: skip
     plan = job.plan
@@ -317,7 +317,7 @@ def _record_eager(run: Run, plan: StepPlan, trainer: Stage2Trainer) -> StepPlan:
     """The plan with what the run learned: a failed torch.compile (the step, the fused
     kernels or Adam ran eager) is a finding in run.json's ``step_plan`` and the report,
     with the fix, not only a warning in the log."""
-    after = plan.after_run(trainer.parts.step, trainer.parts.optimizer)
+    after = plan.after_run(trainer.step_fn, trainer.optimizer)
     if after.eager is not None:
         logger.warning(eager_line({"step_plan": after.to_dict()}))
     if after != plan:

@@ -66,10 +66,10 @@ class StepPlan:
 
     def after_run(self, *parts: object) -> StepPlan:
         """This plan with what the run learned: each of ``parts`` (the step, the optimizer)
-        whose ``fallback_reason`` says its compilation failed adds that reason."""
+        whose ``eager_reason`` says its compilation failed adds that reason."""
         found = list(self.compile_failed)
         for part in parts:
-            reason = getattr(part, "fallback_reason", None)
+            reason = getattr(part, "eager_reason", None)
             if reason:
                 # one line, without dynamo's advice on debugging itself
                 reason = " ".join(str(reason).split("Set TORCHDYNAMO_VERBOSE")[0].split())

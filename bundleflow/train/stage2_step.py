@@ -14,7 +14,7 @@ in how the kernels are launched:
   eager step is launch-bound (profile: 4.15 ms per step, 1.27 ms of kernels), which is what
   replaying removes.
 - ``compile``: :func:`stage2_loss` under ``torch.compile(mode="reduce-overhead")``; if
-  compilation fails the step falls back to eager and says why (``fallback_reason``).
+  compilation fails the step runs eagerly and says why (``eager_reason``).
 
 ``tf32=True`` lets fp32 matrix products in the step (the flow network) use TF32 tensor
 cores; the bench checks parity against the float32 reference before timing it.
@@ -64,13 +64,13 @@ def stage2_loss(
     path: IntegratorPath = "fast",
     exact_density_grad: bool = False,
     q_dtype: torch.dtype | None = None,
-    fallback: PostedPrices | None = None,
+    posted: PostedPrices | None = None,
     kernels: Kernels | None = None,
     bundle_temp: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The training loss −R̃ and the bundles ``[J, D, m]`` for given noise and valuations.
 
-    ``fallback``: posted prices offered as option J (its column is computed from
+    ``posted``: posted prices offered as option J (its column is computed from
     ``valuations`` here, so a captured step sees each replay's batch).
     ``kernels``: the fused per-point work (:mod:`bundleflow.maths.fused`; fast path only); the
     second value is then 1 − S ``[J·D, m]`` in the oracle's dtype (see :func:`as_bundles`).
@@ -79,7 +79,7 @@ def stage2_loss(
     """
     if bundle_temp is not None and kernels is not None:
         raise ValueError("bundle_temp needs the plain kernels (kernels=None)")
-    extra = None if fallback is None else fallback.outcome(valuations)
+    extra = None if posted is None else posted.outcome(valuations)
     if kernels is not None and path == "fast":
         fused = fused_lotteries(
             menu,
@@ -175,6 +175,53 @@ def make_optimizer(
     return torch.optim.Adam(groups, fused=True, capturable=capturable)
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How the step runs, decided once from the plan and the config (:meth:`from_run`).
+
+    ``batch_size``: valuations per step. ``n_steps``: Euler steps of the flow. ``path``: the
+    integrator (``fast`` or ``reference``). ``mode``: ``auto`` | ``eager`` | ``graph`` |
+    ``compile`` (see the module docstring). ``kernels``: ``plain`` | ``fused`` | ``compiled``.
+    ``tf32``: TF32 for fp32 matrix products (CUDA only). ``exact_density_grad``: the exact
+    gradient of the density term (method.md). ``q_dtype``: the flow network's precision
+    (None: fp32; fp16 adds a gradient scaler, eager steps only). ``bundle_temp``: T of the
+    straight-through gradient to the bundles (``menu.bundle_grad``; needs ``plain``
+    kernels), or None (the reference: no gradient through S). ``warmup``: eager calls
+    before a graph is captured.
+    """
+
+    batch_size: int
+    n_steps: int = 5
+    path: IntegratorPath = "fast"
+    mode: StepMode = "auto"
+    kernels: str = "plain"
+    tf32: bool = False
+    exact_density_grad: bool = False
+    q_dtype: torch.dtype | None = None
+    bundle_temp: float | None = None
+    warmup: int = 3
+
+    @classmethod
+    def from_run(cls, cfg, plan) -> StepOptions:
+        """The options of a run's step: the plan's mode, kernels and precision, the config's
+        batch, integrator and gradient settings."""
+        s2, menu = cfg.stage2, cfg.menu
+        return cls(
+            batch_size=s2.batch_size,
+            n_steps=cfg.flow.euler_steps,
+            path=s2.path,
+            mode=plan.step_mode.value,
+            kernels=plan.kernels.value,
+            tf32=s2.tf32,
+            exact_density_grad=s2.exact_density_grad,
+            q_dtype=plan.q_dtype,
+            bundle_temp=menu.bundle_temp if menu.bundle_grad != "none" else None,
+        )
+
+
+Batches = Tensor | Callable[[int, torch.Generator | None], Tensor]
+
+
 class Stage2Step:
     """The one Stage-2 step: the trainer, the bench and the profiler all run this.
 
@@ -190,18 +237,14 @@ class Stage2Step:
             frozen flow (same device).
         optimizer: an optimizer over the menu's parameters; for ``graph`` it must be
             capturable (:func:`make_optimizer` builds a fused, capturable Adam).
-        pool: ``[N, K, m+1]`` or ``[N, m]`` training valuations on the device; each step
-            draws ``batch_size`` of them uniformly with replacement. None: ``sample(size,
-            generator)`` draws fresh valuations (additive data).
-        layout: this process's part under several processes (:class:`Layout`).
-        scaler: a GradScaler for fp16 (eager steps only).
-        mode: ``auto`` | ``eager`` | ``graph`` | ``compile`` (see the module docstring).
-        tf32: TF32 for fp32 matrix products in the step (CUDA only; no effect on CPU).
-        bundle_temp: T of the straight-through gradient to the bundles (``menu.bundle_grad``;
-            needs ``kernels='plain'``), or None (the reference: no gradient through S).
+        batches: ``[N, K, m+1]`` or ``[N, m]`` training valuations on the device (each step
+            draws ``batch_size`` of them uniformly with replacement), or a function
+            ``(size, generator) -> valuations`` drawing fresh ones (additive data).
+        options: how it runs (:class:`StepOptions`; an int is a batch size with defaults).
         generator: a generator on the menu's device for eager/compile modes (``graph``
             uses the default CUDA generator: seed it with ``torch.cuda.manual_seed``).
-        fallback: posted prices offered beside the menu as option J (normalised money).
+        posted: posted prices offered beside the menu as option J (normalised money).
+        layout: this process's part under several processes (:class:`Layout`).
 
     After a call, ``last_eps``, ``last_batch``, ``last_bundles`` hold the step's inputs and
     bundles, and the parameters' ``.grad`` its gradients (used by the parity check). In
@@ -213,65 +256,36 @@ class Stage2Step:
         menu: Menu,
         flow: VelocityField,
         optimizer: torch.optim.Optimizer,
-        pool: Tensor,
-        batch_size: int,
+        batches: Batches,
+        options: StepOptions | int,
         *,
-        n_steps: int = 5,
-        path: IntegratorPath = "fast",
-        mode: StepMode = "auto",
-        tf32: bool = False,
-        exact_density_grad: bool = False,
-        q_dtype: torch.dtype | None = None,
-        warmup: int = 3,
         generator: torch.Generator | None = None,
-        fallback: PostedPrices | None = None,
-        kernels: str = "plain",
+        posted: PostedPrices | None = None,
         layout: Layout | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-        sample: Callable[[int, torch.Generator | None], Tensor] | None = None,
-        bundle_temp: float | None = None,
     ):
+        opts = StepOptions(options) if isinstance(options, int) else options
+        self.options = opts
         self.device = menu.means.device
-        self.mode = resolve_mode(mode, self.device)
+        self.mode = resolve_mode(opts.mode, self.device)
         self.layout = layout or Layout()
-        if self.mode == "graph":
-            if generator is not None:
-                raise ValueError("graph mode draws from the default CUDA generator; pass None")
-            if not all(g.get("capturable", False) for g in optimizer.param_groups):
-                raise ValueError(
-                    "graph mode needs a capturable optimizer (Adam(..., capturable=True)); "
-                    "see make_optimizer"
-                )
-            if scaler is not None or self.layout.comm.active or pool is None:
-                raise ValueError("graph mode needs one process, a pool and no gradient scaler")
-        if pool is None and sample is None:
-            raise ValueError("give a pool of valuations or a sample(size, generator) function")
-        if pool is not None and pool.device != self.device:
-            raise ValueError(f"pool is on {pool.device}, the menu on {self.device}")
+        pool = batches if isinstance(batches, Tensor) else None
+        self._check(menu, optimizer, pool, generator, opts)
         self.menu, self.flow, self.optimizer, self.pool = menu, flow, optimizer, pool
-        self.sample, self.scaler = sample, scaler
-        self.batch_size, self.n_steps, self.path = batch_size, n_steps, path
-        self.tf32 = tf32 and self.device.type == "cuda"
-        self.exact_density_grad = exact_density_grad
-        self.q_dtype = q_dtype
-        self.warmup = max(1, warmup)
+        self.sample = None if pool is not None else batches
+        self.scaler = None
+        if opts.q_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        self.batch_size, self.n_steps, self.path = opts.batch_size, opts.n_steps, opts.path
+        self.tf32 = opts.tf32 and self.device.type == "cuda"
+        self.exact_density_grad, self.q_dtype = opts.exact_density_grad, opts.q_dtype
+        self.warmup = max(1, opts.warmup)
         self.generator = generator
-        self.fallback = None if fallback is None else fallback.to(self.device)
-        if bundle_temp is not None and kernels != "plain":
-            raise ValueError(
-                "bundle_temp needs kernels='plain': the fused backward has no path from the "
-                "bundles to M (resolve_plan chooses plain kernels for menu.bundle_grad)"
-            )
-        if getattr(menu, "lottery_weights", "density") != "density" and kernels != "plain":
-            raise ValueError(
-                "lottery_weights='mixture' needs kernels='plain': the fused kernels compute "
-                "density weights (resolve_plan chooses plain kernels for it)"
-            )
-        self.bundle_temp = bundle_temp
-        self.kernel_mode = kernels
-        self.kernels = kernels_for(kernels) if path == "fast" else None
+        self.posted = None if posted is None else posted.to(self.device)
+        self.bundle_temp = opts.bundle_temp
+        self.kernel_mode = opts.kernels
+        self.kernels = kernels_for(opts.kernels) if opts.path == "fast" else None
         self.calls = 0
-        self._fallback_reason: str | None = None
+        self._eager_reason: str | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         # λ and τ as 0-d device tensors in graph/compile modes: no recapture or recompile
@@ -284,6 +298,32 @@ class Stage2Step:
         self.last_eps: Tensor | None = None
         self.last_batch: Tensor | None = None
         self._last_second: Tensor | None = None
+
+    def _check(self, menu: Menu, optimizer, pool: Tensor | None, generator, opts: StepOptions):
+        """Refuse combinations the step cannot run (resolve_plan never builds them)."""
+        if self.mode == "graph":
+            if generator is not None:
+                raise ValueError("graph mode draws from the default CUDA generator; pass None")
+            if not all(g.get("capturable", False) for g in optimizer.param_groups):
+                raise ValueError(
+                    "graph mode needs a capturable optimizer (Adam(..., capturable=True)); "
+                    "see make_optimizer"
+                )
+            fp16 = opts.q_dtype == torch.float16
+            if fp16 or self.layout.comm.active or pool is None:
+                raise ValueError("graph mode needs one process, a pool and no gradient scaler")
+        if pool is not None and pool.device != self.device:
+            raise ValueError(f"pool is on {pool.device}, the menu on {self.device}")
+        if opts.bundle_temp is not None and opts.kernels != "plain":
+            raise ValueError(
+                "bundle_temp needs kernels='plain': the fused backward has no path from the "
+                "bundles to M (resolve_plan chooses plain kernels for menu.bundle_grad)"
+            )
+        if getattr(menu, "lottery_weights", "density") != "density" and opts.kernels != "plain":
+            raise ValueError(
+                "lottery_weights='mixture' needs kernels='plain': the fused kernels compute "
+                "density weights (resolve_plan chooses plain kernels for it)"
+            )
 
     @property
     def last_bundles(self) -> Tensor | None:
@@ -298,11 +338,11 @@ class Stage2Step:
         return None if self.kernels is None else self.kernels.live()
 
     @property
-    def fallback_reason(self) -> str | None:
+    def eager_reason(self) -> str | None:
         """Why ``compile`` (the step or the fused kernels) runs eagerly, if it does."""
-        if self._fallback_reason is not None:
-            return self._fallback_reason
-        return None if self.kernels is None else self.kernels.fallback_reason
+        if self._eager_reason is not None:
+            return self._eager_reason
+        return None if self.kernels is None else self.kernels.eager_reason
 
     @property
     def precision(self) -> str:
@@ -313,10 +353,10 @@ class Stage2Step:
             flow = "TF32 matmuls" if self.tf32 else "float32 (TF32 off)"
         kernels = "plain kernels" if self._live_kernels() is None else self.kernels.description
         if self.kernels is not None and self._live_kernels() is None:
-            kernels = f"plain kernels ({self.kernels.fallback_reason})"
+            kernels = f"plain kernels ({self.kernels.eager_reason})"
         adam = "compiled Adam" if isinstance(self.optimizer, CompiledAdam) else "Adam"
-        if getattr(self.optimizer, "fallback_reason", None):
-            adam = f"Adam run eagerly ({self.optimizer.fallback_reason})"
+        if getattr(self.optimizer, "eager_reason", None):
+            adam = f"Adam run eagerly ({self.optimizer.eager_reason})"
         return f"{flow}; {oracle}; fp32 softmax/{adam}; {kernels}"
 
     # ------------------------------------------------------------------ one step
@@ -351,7 +391,7 @@ class Stage2Step:
         if self.layout.parallel != "shard":
             loss, second = self._loss_fn(
                 self.menu, self.flow, batch, inv_temp, mix_temp, eps, path=self.path,
-                fallback=self.fallback, kernels=self._live_kernels(),
+                posted=self.posted, kernels=self._live_kernels(),
                 bundle_temp=self.bundle_temp, **kw,
             )  # fmt: skip
             return loss, loss, second
@@ -365,7 +405,7 @@ class Stage2Step:
                 self.flow, mix_temp, eps=eps, path=self.path, bundle_temp=self.bundle_temp, **kw
             )
             utilities, second = self.menu.utilities(lot, batch), lot.bundles
-        extra = None if self.fallback is None else self.fallback.outcome(batch)
+        extra = None if self.posted is None else self.posted.outcome(batch)
         surrogate, revenue = sharded_soft_revenue(
             utilities, self.menu.prices, inv_temp, self.layout.comm.all_reduce, extra
         )
@@ -421,8 +461,8 @@ class Stage2Step:
         try:
             return self._body(self._inv, self._mix)
         except Exception as err:  # noqa: BLE001 - any compiler failure: fall back to eager
-            self._fallback_reason = f"torch.compile failed ({type(err).__name__}: {err})"[:300]
-            logger.warning("{}; the step runs eagerly", self._fallback_reason)
+            self._eager_reason = f"torch.compile failed ({type(err).__name__}: {err})"[:300]
+            logger.warning("{}; the step runs eagerly", self._eager_reason)
             self._loss_fn = stage2_loss
             self.optimizer.zero_grad(set_to_none=True)
             return self._body(inv_temp, mix_temp)
