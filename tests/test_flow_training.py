@@ -12,8 +12,9 @@ from bundleflow.maths.flow import (
     integrate,
     rectified_flow_loss,
     round_bundles,
-    train_flow,
 )
+from bundleflow.train.config import FlowConfig, Stage1Config
+from bundleflow.train.stage1_step import Stage1Step
 
 
 def test_mixture_means_are_saved_with_the_flow_state():
@@ -57,7 +58,11 @@ def test_training_lowers_loss_and_learns_rounding():
     torch.manual_seed(0)
     field = VelocityField(4, hidden=64)
     noise = MixtureNoise(4, generator=gen)
-    losses = train_flow(field, noise, steps=1500, batch_size=256, generator=gen)
+    cfg = Stage1Config(steps=1500, batch_size=256, lr=5e-3, lr_schedule="constant")
+    step = Stage1Step(field, noise, cfg, FlowConfig(target_std=0.1), "cpu", generator=gen)
+    for _ in range(cfg.steps):  # the trainer's own Stage-1 step
+        step()
+    losses = step.losses.tolist()
     assert len(losses) == 1500
     first, last = sum(losses[:20]) / 20, sum(losses[-50:]) / 50
     assert last < 0.6 * first

@@ -17,7 +17,7 @@ or with N full network calls exactly as the public code does (``path="reference"
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -293,36 +293,6 @@ def rectified_flow_loss(field: VelocityField, z0: Tensor, z1: Tensor, t: Tensor)
     z_t = t * z1 + (1 - t) * z0
     residual = (z1 - z0) - field(z0, z_t, t)
     return residual.pow(2).sum(dim=-1).mean()
-
-
-def train_flow(
-    field: VelocityField,
-    noise: MixtureNoise,
-    *,
-    steps: int,
-    batch_size: int = 2048,
-    lr: float = 5e-3,
-    target_std: float = 0.1,
-    generator: torch.Generator | None = None,
-    on_step: Callable[[int, Tensor], None] | None = None,
-) -> list[float]:
-    """Plain Stage-1 training: Adam on fresh pairs every step. Returns the loss per step.
-
-    ``on_step(step, loss)`` receives the loss tensor (no host sync is forced here).
-    """
-    optimizer = torch.optim.Adam(field.parameters(), lr=lr)
-    losses = []
-    for step in range(steps):
-        z0, z1 = flow_pairs(noise, batch_size, target_std=target_std, generator=generator)
-        t = torch.rand(batch_size, 1, generator=generator, device=z0.device, dtype=z0.dtype)
-        loss = rectified_flow_loss(field, z0, z1, t)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
-        if on_step is not None:
-            on_step(step, loss.detach())
-    return [float(x) for x in torch.stack(losses).tolist()] if losses else []
 
 
 # ----------------------------------------------------------------------------- state

@@ -278,30 +278,21 @@ def peak_memory(device: torch.device) -> dict:
 # --------------------------------------------------------------------------- the steps
 
 
-def stage1_step(cfg: Config, n_items: int, device: torch.device, accelerator):
-    """The Stage-1 step of bundleflow.train.stage1 (fresh pairs, rectified-flow loss, Adam);
-    returns (step, field): the field is trained by the steps, for Stage 2 afterwards."""
-    from bundleflow.maths.flow import MixtureNoise, VelocityField, flow_pairs, rectified_flow_loss
+def stage1_step(cfg: Config, n_items: int, device: torch.device, accelerator, calls: int):
+    """The Stage-1 step `bundleflow train` runs (the same trainer, the same
+    :func:`bundleflow.train.plan.stage1_mode` answer: a CUDA graph on one GPU, DDP or
+    autocast through Accelerate otherwise), sized for ``calls`` steps; returns (step, field):
+    the field is trained by the steps, for Stage 2 afterwards."""
+    from dataclasses import replace
 
-    s1, fl = cfg.stage1, cfg.flow
-    gen = torch.Generator().manual_seed(s1.seed)
-    torch.manual_seed(s1.seed)
-    field_ = VelocityField(n_items, fl.hidden, fl.hidden2).to(device)
-    noise = MixtureNoise(n_items, fl.n_components, fl.log_std, generator=gen)
-    optimizer = torch.optim.Adam(field_.parameters(), lr=s1.lr)
-    wrapped, optimizer = accelerator.prepare(field_, optimizer)
+    from bundleflow.train.stage1 import Stage1Trainer
 
-    def step() -> None:
-        z0, z1 = flow_pairs(noise, s1.batch_size, target_std=fl.target_std, generator=gen)
-        t = torch.rand(s1.batch_size, 1, generator=gen)
-        z0, z1, t = (x.to(device, non_blocking=True) for x in (z0, z1, t))
-        with accelerator.autocast():
-            loss = rectified_flow_loss(wrapped, z0, z1, t)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-
-    return step, field_
+    stage1 = replace(cfg.stage1, steps=calls)  # the step's history holds every call
+    trainer = Stage1Trainer(
+        n_items, cfg.flow, stage1, device, accelerator=accelerator, show_progress=False
+    )
+    logger.info("profile: Stage 1 step {} ({})", trainer.mode.value, trainer.mode.reason)
+    return trainer.step, trainer.net
 
 
 def stage2_step(cfg: Config, flow, data, device: torch.device):
@@ -338,7 +329,9 @@ def run_profile(
     data = load_run_data(cfg.data, device, data_file=data_file)
     stages = []
     if stage1_steps:
-        step1, flow = stage1_step(cfg, data.n_items, device, accelerator)
+        # the timed phase lasts MIN_SAMPLED_S on a GPU: room for ~10^6 steps in the history
+        calls = warmup + 2 * stage1_steps + 1_000_000
+        step1, flow = stage1_step(cfg, data.n_items, device, accelerator, calls)
         logger.info("profile: Stage 1, {} warm-up + 2×{} steps", warmup, stage1_steps)
         stages.append(
             measure(

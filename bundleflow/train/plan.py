@@ -1,4 +1,5 @@
-"""How a Stage-2 step runs, decided once: precision, step mode, kernels, parallel layout.
+"""How the steps run, decided once: Stage 2's precision, step mode, kernels and parallel
+layout, and Stage 1's step (:func:`stage1_mode`).
 
 `bundleflow train` records the answer in run.json (``step_plan``) and runs it; `bundleflow
 profile` and `bundleflow bench` time the step this answer describes. Each choice carries
@@ -47,6 +48,7 @@ class StepPlan:
     kernels: Choice  # plain | fused | compiled
     parallel: Choice  # single | shard | replicate
     processes: int = 1
+    stage1: Choice | None = None  # graph | eager | ddp: Stage 1's step (stage1_mode)
     compile_failed: tuple[str, ...] = ()  # what ran eager after torch.compile failed, and why
 
     @property
@@ -82,6 +84,8 @@ class StepPlan:
         for name in ("precision", "step_mode", "kernels", "parallel"):
             choice = getattr(self, name)
             out[name] = {"value": choice.value, "reason": choice.reason}
+        if self.stage1 is not None:
+            out["stage1"] = {"value": self.stage1.value, "reason": self.stage1.reason}
         if self.eager is not None:
             out["eager"] = self.eager
         return out
@@ -141,6 +145,21 @@ def graph_unavailable(
     return None
 
 
+def stage1_mode(device: torch.device, processes: int, mixed_precision: str | None) -> Choice:
+    """Stage 1's step: the whole step in a CUDA graph (one process, fp32, CUDA), eager (one
+    process elsewhere), or ``ddp``: through Accelerate's prepared model, for several
+    processes or a mixed precision chosen explicitly (``mixed_precision`` as the Accelerator
+    has it: the flag, the config or ``accelerate launch``). The trainer, the plan in run.json
+    and ``bundleflow profile`` all take this answer."""
+    if processes > 1:
+        return Choice("ddp", f"{processes} processes: DDP through Accelerate's prepared model")
+    if mixed_precision in ("fp16", "bf16"):
+        return Choice("ddp", f"mixed_precision={mixed_precision}: Accelerate's autocast")
+    if device.type == "cuda":
+        return Choice("graph", "one process, fp32, CUDA: the whole step in a CUDA graph")
+    return Choice("eager", f"one process on {device.type}")
+
+
 def resolve_plan(
     cfg: Config, device: torch.device, *, processes: int = 1, has_pool: bool = True
 ) -> StepPlan:
@@ -178,4 +197,6 @@ def resolve_plan(
         parallel = Choice(s2.parallel, f"stage2.parallel={s2.parallel}, {processes} processes")
     else:
         parallel = Choice("single", "one process")
-    return StepPlan(device, precision, mode, kernels, parallel, processes)
+    launched = (os.environ.get("ACCELERATE_MIXED_PRECISION") or "").strip().lower()
+    stage1 = stage1_mode(device, processes, cfg.mixed_precision or launched or None)
+    return StepPlan(device, precision, mode, kernels, parallel, processes, stage1=stage1)

@@ -20,29 +20,23 @@ from bundleflow.maths.flow import (
     MixtureNoise,
     VelocityField,
     flow_from_state,
-    flow_pairs,
     flow_state,
     load_reference_flow,
-    rectified_flow_loss,
 )
 from bundleflow.paths import default_cache_dir
 from bundleflow.system.progress import ProgressBar
 from bundleflow.system.telemetry import gpu_status_line
 from bundleflow.train.checkpoint import (
     clean_stale,
-    flatten_optimizer_state,
     latest,
-    load_optimizer_tensors,
-    optimizer_tensors,
     prune,
     read_checkpoint,
-    regroup_optimizer_state,
     write_checkpoint,
 )
 from bundleflow.train.config import FlowConfig, Stage1Config
-from bundleflow.train.run import optimizer_step
+from bundleflow.train.plan import stage1_mode
 from bundleflow.train.signals import StopRequest
-from bundleflow.train.stage1_step import Stage1Step
+from bundleflow.train.stage1_step import PreparedStage1Step, Stage1Step
 
 FLOW_FILE = "flow.json"  # in a run directory: which flow the run used
 
@@ -103,28 +97,17 @@ class Stage1Trainer:
         if accelerator is not None:
             self.rank, self.world = accelerator.process_index, accelerator.num_processes
         mixed = getattr(accelerator, "mixed_precision", "no")
-        self.stepper: Stage1Step | None = None
-        if self.world == 1 and mixed in (None, "no"):
-            self.stepper = Stage1Step(
-                self.net,
-                self.noise,
-                cfg,
-                flow_cfg,
-                device,
-                generator=self.gen if device.type == "cpu" else None,
+        self.mode = stage1_mode(device, self.world, mixed)  # the plan's answer
+        if self.mode.value == "ddp":
+            self.stepper = PreparedStage1Step(
+                self.net, self.noise, cfg, flow_cfg, accelerator, self.gen
             )
-            self.history = self.stepper.history
-        else:  # DDP / autocast: the prepared model's forward; accelerator.backward
-            self.net.to(device)
-            self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
-            self.model, self.optimizer = accelerator.prepare(self.net, self.optimizer)
-            self.accelerator = accelerator
-            self.schedule = None
-            if cfg.lr_schedule == "cosine":
-                self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-                    self.optimizer, T_max=cfg.steps
-                )
-            self.history = torch.empty(cfg.steps, device=device)
+        else:
+            self.stepper = Stage1Step(
+                self.net, self.noise, cfg, flow_cfg, device, mode=self.mode.value,
+                generator=self.gen if device.type == "cpu" else None,
+            )  # fmt: skip
+        self.history = self.stepper.history
         self.done = 0
         self.show = show_progress and self.rank == 0  # one bar, not one per process
         self.setup_seconds = time.monotonic() - built
@@ -132,21 +115,7 @@ class Stage1Trainer:
     def step(self) -> None:
         """One optimizer step; its loss goes to ``history`` on the device (no host sync)."""
         self.done += 1
-        if self.stepper is not None:
-            self.stepper()
-            return
-        cfg, part = self.cfg, self.cfg.batch_size // self.world
-        z0, z1 = flow_pairs(
-            self.noise, cfg.batch_size, target_std=self.flow_cfg.target_std, generator=self.gen
-        )
-        t = torch.rand(cfg.batch_size, 1, generator=self.gen)
-        lo = self.rank * part
-        z0, z1, t = (x[lo : lo + part].to(self.device, non_blocking=True) for x in (z0, z1, t))
-        loss = rectified_flow_loss(self.model, z0, z1, t)
-        optimizer_step(loss, self.optimizer, self.accelerator)
-        if self.schedule is not None:
-            self.schedule.step()
-        self.history[self.done - 1] = loss.detach()
+        self.stepper()
 
     def fit(self, *, max_time: float | None = None, resume: bool = False):
         """Train to ``cfg.steps`` (or ``max_time``); returns (field, mixture, summary)."""
@@ -203,7 +172,7 @@ class Stage1Trainer:
         half = max(1, step // 2)
         first = float(self.history[: min(20, half)].mean())
         last = float(self.history[step - min(100, half) : step].mean())
-        mode = self.stepper.mode if self.stepper is not None else "ddp"
+        mode = self.stepper.mode
         summary = {
             "steps": step,
             "loss_first": first,
@@ -234,14 +203,9 @@ class Stage1Trainer:
         if target.exists():
             return
         tensors, header = flow_state(self.net, self.noise)
-        if self.stepper is not None:
-            state = self.stepper.state_dict()
-            opt_tensors, opt_rest = flatten_optimizer_state(state["optimizer"])
-            rng, history, schedule = state["generator"], state["history"], None
-        else:
-            opt_tensors, opt_rest = optimizer_tensors(self.optimizer)
-            rng, history = self.gen.get_state(), self.history[: self.done].detach().cpu()
-            schedule = None if self.schedule is None else self.schedule.state_dict()
+        saved = self.stepper.checkpoint()
+        opt_tensors, opt_rest = saved["optimizer"]
+        rng, history, schedule = saved["rng"], saved["history"], saved["schedule"]
         components = {
             "flow": {k: v.detach().cpu() for k, v in tensors.items()},
             "optimizer": {k: v.detach().cpu() for k, v in opt_tensors.items()},
@@ -270,18 +234,13 @@ class Stage1Trainer:
                 mine.copy_(theirs)
             self.noise.means.copy_(noise.means)
         step = int(manifest["step"])
-        rng, history = components["rng"]["generator"], components["history"]["loss"]
-        if self.stepper is not None:
-            state = regroup_optimizer_state(components["optimizer"], extra["optimizer"])
-            self.stepper.load_state_dict(
-                {"step": step, "generator": rng, "history": history, "optimizer": {"state": state}}
-            )
-        else:
-            load_optimizer_tensors(self.optimizer, components["optimizer"], extra["optimizer"])
-            self.gen.set_state(rng)
-            self.history[:step] = history.to(self.device)
-            if self.schedule is not None and extra.get("schedule"):
-                self.schedule.load_state_dict(extra["schedule"])
+        saved = {
+            "optimizer": (components["optimizer"], extra["optimizer"]),
+            "rng": components["rng"]["generator"],
+            "history": components["history"]["loss"],
+            "schedule": extra.get("schedule"),
+        }
+        self.stepper.restore(step, saved)
         self.done = step
         logger.info("stage 1: resumed from {} (step {})", found, step)
 

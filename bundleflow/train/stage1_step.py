@@ -27,7 +27,10 @@ capturable=True`` and a tensor ``lr`` is in every torch the project supports (â‰
 registers with every capture itself.
 
 One process only: the captured step has no gradient all-reduce, so several processes (DDP)
-and Accelerate's mixed precision keep the plain loop. Stage 1 stays float32.
+and Accelerate's mixed precision run :class:`PreparedStage1Step`, the same recipe through
+Accelerate's prepared model. :func:`bundleflow.train.plan.stage1_mode` decides which (the
+trainer, the plan recorded in run.json and ``bundleflow profile`` ask it). Stage 1 stays
+float32 unless mixed precision is chosen explicitly.
 """
 
 from __future__ import annotations
@@ -42,7 +45,14 @@ from torch import Tensor
 
 from bundleflow.maths.flow import MixtureNoise, VelocityField, flow_pairs, rectified_flow_loss
 from bundleflow.system.timing import synchronize
+from bundleflow.train.checkpoint import (
+    flatten_optimizer_state,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    regroup_optimizer_state,
+)
 from bundleflow.train.config import FlowConfig, Stage1Config
+from bundleflow.train.run import optimizer_step
 from bundleflow.train.stage2_step import resolve_mode
 
 Stage1Mode = Literal["auto", "eager", "graph"]
@@ -91,7 +101,6 @@ class Stage1Step:
         flow_cfg: ``target_std``.
         device: where the step runs and draws.
         mode: ``auto`` | ``eager`` | ``graph`` (see the module docstring).
-        seed: seed of the step's generator (default ``cfg.seed``).
         generator: draw from this generator instead (on ``device``; not seeded here), e.g.
             the CPU generator that drew the mixture means, which continues the plain loop's
             stream exactly.
@@ -114,7 +123,6 @@ class Stage1Step:
         device: torch.device | str,
         *,
         mode: Stage1Mode = "auto",
-        seed: int | None = None,
         generator: torch.Generator | None = None,
         warmup: int = 3,
     ):
@@ -133,7 +141,7 @@ class Stage1Step:
         self.target_std = flow_cfg.target_std
         self.base_lr, self.schedule = cfg.lr, cfg.lr_schedule
         self.warmup = max(1, warmup)
-        self.generator = self._make_generator(cfg.seed if seed is None else seed, generator)
+        self.generator = self._make_generator(cfg.seed, generator)
         self.optimizer = self._make_optimizer()
         self.history = torch.full((cfg.steps,), math.nan, device=self.device)
         # The next slot of `history` as a device tensor: a replay writes where it points.
@@ -323,6 +331,94 @@ class Stage1Step:
                 else:  # saved before any step: a fresh Adam's zeros
                     tensor.zero_()
                 new[key] = tensor
+
+    def checkpoint(self) -> dict:
+        """What a Stage-1 checkpoint stores of the step: ``optimizer`` (flat tensors, the
+        rest), ``rng`` (the generator's state), ``history`` (``[step]`` losses), ``schedule``
+        (None: the lr follows from the step)."""
+        state = self.state_dict()
+        return {
+            "optimizer": flatten_optimizer_state(state["optimizer"]),
+            "rng": state["generator"],
+            "history": state["history"],
+            "schedule": None,
+        }
+
+    def restore(self, step: int, saved: dict) -> None:
+        """Continue from :meth:`checkpoint`'s record of step ``step``."""
+        tensors, rest = saved["optimizer"]
+        state = regroup_optimizer_state(tensors, rest)
+        self.load_state_dict(
+            {"step": step, "generator": saved["rng"], "history": saved["history"],
+             "optimizer": {"state": state}}
+        )  # fmt: skip
+
+
+class PreparedStage1Step:
+    """The Stage-1 step through Accelerate's prepared model: DDP over several processes, or
+    Accelerate's autocast for a mixed-precision flow. Every rank draws the same seeded global
+    batch on the CPU and takes its slice (so any process count sees the same pairs); plain
+    Adam and torch's ``CosineAnnealingLR``; the loss goes to ``history`` on the device."""
+
+    mode = "ddp"
+
+    def __init__(
+        self,
+        field: VelocityField,
+        noise: MixtureNoise,
+        cfg: Stage1Config,
+        flow_cfg: FlowConfig,
+        accelerator,
+        generator: torch.Generator,
+    ) -> None:
+        self.device = accelerator.device
+        self.cfg, self.target_std, self.noise = cfg, flow_cfg.target_std, noise
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.generator, self.accelerator = generator, accelerator
+        field.to(self.device)
+        optimizer = torch.optim.Adam(field.parameters(), lr=cfg.lr)
+        self.model, self.optimizer = accelerator.prepare(field, optimizer)
+        self.schedule = None
+        if cfg.lr_schedule == "cosine":
+            self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=cfg.steps
+            )
+        self.history = torch.empty(cfg.steps, device=self.device)
+        self.step = 0
+
+    def __call__(self) -> Tensor:
+        """One optimizer step on this rank's slice of the global batch."""
+        cfg, part = self.cfg, self.cfg.batch_size // self.world
+        z0, z1 = flow_pairs(
+            self.noise, cfg.batch_size, target_std=self.target_std, generator=self.generator
+        )
+        t = torch.rand(cfg.batch_size, 1, generator=self.generator)
+        lo = self.rank * part
+        z0, z1, t = (x[lo : lo + part].to(self.device, non_blocking=True) for x in (z0, z1, t))
+        loss = rectified_flow_loss(self.model, z0, z1, t)
+        optimizer_step(loss, self.optimizer, self.accelerator)
+        if self.schedule is not None:
+            self.schedule.step()
+        self.step += 1
+        self.history[self.step - 1] = loss.detach()
+        return self.history[self.step - 1]
+
+    def checkpoint(self) -> dict:
+        """As :meth:`Stage1Step.checkpoint` (the scheduler's state besides)."""
+        return {
+            "optimizer": optimizer_tensors(self.optimizer),
+            "rng": self.generator.get_state(),
+            "history": self.history[: self.step].detach().cpu(),
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
+        }
+
+    def restore(self, step: int, saved: dict) -> None:
+        load_optimizer_tensors(self.optimizer, *saved["optimizer"])
+        self.generator.set_state(saved["rng"])
+        self.history[:step] = saved["history"].to(self.device)
+        if self.schedule is not None and saved.get("schedule"):
+            self.schedule.load_state_dict(saved["schedule"])
+        self.step = step
 
 
 def _host_copy(value):
