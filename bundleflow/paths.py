@@ -9,6 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# What a run directory holds, by name (train writes them; evaluate, compare and --resume read)
+RUN_INFO = "run.json"  # the launch record, data, plan, timings
+CONFIG_FILE = "config.yaml"  # the resolved config
+METRICS_FILE = "metrics.jsonl"  # one JSON line per logged step
+
 
 def bundleflow_home() -> Path | None:
     """``$BUNDLEFLOW_HOME`` (user-expanded), or None when it is unset or empty."""

@@ -418,9 +418,9 @@ def test_malicious_pickle_is_refused_by_every_reader(tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt", {"menu": {"x": torch.ones(2)}}, step=1)
     shutil.copy(files["torch .pt (zip)"], ckpt / "menu.safetensors")
     manifest = read_manifest(ckpt)
-    from bundleflow.train.checkpoint import sha256_file
+    from bundleflow.atomic import file_sha256
 
-    manifest["files"]["menu.safetensors"] = sha256_file(ckpt / "menu.safetensors")
+    manifest["files"]["menu.safetensors"] = file_sha256(ckpt / "menu.safetensors")
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleflowError):
         read_checkpoint(ckpt)

@@ -13,7 +13,6 @@ from bundleflow.errors import BundleflowError
 from bundleflow.evaluation.compare import compare
 from bundleflow.evaluation.run_groups import RunLayout
 from bundleflow.train.config import Config, to_flat_dict
-from bundleflow.train.run import CONFIG_FILE, METRICS_FILE, RUN_INFO
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     if args.json and args.csv == "-":
         raise BundleflowError("--json and --csv - both print on stdout; give one of them")
-    layout = RunLayout(RUN_INFO, CONFIG_FILE, METRICS_FILE, to_flat_dict(Config()))
+    layout = RunLayout(to_flat_dict(Config()))
     text = compare(args.runs, layout, as_json=args.json, csv_file=args.csv, plot_file=args.plot)
     sys.stdout.write(text)
     return 0

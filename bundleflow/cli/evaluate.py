@@ -14,11 +14,10 @@ from bundleflow.errors import BundleflowError
 from bundleflow.evaluation.evaluate import baselines_report, evaluate_mechanism, json_safe
 from bundleflow.evaluation.menu_view import fallback_record, lottery, purchases
 from bundleflow.evaluation.report import format_baselines, format_summary, write_run_report
-from bundleflow.paths import runs_root
+from bundleflow.paths import CONFIG_FILE, RUN_INFO, runs_root
 from bundleflow.train.config import Config, load_config
 from bundleflow.train.data import fitted_baselines, load_run_data
-from bundleflow.train.run import CONFIG_FILE, RUN_INFO
-from bundleflow.train.stage2 import read_mechanism
+from bundleflow.train.finish import read_mechanism
 from bundleflow.valuations import io as data_io
 
 ADDITIVE_EVAL_BATCH = 65536

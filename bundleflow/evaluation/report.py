@@ -17,12 +17,13 @@ from loguru import logger
 
 from bundleflow.atomic import atomic_write_bytes
 from bundleflow.evaluation.evaluate import BASELINES, json_safe, optimum_base, unpaired_optimum
+from bundleflow.paths import METRICS_FILE
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REVENUE_PNG = "revenue.png"
 MENU_PNG = "menu.png"
-METRICS_FILE = "metrics.jsonl"
+
 
 LABELS = {
     "menu": "learned menu",

@@ -4,8 +4,9 @@ into a flat record, and grouping the runs that differ only by seeds.
 Reads what each run directory already holds — ``run.json`` (the launch record: preset,
 ``--set`` overrides, flags; the device), ``config.yaml`` (the resolved config: seeds) and
 ``report.json`` (test revenue and the paired ratio to the best baseline, with their CIs) —
-and recomputes nothing. The run directory's layout belongs to ``train``, a layer above this
-one, so its file names and the config defaults come in as a :class:`RunLayout`.
+and recomputes nothing. The file names are the foundation's (:mod:`bundleflow.paths`); the
+config defaults belong to ``train``, a layer above this one, so they come in as a
+:class:`RunLayout`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import yaml
 
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluation.report import REPORT_JSON
-from bundleflow.paths import runs_root
+from bundleflow.paths import CONFIG_FILE, METRICS_FILE, RUN_INFO, runs_root
 
 SEED_KEYS = ("data.seed", "stage1.seed", "stage2.seed", "eval.seed")
 """Config keys that only reseed a run: runs that differ in these alone form one group."""
@@ -51,15 +52,15 @@ STAGE1_ONLY = "stage-1 only"
 
 @dataclass(frozen=True)
 class RunLayout:
-    """What a run directory holds, as ``train`` (which writes it) names it: the launch
-    record (``run.json``), the resolved config (``config.yaml``) and the metrics log
-    (``metrics.jsonl``); and the current config defaults, flat (``stage2.seed``: 0, …), which
-    fill the keys a run of an older version lacks, as when ``--resume`` loads its config."""
+    """What a run directory holds: the current config defaults, flat (``stage2.seed``: 0,
+    …), which fill the keys a run of an older version lacks, as when ``--resume`` loads its
+    config; the launch record (``run.json``), the resolved config (``config.yaml``) and the
+    metrics log (``metrics.jsonl``), named as :mod:`bundleflow.paths` names them."""
 
-    run_info: str
-    config_file: str
-    metrics_file: str
     defaults: dict[str, Any]
+    run_info: str = RUN_INFO
+    config_file: str = CONFIG_FILE
+    metrics_file: str = METRICS_FILE
 
 
 # --------------------------------------------------------------------------- finding runs

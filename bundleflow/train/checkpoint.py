@@ -42,7 +42,6 @@ from bundleflow.errors import BundleflowError
 CHECKPOINT_FORMAT = 1
 MANIFEST = "manifest.json"
 _SAFE_FILE = re.compile(r"[A-Za-z0-9_-]+\.safetensors")  # no paths, no "..": stays inside
-sha256_file = file_sha256  # the old name, still imported by tests/test_faults.py
 
 
 def torch_build() -> dict:

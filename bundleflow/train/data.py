@@ -54,15 +54,6 @@ class RunData:
         out[..., -1] *= self.scale
         return out
 
-    def batch(self, size: int, generator: torch.Generator, device: torch.device) -> Tensor:
-        """A training batch of normalised valuations (uniform draws with replacement)."""
-        if self.kind == "additive":
-            draws = torch.rand(size, self.n_items, generator=generator)
-            return (draws / self.scale).to(device, non_blocking=True)
-        assert self.train is not None
-        index = torch.randint(self.train.shape[0], (size,), generator=generator)
-        return self.train[index.to(self.train.device, non_blocking=True)]
-
 
 def _money_scale(train_user: Tensor, kind: str, override: float | None) -> tuple[float, str]:
     if override is not None:
@@ -88,32 +79,7 @@ def load_run_data(
     ``--data`` file once to take its m)."""
     if cfg.kind == "additive" and data_file is None:
         return _additive(cfg, device)
-    if data_file is not None or cfg.kind == "file":
-        path = Path(data_file or cfg.path or "")
-        if dataset is None or Path(dataset.path).resolve() != path.resolve():
-            dataset = data_io.load_dataset(path, n_items=cfg.n_items)
-        source = {"kind": "file", "path": str(path.resolve())}
-    elif cfg.kind == "known":
-        path = known_data.cached_known_dataset(
-            known_setting(cfg),
-            {"train": cfg.n_samples, "val": cfg.known_val_samples, "test": cfg.known_test_samples},
-            cfg.seed,
-        )
-        dataset = data_io.load_dataset(path)
-        source = {"kind": "known", "path": str(path), "generator": dataset.metadata["generator"]}
-    else:
-        path = data_io.cached_dataset(
-            cfg.dist,
-            cfg.n_items,
-            cfg.n_samples,
-            cfg.seed,
-            private_values=cfg.values,
-            mode=cfg.mode,
-            split=cfg.split,
-            progress=progress,
-        )
-        dataset = data_io.load_dataset(path, n_items=cfg.n_items)
-        source = {"kind": "cats", "path": str(path), "generator": dataset.metadata.get("generator")}
+    dataset, source = _dataset(cfg, data_file, progress, dataset)
     train_user = dataset.part("train")
     val_user = dataset.part("val")
     test_user = dataset.part("test")
@@ -155,6 +121,44 @@ def load_run_data(
         scale_source,
     )
     return data
+
+
+def _dataset(cfg: DataConfig, data_file: str | None, progress, dataset) -> tuple:
+    """The data set a config names (a file, a cached known-optimum or CATS set) and where it
+    came from, for run.json."""
+    if data_file is not None or cfg.kind == "file":
+        path = Path(data_file or cfg.path or "")
+        if dataset is None or Path(dataset.path).resolve() != path.resolve():
+            dataset = data_io.load_dataset(path, n_items=cfg.n_items)
+        return dataset, {"kind": "file", "path": str(path.resolve())}
+    if cfg.kind == "known":
+        path = known_data.cached_known_dataset(
+            known_setting(cfg),
+            {"train": cfg.n_samples, "val": cfg.known_val_samples, "test": cfg.known_test_samples},
+            cfg.seed,
+        )
+        dataset = data_io.load_dataset(path)
+        return dataset, {
+            "kind": "known",
+            "path": str(path),
+            "generator": dataset.metadata["generator"],
+        }
+    path = data_io.cached_dataset(
+        cfg.dist,
+        cfg.n_items,
+        cfg.n_samples,
+        cfg.seed,
+        private_values=cfg.values,
+        mode=cfg.mode,
+        split=cfg.split,
+        progress=progress,
+    )
+    dataset = data_io.load_dataset(path, n_items=cfg.n_items)
+    return dataset, {
+        "kind": "cats",
+        "path": str(path),
+        "generator": dataset.metadata.get("generator"),
+    }
 
 
 def _additive(cfg: DataConfig, device: torch.device) -> RunData:

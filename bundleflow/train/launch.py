@@ -17,9 +17,9 @@ from pathlib import Path
 from loguru import logger
 
 from bundleflow.errors import BundleflowError
-from bundleflow.paths import runs_root
+from bundleflow.paths import CONFIG_FILE, RUN_INFO, runs_root
 from bundleflow.train.config import Config, load_config, parse_set, replace, to_flat_dict
-from bundleflow.train.run import CONFIG_FILE, RUN_INFO, check_budgets, check_config_budgets
+from bundleflow.train.run import check_budgets, check_config_budgets
 from bundleflow.valuations import io as data_io
 from bundleflow.valuations.io import Dataset
 

@@ -20,13 +20,11 @@ from loguru import logger
 from bundleflow import __version__
 from bundleflow.atomic import atomic_write_bytes, write_error
 from bundleflow.errors import BundleflowError
+from bundleflow.paths import CONFIG_FILE, METRICS_FILE, RUN_INFO
 from bundleflow.system.tracking import Tracker
 from bundleflow.train.checkpoint import torch_build
 from bundleflow.train.config import Config, to_dict
 
-RUN_INFO = "run.json"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 _RUN_ID_TRIES = 100
 

@@ -6,7 +6,6 @@ import math
 import shlex
 import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 from loguru import logger
@@ -15,10 +14,8 @@ from bundleflow.errors import BundleflowError
 from bundleflow.evaluation.mechanism import FrozenMechanism
 from bundleflow.maths.flow import VelocityField
 from bundleflow.maths.menu import Menu, freeze_flow
-from bundleflow.maths.polish import polish_prices
 from bundleflow.maths.revenue import hard_choice
 from bundleflow.maths.schedule import InvTempSchedule
-from bundleflow.paths import runs_root
 from bundleflow.system.distributed import Comm
 from bundleflow.system.progress import ProgressBar
 from bundleflow.system.telemetry import gpu_metrics, gpu_status_line
@@ -31,6 +28,7 @@ from bundleflow.train.checkpoint import (
 )
 from bundleflow.train.config import Config, to_dict
 from bundleflow.train.data import RunData
+from bundleflow.train.finish import MECHANISM_FILE, polish_mechanism
 from bundleflow.train.health import FiniteGuard
 from bundleflow.train.menu_init import (
     build_fallback,
@@ -40,12 +38,11 @@ from bundleflow.train.menu_init import (
     price_at_fallback,
 )
 from bundleflow.train.plan import StepPlan
-from bundleflow.train.run import RUN_INFO, Run
+from bundleflow.train.run import Run
 from bundleflow.train.shards import MenuShard
 from bundleflow.train.signals import StopRequest
 from bundleflow.train.stage2_step import Stage2Step, StepOptions, make_optimizer
 
-MECHANISM_FILE = "mechanism.safetensors"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
 
@@ -506,39 +503,9 @@ class Stage2Trainer:
             meta=meta,
         )
 
-    @torch.no_grad()
     def polish(self, mech: FrozenMechanism) -> float:
-        """Exact hard-revenue price polish of the frozen best menu on the training split,
-        the round kept by validation (``stage2.polish_rounds``; :mod:`bundleflow.maths.polish`)."""
-        device, batch = mech.prices.device, self.cfg.eval.batch_size
-        train = self.data.train_user.to(device)
-        val = self.data.denormalise(self.data.val).to(device)
-        values, fb_u, fb_pay = _outcome_columns(mech, train, batch)
-        result = polish_prices(
-            values,
-            mech.prices,
-            fb_u,
-            fb_pay,
-            rounds=self.cfg.stage2.polish_rounds,
-            val=_outcome_columns(mech, val, batch),
-            generator=torch.Generator().manual_seed(self.cfg.stage2.seed),
-            plateau=True,
-        )
-        mech.prices = result.prices.to(device, mech.prices.dtype)
-        mech.meta["polish"] = {
-            "round_kept": result.round_kept,
-            "train_revenue": result.train_revenue,
-            "val_revenue": result.val_revenue,
-            "changed": result.changed,
-        }
-        logger.info(
-            "stage 2 polish: validation revenue {:.6g} -> {:.6g} (round {} of {} kept)",
-            result.val_revenue[0],
-            result.val_revenue[result.round_kept],
-            result.round_kept,
-            len(result.val_revenue) - 1,
-        )
-        return result.val_revenue[result.round_kept]
+        """The exact price polish of a frozen menu (:func:`polish_mechanism`)."""
+        return polish_mechanism(mech, self.data, self.cfg)
 
     def freeze(self) -> FrozenMechanism | None:
         """The best validation menu frozen with the recorded noise, saved (main process)."""
@@ -574,35 +541,3 @@ class Stage2Trainer:
             mech.save(self.run.dir / MECHANISM_FILE)
         self.comm.barrier()
         return mech
-
-
-def _outcome_columns(mech: FrozenMechanism, valuations: torch.Tensor, batch: int):
-    """(element values ``[N, J]``, the fallback's utility ``[N]`` (−inf: none) and payment
-    ``[N]``) of a frozen mechanism, user units, float64."""
-    values = (
-        torch.cat([mech.utilities(chunk).double() for chunk in valuations.split(batch)])
-        + mech.prices.double()
-    )
-    n = values.shape[0]
-    if mech.fallback is None:
-        return values, values.new_full((n,), -math.inf), values.new_zeros(n)
-    u, pay = mech.fallback.outcome(valuations.to(mech.prices.device))
-    return values, u.double(), pay.double()
-
-
-def read_mechanism(run_dir: Path) -> FrozenMechanism:
-    """A finished run's frozen mechanism; a user error naming what the path lacks otherwise."""
-
-    root = runs_root()
-    runs = f"`ls {root}` lists the runs" if root.is_dir() else f"no runs in {root} yet"
-    if not run_dir.exists():
-        raise BundleflowError(f"{run_dir}: no such run directory; {runs}")
-    if not (run_dir / RUN_INFO).is_file():
-        raise BundleflowError(f"{run_dir}: not a bundleflow run directory (no {RUN_INFO}); {runs}")
-    path = run_dir / MECHANISM_FILE
-    if not path.is_file():
-        raise BundleflowError(
-            f"{run_dir}: no {MECHANISM_FILE}; the run has not finished Stage 2 "
-            f"(resume it with `bundleflow train --resume {run_dir}`)"
-        )
-    return FrozenMechanism.load(path)

@@ -80,31 +80,35 @@ def stage2_loss(
     if bundle_temp is not None and kernels is not None:
         raise ValueError("bundle_temp needs the plain kernels (kernels=None)")
     extra = None if posted is None else posted.outcome(valuations)
+    kw = {"n_steps": n_steps, "exact_density_grad": exact_density_grad, "q_dtype": q_dtype}
+    utilities, second = menu_utilities(
+        menu, flow, valuations, mix_temp, eps, path=path, kernels=kernels,
+        bundle_temp=bundle_temp, **kw,
+    )  # fmt: skip
+    return -soft_revenue(utilities, menu.prices, inv_temp, extra), second
+
+
+def menu_utilities(
+    menu: Menu,
+    flow: VelocityField,
+    valuations: Tensor,
+    mix_temp: float | Tensor,
+    eps: Tensor,
+    *,
+    path: IntegratorPath,
+    kernels: Kernels | None,
+    bundle_temp: float | None,
+    **kw,
+) -> tuple[Tensor, Tensor]:
+    """The utilities ``[B, J]`` of the menu's elements and the step's second value (the
+    bundles, or 1 − S from the fused kernels): the one composition of the lotteries with the
+    value oracle, used by the whole step and by a shard's part of it. ``kw``: ``n_steps``,
+    ``exact_density_grad``, ``q_dtype``."""
     if kernels is not None and path == "fast":
-        fused = fused_lotteries(
-            menu,
-            flow,
-            mix_temp,
-            eps,
-            n_steps=n_steps,
-            exact_density_grad=exact_density_grad,
-            q_dtype=q_dtype,
-            kernels=kernels,
-        )
-        utilities = fused_utilities(fused, menu.prices, valuations, kernels)
-        return -soft_revenue(utilities, menu.prices, inv_temp, extra), fused.lacks
-    lot = menu.lotteries(
-        flow,
-        mix_temp,
-        eps=eps,
-        n_steps=n_steps,
-        path=path,
-        exact_density_grad=exact_density_grad,
-        q_dtype=q_dtype,
-        bundle_temp=bundle_temp,
-    )
-    loss = -soft_revenue(menu.utilities(lot, valuations), menu.prices, inv_temp, extra)
-    return loss, lot.bundles
+        fused = fused_lotteries(menu, flow, mix_temp, eps, kernels=kernels, **kw)
+        return fused_utilities(fused, menu.prices, valuations, kernels), fused.lacks
+    lot = menu.lotteries(flow, mix_temp, eps=eps, path=path, bundle_temp=bundle_temp, **kw)
+    return menu.utilities(lot, valuations), lot.bundles
 
 
 @dataclass(frozen=True)
@@ -395,16 +399,10 @@ class Stage2Step:
                 bundle_temp=self.bundle_temp, **kw,
             )  # fmt: skip
             return loss, loss, second
-        kernels = self._live_kernels()
-        if kernels is not None and self.path == "fast":
-            fused = fused_lotteries(self.menu, self.flow, mix_temp, eps, kernels=kernels, **kw)
-            utilities = fused_utilities(fused, self.menu.prices, batch, kernels)
-            second = fused.lacks
-        else:
-            lot = self.menu.lotteries(
-                self.flow, mix_temp, eps=eps, path=self.path, bundle_temp=self.bundle_temp, **kw
-            )
-            utilities, second = self.menu.utilities(lot, batch), lot.bundles
+        utilities, second = menu_utilities(
+            self.menu, self.flow, batch, mix_temp, eps, path=self.path,
+            kernels=self._live_kernels(), bundle_temp=self.bundle_temp, **kw,
+        )  # fmt: skip
         extra = None if self.posted is None else self.posted.outcome(batch)
         surrogate, revenue = sharded_soft_revenue(
             utilities, self.menu.prices, inv_temp, self.layout.comm.all_reduce, extra
