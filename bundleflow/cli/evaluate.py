@@ -16,7 +16,7 @@ from bundleflow.evaluation.menu_view import fallback_record, lottery, purchases
 from bundleflow.evaluation.report import format_baselines, format_summary, write_run_report
 from bundleflow.paths import CONFIG_FILE, RUN_INFO, runs_root
 from bundleflow.train.config import Config, load_config
-from bundleflow.train.data import fitted_baselines, load_run_data
+from bundleflow.train.data import load_run_data
 from bundleflow.train.finish import read_mechanism
 from bundleflow.valuations import io as data_io
 
@@ -130,7 +130,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data.test,
         data.train_user,
         batch_size=eval_batch(config, data.kind),
-        fitted=fitted_baselines(data.train_user),  # the training run's fit (cached)
+        fitted=data.baselines(),  # the training run's fit (cached)
         known=data.info.get("known"),  # paired ratio to the optimum on these test valuations
     )
     report["run"] = str(run_dir)

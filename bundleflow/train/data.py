@@ -37,6 +37,15 @@ class RunData:
     train_user: Tensor
     train: Tensor | None = None
     info: dict = field(default_factory=dict)
+    _baselines: FittedBaselines | None = field(default=None, repr=False)
+
+    def baselines(self) -> FittedBaselines:
+        """The posted-price baselines fitted on the training split, once per run (and cached
+        on disk by content, :func:`fitted_baselines`): the menu's grand-bundle element, the
+        posted-price option beside the menu and the report all use this one fit."""
+        if self._baselines is None:
+            self._baselines = fitted_baselines(self.train_user)
+        return self._baselines
 
     def normalise(self, valuations: Tensor) -> Tensor:
         """User units -> normalised money."""

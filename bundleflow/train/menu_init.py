@@ -7,12 +7,11 @@ from __future__ import annotations
 import torch
 from loguru import logger
 
-from bundleflow.evaluation.baselines import fit_grand_bundle_price
 from bundleflow.evaluation.posted import PostedPrices, fit_posted_prices
 from bundleflow.maths.flow import VelocityField
 from bundleflow.maths.menu import Menu
 from bundleflow.train.config import Config, MenuConfig
-from bundleflow.train.data import RunData, fitted_baselines
+from bundleflow.train.data import RunData
 from bundleflow.valuations.xor import atoms_and_values
 
 # M for a support point that sits on the corner 1: μ = a + b·sigmoid(10·3) ≈ a + b.
@@ -59,7 +58,7 @@ def build_menu(cfg: Config, data: RunData) -> Menu:
                 m.size - 1,
             )
     if m.grand_bundle_element:
-        price = fit_grand_bundle_price(data.train_user) / data.scale
+        price = data.baselines().grand_bundle_price / data.scale
         with torch.no_grad():
             menu.means[0].fill_(CORNER_LOGIT)
             menu.prices[0] = price
@@ -100,7 +99,7 @@ def build_fallback(cfg: Config, data: RunData) -> PostedPrices | None:
     if cfg.menu.fallback == "none":
         return None
     # the report scores the same fit: one fit per training split (cached by content)
-    fitted = fitted_baselines(data.train_user)
+    fitted = data.baselines()
     posted, record = fit_posted_prices(data.train_user, cfg.menu.fallback, fitted)
     logger.info(
         "menu: fallback {} pricing (training revenue {})",

@@ -35,7 +35,7 @@ from bundleflow.system.timing import Timings
 from bundleflow.system.tracking import check_available, open_tracker, report_scalars
 from bundleflow.train.checkpoint import latest
 from bundleflow.train.config import Config, to_dict
-from bundleflow.train.data import RunData, fitted_baselines, load_run_data
+from bundleflow.train.data import RunData, load_run_data
 from bundleflow.train.launch import Launch, Resolved, resolve, stage1_only
 from bundleflow.train.plan import StepPlan, resolve_plan
 from bundleflow.train.run import (
@@ -294,7 +294,7 @@ def _evaluate(job: Job, result, data: RunData, plan: StepPlan) -> dict:
         data.test,
         data.train_user,
         batch_size=65536 if data.kind == "additive" else job.config.eval.batch_size,
-        fitted=fitted_baselines(data.train_user),
+        fitted=data.baselines(),
         known=data.info.get("known"),
     )
     report.update(
