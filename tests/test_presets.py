@@ -103,10 +103,10 @@ def _build_wheel_and_venv(tmp: Path) -> Path:
 
 
 LOOKUP = """
-import bundleflow.train.config as c
+import bundleflow, bundleflow.train.config as c
 assert c.load_config("paper-m50").data.n_items == 50
 c.load_config("default")
-print(c.__file__, c.CONFIG_DIR)
+print(bundleflow.__file__, c.CONFIG_DIR)
 """
 
 
