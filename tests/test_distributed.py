@@ -95,12 +95,7 @@ def _torchrun(nproc: int, runs: Path, extra: list[str], env: dict, **kw):
 def _no_gloo_left(runs: Path, ranks=("0", "1")) -> None:
     """Issue 28: no rank exits with the process group's threads still running (they outlived
     destroy_process_group when torch._dynamo was imported after the group; see
-    bundleflow.system.distributed.before_process_group). Older torch keeps the group to exit
-    (bundleflow.system.distributed.JOINED_GLOO_TORCH): nothing to check there."""
-    from bundleflow.system.distributed import joins_gloo_threads
-
-    if not joins_gloo_threads():
-        return
+    bundleflow.system.distributed.before_process_group)."""
     probe = runs.parent / f"exit-{runs.name}"
     for rank in ranks:
         threads = (probe / f"rank{rank}.txt").read_text().split()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,18 +17,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-JOINED_GLOO_TORCH = (2, 13)
-"""The oldest torch on which the fix of :func:`before_process_group` was measured safe. On
-torch 2.5.1 (the image's pin) a Gloo group that really is destroyed can hang its last rank in
-``destroy_process_group`` (seen in CI: a two-process ``replicate`` run, rank 1 blocked there
-after rank 0 had exited), so older torch keeps the earlier behaviour: the group is left to
-interpreter exit, with the rare abort under load that issue 28 is about."""
+HELD_TENSORS = 8
+"""How many of the last collectives' tensors :class:`Comm` keeps referenced (see
+:func:`_hold`): more than the Gloo worker threads (2) can hold at once."""
+_held: deque[Tensor] = deque(maxlen=HELD_TENSORS)
 
 
-def joins_gloo_threads() -> bool:
-    """Whether this torch gets the issue-28 fix (:data:`JOINED_GLOO_TORCH`)."""
-    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    return version >= JOINED_GLOO_TORCH
+def _hold(*tensors: Tensor) -> None:
+    """Keep Python references to a collective's tensors until the group is destroyed.
+
+    Why (issue 28, torch 2.5.1): a Gloo worker thread drops its reference to a finished
+    collective's work object a moment after ``wait()`` has returned. If Python no longer
+    holds the work's tensors by then, the worker frees them, and freeing a tensor that
+    Python created needs the GIL. The main thread may already be in
+    ``destroy_process_group``, which holds the GIL in ``~ProcessGroupGloo`` while it joins
+    the worker threads: both wait forever (py-spy: the main thread in
+    ``std::thread::join`` under ``~ProcessGroupGloo``, a worker in
+    ``gil_scoped_acquire`` under ``~AsyncWork``). With the tensors still referenced here the
+    worker's release frees nothing, so it never needs the GIL.
+    """
+    _held.extend(tensors)
 
 
 def before_process_group() -> None:
@@ -45,7 +54,7 @@ def before_process_group() -> None:
     hook destroys the group on every other way out (an exception, a second Ctrl-C) while the
     interpreter is still whole; the group is local, so no peer is needed for it.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not joins_gloo_threads():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     import torch._dynamo  # noqa: F401 - the import order is the fix, see above
 
@@ -53,9 +62,11 @@ def before_process_group() -> None:
 
 
 def leave_process_group() -> None:
-    """Destroy the default process group if it still exists (local: no collective)."""
+    """Destroy the default process group if it still exists (local: no collective); then
+    let go of the collectives' tensors (:func:`_hold`)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _held.clear()
 
 
 def gloo_threads() -> list[str]:
@@ -111,6 +122,7 @@ class Comm:
         """In place over all ranks (``sum``, ``max`` or ``min``); returns ``tensor``."""
         if self.active:
             ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+            _hold(tensor)
             dist.all_reduce(tensor, op=ops[op])
         return tensor
 
@@ -123,7 +135,9 @@ class Comm:
         padded = tensor.new_zeros((width, *tensor.shape[1:]))
         padded[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded.contiguous())
+        padded = padded.contiguous()
+        _hold(padded, *parts)
+        dist.all_gather(parts, padded)
         return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)], dim=0)
 
     def broadcast_floats(self, values: list[float], device: torch.device) -> list[float]:
@@ -131,6 +145,7 @@ class Comm:
         if not self.active:
             return values
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        _hold(tensor)
         dist.broadcast(tensor, src=0)
         return tensor.tolist()
 
