@@ -2,7 +2,8 @@
 # The known-optimum suite on one lent GPU: `bundleflow suite` for each training seed as its
 # own process, side by side (much of a run is CPU work: data, baselines, the polish), on a
 # data seed the recipe was not tuned on, and the GPU test tier beside them.
-#   DATA_SEED=7 SETTINGS=a,b,... bash benchmarks/suite_gpu.sh
+#   DATA_SEED=7 SETTINGS=a,b,... [SEEDS='0 1 2'] [BEFORE=1] bash benchmarks/suite_gpu.sh
+# BEFORE=1: seed 0 again with stage2.polish_soft_steps=0 (the polish without its soft phase).
 # Per-seed JSON tables and the GPU tier's log come back in $OUT.
 set -u
 source benchmarks/gpu_env.sh
@@ -22,6 +23,12 @@ for s in ${SEEDS:-0 1 2}; do
     ${SETTINGS:+--settings "$SETTINGS"} --set data.seed="$d" --set data.catalogue_seed="$d" \
     --json > "$OUT/suite_seed$s.json" 2> "$W/suite_seed$s.log" &
 done
+if [ -n "${BEFORE:-}" ]; then  # the same settings without the polish's soft phase, seed 0
+  timeout ${SUITE_LIMIT:-520} python3 -m bundleflow suite --seeds 0 --runs-dir "$W/before0" \
+    ${SETTINGS:+--settings "$SETTINGS"} --set data.seed="$d" --set data.catalogue_seed="$d" \
+    --set stage2.polish_soft_steps=0 --json > "$OUT/suite_before_seed0.json" \
+    2> "$W/suite_before_seed0.log" &
+fi
 wait
 keep
 tail -3 "$OUT/gpu_tier.log" 2>/dev/null

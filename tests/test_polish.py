@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from bundleflow.maths.polish import hard_revenue_of, polish_prices
+from bundleflow.maths.polish import SoftPhase, hard_revenue_of, park_unsold, polish_prices
 
 NONE = -math.inf  # no fallback option
 
@@ -85,3 +85,57 @@ def test_a_bidder_indifferent_between_the_fallback_and_walking_away_buys():
     res = polish_prices(values, torch.full((40,), 100.0, dtype=torch.float64), fb_u, fb_pay)
     assert bool((res.prices == 100.0).all()) and res.changed == [0, 0]
     assert res.train_revenue[-1] == 7.5
+
+
+def test_park_unsold_moves_only_unsold_elements_above_every_value():
+    """Values (bidder × element) with prices 5, 5.000001, 8.5: element 1 is a dearer copy of
+    element 0 (no one buys it), element 2 sells to bidder 1 only (12 − 8.5 > 8 − 5)."""
+    values = torch.tensor([[8.0, 8.0, 6.0], [8.0, 8.0, 12.0]], dtype=torch.float64)
+    prices = _col(5.0, 5.000001, 8.5)
+    none, zero = _col(NONE, NONE), _col(0, 0)
+    parked = park_unsold(values, prices, none, zero)
+    assert parked[0] == 5.0 and parked[2] == 8.5
+    assert parked[1] > values.max()  # nobody can afford it: unsold as before
+    before = hard_revenue_of(values, prices, none, zero)
+    assert hard_revenue_of(values, parked, none, zero) == before
+
+
+def _ddt_grid(n1: int, n2: int, shift: float) -> torch.Tensor:
+    """Midpoint grid (exact quadrature up to O(1/n²)) of additive U[4,16] × U[4,7]: the
+    columns are the values of the lottery (½ item 1, item 2), the bundle and the bundle's copy."""
+    v1 = 4 + 12 * (torch.arange(n1, dtype=torch.float64) + shift) / n1
+    v2 = 4 + 3 * (torch.arange(n2, dtype=torch.float64) + shift) / n2
+    a, b = torch.meshgrid(v1, v2, indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)
+    return torch.stack([0.5 * a + b, a + b, a + b], dim=1)
+
+
+def test_the_soft_phase_leaves_the_ridge_trap_of_additive_ddt():
+    """Daskalakis–Deckelbaum–Tzamos: the optimum sells the lottery (½ item 1, item 2) at 8 and
+    the bundle at 12, revenue 88/9. The trainer's polish stopped at lottery 7.96, bundle 10.98
+    with an unsold copy of the bundle a hair dearer: no single price move gains (raising the
+    bundle sends its buyers to the copy). Parked copy and a joint soft move reach the optimum
+    on held-out types; coordinate rounds alone stay below 0.993 of it."""
+    train, test = _ddt_grid(240, 60, 0.5), _ddt_grid(300, 75, 0.25)
+    start = _col(7.96, 10.98, 10.980001)
+    none, zero = (lambda v: torch.full((len(v),), NONE, dtype=torch.float64)), torch.zeros
+    opt = 88 / 9
+    stuck = polish_prices(
+        train,
+        start,
+        none(train),
+        zero(len(train), dtype=torch.float64),
+        rounds=6,
+        generator=torch.Generator().manual_seed(0),
+        plateau=True,
+    )
+    soft = polish_prices(train, start, none(train), zero(len(train), dtype=torch.float64),
+                         rounds=6, generator=torch.Generator().manual_seed(0), plateau=True,
+                         soft=SoftPhase(steps=300, temp=0.05, lr=0.01))  # fmt: skip
+    rev = {k: hard_revenue_of(test, r.prices, none(test), zero(len(test), dtype=torch.float64))
+           for k, r in (("stuck", stuck), ("soft", soft))}  # fmt: skip
+    assert rev["stuck"] < 0.993 * opt
+    assert rev["soft"] > 0.997 * opt  # the issue's target, 9.75
+    assert rev["soft"] <= opt * 1.0005  # nothing beats the optimum beyond quadrature error
+    assert abs(float(soft.prices[0]) - 8) < 0.1 and abs(float(soft.prices[1]) - 12) < 0.15
+    assert -1 in soft.changed  # the soft phase is one recorded round

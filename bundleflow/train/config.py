@@ -261,6 +261,18 @@ class Stage2Config:
     round with the best validation revenue is kept (round 0, the unpolished menu, included),
     so validation revenue never drops. Needs many training valuations (overfits at 4,500,
     +0.26% at 80,000 on CATS: BENCHMARKS.md). 0: off."""
+    polish_soft_steps: int = 0
+    """bundleflow extension, with ``polish_rounds``: after the coordinate rounds, park the
+    elements no training bidder buys, run this many Adam steps on the prices alone of a
+    sharp softmax revenue (the lotteries frozen; the best hard training revenue kept), then
+    the coordinate rounds again; validation still picks the round. Moves several prices
+    together along a ridge no single-price step climbs (additive U[4,16]×U[4,7]: 0.990 →
+    0.9995 of the optimum; BENCHMARKS.md). 0: off."""
+    polish_soft_temp: float = 0.003
+    """Softmax temperature of that soft phase, in normalised money (× the data's money
+    scale)."""
+    polish_soft_lr: float = 0.0006
+    """Adam lr of that soft phase, in normalised money."""
     log_every: int = 200
     """Steps between metric lines."""
     checkpoint_every: int = 5000

@@ -172,6 +172,17 @@ def _check_combinations(config) -> None:
         raise BundleflowError(
             f"config key 'stage2.polish_rounds' must be >= 0, got {config.stage2.polish_rounds}"
         )
+    if config.stage2.polish_soft_steps < 0:
+        raise BundleflowError(
+            "config key 'stage2.polish_soft_steps' must be >= 0, got "
+            f"{config.stage2.polish_soft_steps}"
+        )
+    for key in ("polish_soft_temp", "polish_soft_lr"):
+        if not getattr(config.stage2, key) > 0:
+            raise BundleflowError(
+                f"config key 'stage2.{key}' must be positive, got "
+                f"{getattr(config.stage2, key)!r}"
+            )
     if config.menu.bundle_grad != "none" and not config.menu.bundle_temp > 0:
         raise BundleflowError(
             f"config key 'menu.bundle_temp' must be positive, got {config.menu.bundle_temp!r}"

@@ -11,7 +11,7 @@ from loguru import logger
 
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluation.mechanism import FrozenMechanism
-from bundleflow.maths.polish import polish_prices
+from bundleflow.maths.polish import SoftPhase, polish_prices
 from bundleflow.paths import RUN_INFO, runs_root
 from bundleflow.train.config import Config
 from bundleflow.train.data import RunData
@@ -36,6 +36,11 @@ def polish_mechanism(mech: FrozenMechanism, data: RunData, cfg: Config) -> float
         val=_outcome_columns(mech, val, batch),
         generator=torch.Generator().manual_seed(cfg.stage2.seed),
         plateau=True,
+        soft=SoftPhase(
+            steps=cfg.stage2.polish_soft_steps,
+            temp=cfg.stage2.polish_soft_temp * mech.money_scale,
+            lr=cfg.stage2.polish_soft_lr * mech.money_scale,
+        ),
     )
     mech.prices = result.prices.to(device, mech.prices.dtype)
     mech.meta["polish"] = {
