@@ -163,3 +163,22 @@ def test_the_summary_says_plainly_whether_learned_elements_are_bought():
     line = learned_line(gain)
     assert "bought by 95.0% of test bidders (21 of 1000 elements), 100.0% of the revenue" in line
     assert "1.016x the best posted price (item pricing" in line
+
+
+def test_the_polish_reads_element_values_exactly_not_as_float32_utilities_plus_prices():
+    """A ½–½ lottery over items 1 and 2 (values 1.9 and 1.0 as XOR atoms) is worth exactly
+    1.45 to the bidder. Read as float32 utility + price at a price of 1234.567, it is off by
+    ~6e-5 — far above the polish's 1e-6 margin, which is how stored prices once played at
+    0.54 of the specialists' optimum against 1.0 in the polish."""
+    from bundleflow.train.finish import _outcome_columns
+
+    bundles = torch.tensor([[[1, 0], [0, 1]]], dtype=torch.uint8)  # (J=1, D=2, m=2)
+    mech = FrozenMechanism(bundles, torch.tensor([[0.5, 0.5]]), torch.tensor([1234.567]),
+                           torch.zeros(1, 2, 2), mix_temp=1.0)  # fmt: skip
+    vals = torch.tensor([[[1.0, 0.0, 1.9], [0.0, 1.0, 1.0]]])  # (B=1, K=2, m+1)
+    values, fb_u, _ = _outcome_columns(mech, vals, 16)
+    exact = 0.5 * float(torch.tensor(1.9)) + 0.5 * 1.0  # the float32 value of 1.9, summed in f64
+    assert values.dtype == torch.float64 and float(values[0, 0]) == exact
+    old = float(mech.utilities(vals)[0, 0].double() + mech.prices.double()[0])
+    assert abs(old - exact) > 1e-6  # the old reading: the error the margin could not absorb
+    assert fb_u[0] == float("-inf")

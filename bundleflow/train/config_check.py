@@ -180,8 +180,7 @@ def _check_combinations(config) -> None:
     for key in ("polish_soft_temp", "polish_soft_lr"):
         if not getattr(config.stage2, key) > 0:
             raise BundleflowError(
-                f"config key 'stage2.{key}' must be positive, got "
-                f"{getattr(config.stage2, key)!r}"
+                f"config key 'stage2.{key}' must be positive, got {getattr(config.stage2, key)!r}"
             )
     if config.menu.bundle_grad != "none" and not config.menu.bundle_temp > 0:
         raise BundleflowError(

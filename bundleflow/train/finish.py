@@ -11,6 +11,7 @@ from loguru import logger
 
 from bundleflow.errors import BundleflowError
 from bundleflow.evaluation.mechanism import FrozenMechanism
+from bundleflow.maths.menu import lottery_utilities
 from bundleflow.maths.polish import SoftPhase, polish_prices
 from bundleflow.paths import RUN_INFO, runs_root
 from bundleflow.train.config import Config
@@ -22,17 +23,26 @@ MECHANISM_FILE = "mechanism.safetensors"
 @torch.no_grad()
 def polish_mechanism(mech: FrozenMechanism, data: RunData, cfg: Config) -> float:
     """Exact hard-revenue price polish of the frozen best menu on the training split,
-    the round kept by validation (``stage2.polish_rounds``; :mod:`bundleflow.maths.polish`)."""
+    the round kept by validation (``stage2.polish_rounds``; :mod:`bundleflow.maths.polish`).
+
+    The polish works in float64 on the lotteries' exact values; the mechanism keeps float32
+    prices and plays in float32. So a new price sits ``margin`` = 1e-6 or 4 float32 ulps of
+    the largest value, whichever is larger, below its marginal bidder's threshold (a bidder
+    the polish counts as buying still buys after rounding), and the stored prices are
+    checked on validation the way the report plays them: if they earn less there than the
+    unpolished menu, that one is kept."""
     device, batch = mech.prices.device, cfg.eval.batch_size
     train = data.train_user.to(device)
     val = data.denormalise(data.val).to(device)
     values, fb_u, fb_pay = _outcome_columns(mech, train, batch)
+    before_prices, before_val = mech.prices.clone(), mech.revenue(val, batch_size=batch)
     result = polish_prices(
         values,
         mech.prices,
         fb_u,
         fb_pay,
         rounds=cfg.stage2.polish_rounds,
+        margin=max(1e-6, 4 * torch.finfo(torch.float32).eps * float(values.max())),
         val=_outcome_columns(mech, val, batch),
         generator=torch.Generator().manual_seed(cfg.stage2.seed),
         plateau=True,
@@ -43,29 +53,47 @@ def polish_mechanism(mech: FrozenMechanism, data: RunData, cfg: Config) -> float
         ),
     )
     mech.prices = result.prices.to(device, mech.prices.dtype)
+    played = mech.revenue(val, batch_size=batch)
+    kept = result.round_kept
+    if played < before_val:
+        logger.warning(
+            "stage 2 polish: the stored prices earn {:.6g} on validation against {:.6g} "
+            "unpolished; the unpolished prices are kept",
+            played,
+            before_val,
+        )
+        mech.prices, played, kept = before_prices, before_val, 0
     mech.meta["polish"] = {
-        "round_kept": result.round_kept,
+        "round_kept": kept,
         "train_revenue": result.train_revenue,
         "val_revenue": result.val_revenue,
         "changed": result.changed,
     }
     logger.info(
         "stage 2 polish: validation revenue {:.6g} -> {:.6g} (round {} of {} kept)",
-        result.val_revenue[0],
-        result.val_revenue[result.round_kept],
-        result.round_kept,
+        before_val,
+        played,
+        kept,
         len(result.val_revenue) - 1,
     )
-    return result.val_revenue[result.round_kept]
+    return played
 
 
 def _outcome_columns(mech: FrozenMechanism, valuations: torch.Tensor, batch: int):
     """(element values ``[N, J]``, the fallback's utility ``[N]`` (−inf: none) and payment
-    ``[N]``) of a frozen mechanism, user units, float64."""
-    values = (
-        torch.cat([mech.utilities(chunk).double() for chunk in valuations.split(batch)])
-        + mech.prices.double()
-    )
+    ``[N]``) of a frozen mechanism, user units, float64: Σ_d α_jd v(S_jd) summed in float64,
+    not float32 utilities plus prices (that rounding, ~1e-6 at values near 2, is as large as
+    the polish's margin)."""
+    alpha = mech.alpha.double()
+    zero = alpha.new_zeros(alpha.shape[0])
+
+    def chunk_values(chunk: torch.Tensor) -> torch.Tensor:
+        chunk = chunk.to(mech.prices.device)
+        if chunk.dim() == 2:  # additive: one float64 product
+            chunk = chunk.double()
+        return lottery_utilities(mech.bundles.to(chunk.dtype), alpha, zero, chunk)
+
+    values = torch.cat([chunk_values(chunk) for chunk in valuations.split(batch)])
     n = values.shape[0]
     if mech.fallback is None:
         return values, values.new_full((n,), -math.inf), values.new_zeros(n)
