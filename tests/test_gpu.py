@@ -85,3 +85,24 @@ def test_frozen_mechanism_same_outcome_cuda_and_cpu():
     c_gpu, p_gpu = mech.to("cuda").outcome(vals.cuda())
     assert torch.equal(c_cpu, c_gpu.cpu())
     assert torch.equal(p_cpu, p_gpu.cpu())
+
+
+def test_a_runs_report_plays_the_test_split_on_its_gpu_with_the_cpu_answer():
+    """evaluate_mechanism(device="cuda") (what a GPU run's report does) gives the same
+    revenue, payments and menu statistics as the CPU play."""
+    from bundleflow.evaluation.evaluate import evaluate_mechanism
+    from bundleflow.maths.flow import VelocityField
+
+    gen = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    flow = VelocityField(10, hidden=32).requires_grad_(False)
+    menu = Menu(10, 50, 4, generator=gen)
+    with torch.no_grad():
+        menu.prices.mul_(20)
+    mech = FrozenMechanism.freeze(menu, flow, 1.0, generator=gen)
+    train, test = random_xor(300, 4, 10, gen), random_xor(400, 4, 10, gen)
+    cpu = evaluate_mechanism(mech, test, train, batch_size=64)
+    gpu = evaluate_mechanism(mech, test, train, batch_size=64, device="cuda")
+    assert gpu["revenue"] == cpu["revenue"]
+    assert gpu["elements_in_use"] == cpu["elements_in_use"] and gpu["menu"] == cpu["menu"]
+    assert gpu["ratio_to_best_baseline"] == cpu["ratio_to_best_baseline"]

@@ -296,6 +296,7 @@ def _evaluate(job: Job, result, data: RunData, plan: StepPlan) -> dict:
         batch_size=65536 if data.kind == "additive" else job.config.eval.batch_size,
         fitted=data.baselines(),
         known=data.info.get("known"),
+        device=device if device.type == "cuda" else None,
     )
     report.update(
         run=str(job.run.dir),
