@@ -139,3 +139,29 @@ def test_the_soft_phase_leaves_the_ridge_trap_of_additive_ddt():
     assert rev["soft"] <= opt * 1.0005  # nothing beats the optimum beyond quadrature error
     assert abs(float(soft.prices[0]) - 8) < 0.1 and abs(float(soft.prices[1]) - 12) < 0.15
     assert -1 in soft.changed  # the soft phase is one recorded round
+
+
+def test_min_z_gates_the_soft_phase_rounds_and_leaves_the_coordinate_rounds_alone():
+    """Random values and a validation split of other random values. The coordinate rounds
+    are kept on any higher validation revenue, as without a soft phase; a round of the soft
+    phase (or after it) must beat the best by a paired z ≥ min_z: with an unreachable z the
+    result is exactly the run without a soft phase, with z = 0 the best validation round of
+    all wins."""
+    gen = torch.Generator().manual_seed(3)
+    train = torch.rand(400, 3, generator=gen, dtype=torch.float64) * 10
+    val = torch.rand(400, 3, generator=gen, dtype=torch.float64) * 10
+    none = torch.full((400,), NONE, dtype=torch.float64)
+    zero = torch.zeros(400, dtype=torch.float64)
+    start = _col(2.0, 3.0, 4.0)
+
+    def run(**kw):
+        return polish_prices(train, start, none, zero, rounds=3, val=(val, none, zero),
+                             generator=torch.Generator().manual_seed(0), **kw)  # fmt: skip
+
+    soft = SoftPhase(steps=50, temp=0.2, lr=0.05, batch=128, check_every=5)
+    plain, strict, free = run(), run(soft=soft, min_z=1e9), run(soft=soft, min_z=0.0)
+    first_soft = strict.changed.index(-1)
+    assert plain.round_kept > 0  # the coordinate rounds gain on validation
+    assert strict.round_kept == plain.round_kept < first_soft
+    assert torch.equal(strict.prices, plain.prices)
+    assert free.val_revenue[free.round_kept] == max(free.val_revenue)

@@ -18,12 +18,13 @@ visit depends on the previous one).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from bundleflow.maths.revenue import hard_revenue, soft_revenue
+from bundleflow.maths.revenue import hard_outcome, hard_revenue, soft_revenue
 
 
 @dataclass
@@ -217,6 +218,7 @@ def polish_prices(
     generator: torch.Generator | None = None,
     plateau: bool = False,
     soft: SoftPhase | None = None,
+    min_z: float = 0.0,
 ) -> PolishResult:
     """Coordinate ascent on the prices ``[J]`` for element values ``[N, J]``.
 
@@ -236,6 +238,12 @@ def polish_prices(
     ``soft``: after the coordinate rounds, one more phase counted as one round: unsold
     elements parked (:func:`park_unsold`), a price-only soft ascent
     (:func:`soft_price_ascent`), then up to ``rounds`` coordinate rounds again.
+
+    ``min_z``: a round of the soft phase (or after it) replaces the best validation round
+    only where its paired validation gain is significant at this z (0: any higher validation
+    revenue). The coordinate rounds before it are kept on any higher validation revenue, as
+    before the soft phase existed: on additive U[0,1]² (where a posted price is optimal) the
+    soft phase's insignificant validation gain lost 0.03% on test.
     """
     values = values.to(torch.float64)
     fb_u = fb_u.to(torch.float64)
@@ -246,6 +254,7 @@ def polish_prices(
     track = _Track(val64, prices, hard_revenue_of(values, prices, fb_u, fb_pay))
     prices = _coordinate_rounds(values, prices, fb_u, fb_pay, rounds, knobs, track, generator)
     if soft is not None and soft.steps > 0:
+        track.min_z = min_z  # the soft phase's rounds must beat the best significantly
         start = park_unsold(values, prices, fb_u, fb_pay)
         prices = soft_price_ascent(values, start, fb_u, fb_pay, soft, generator)
         track.record(prices, hard_revenue_of(values, prices, fb_u, fb_pay), -1)
@@ -255,31 +264,40 @@ def polish_prices(
 
 class _Track:
     """The rounds' training and validation revenues, and the prices of the best validation
-    round (the last prices without a validation split)."""
+    round (the last prices without a validation split). With ``min_z`` > 0 a round replaces
+    the best only where its paired validation gain is significant: z = mean(d)/SE(d) ≥
+    ``min_z`` over the per-valuation payment differences d."""
 
-    def __init__(self, val: tuple[Tensor, ...] | None, prices: Tensor, train_rev: float):
-        self.val = val
+    def __init__(
+        self, val: tuple[Tensor, ...] | None, prices: Tensor, train_rev: float, min_z: float = 0.0
+    ):
+        self.val, self.min_z = val, min_z  # min_z may be raised between phases
         self.out = PolishResult(prices=prices.clone(), round_kept=0)
-        self.best_val = float("-inf")
+        self.best_val, self.best_pay = float("-inf"), None
         self.record(prices, train_rev, 0)
+
+    def _better(self, pay: Tensor) -> bool:
+        if self.best_pay is None:
+            return True
+        d = pay - self.best_pay
+        if not float(d.mean()) > 0:
+            return False
+        se = float(d.std()) / math.sqrt(d.numel()) if d.numel() > 1 else 0.0
+        return se == 0.0 or float(d.mean()) / se >= self.min_z
 
     def record(self, prices: Tensor, train_rev: float, changed: int) -> None:
         """One round: ``changed`` prices moved (−1: the soft phase)."""
         out = self.out
-        val_rev = (
-            float("nan")
-            if self.val is None
-            else hard_revenue_of(self.val[0], prices, *self.val[1:])
-        )
+        pay = None
+        if self.val is not None:
+            values, fb_u, fb_pay = self.val
+            pay = hard_outcome(values - prices, prices, (fb_u, fb_pay))[1]
         out.train_revenue.append(train_rev)
-        out.val_revenue.append(val_rev)
+        out.val_revenue.append(float("nan") if pay is None else float(pay.mean()))
         out.changed.append(changed)
-        if self.val is not None and val_rev > self.best_val:
-            self.best_val, out.prices, out.round_kept = (
-                val_rev,
-                prices.clone(),
-                len(out.changed) - 1,
-            )
+        if pay is not None and self._better(pay):
+            self.best_val, self.best_pay = float(pay.mean()), pay
+            out.prices, out.round_kept = prices.clone(), len(out.changed) - 1
 
     def result(self, prices: Tensor) -> PolishResult:
         if self.val is None:

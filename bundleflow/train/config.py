@@ -253,7 +253,8 @@ class Stage2Config:
     the fallback alone is significant, z = mean(d)/SE(d) ≥ this (d: per-valuation payments
     minus the fallback's). Learned elements that only win by validation noise lost on test
     (BENCHMARKS.md "Revenue, issue 17, third pass"). 0: any higher validation revenue wins,
-    as before."""
+    as before. The price polish (``polish_rounds``) uses the same z for a round to replace
+    the best one so far: its paired validation gain over that round's payments."""
     polish_rounds: int = 0
     """bundleflow extension: after training, rounds of exact coordinate ascent on the hard
     training revenue of the best menu's prices (``bundleflow.maths.polish``: each price moved to

@@ -46,6 +46,7 @@ def polish_mechanism(mech: FrozenMechanism, data: RunData, cfg: Config) -> float
         val=_outcome_columns(mech, val, batch),
         generator=torch.Generator().manual_seed(cfg.stage2.seed),
         plateau=True,
+        min_z=cfg.stage2.select_min_z,
         soft=SoftPhase(
             steps=cfg.stage2.polish_soft_steps,
             temp=cfg.stage2.polish_soft_temp * mech.money_scale,
