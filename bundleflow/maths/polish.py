@@ -12,8 +12,8 @@ revenue, so the polish never lowers it.
 
 A menu with other prices is still a menu: DSIC and IR hold as before. Validation picks the
 round to keep (round 0, the unpolished menu, included), so the validation revenue never
-drops either. Tensors only; the one Python loop is over the coordinate-ascent visits (each
-visit depends on the previous one).
+drops either. Tensors only; the Python loops are over the coordinate-ascent visits and the
+soft phase's Adam steps (each depends on the previous one).
 """
 
 from __future__ import annotations
@@ -264,16 +264,14 @@ def polish_prices(
 
 class _Track:
     """The rounds' training and validation revenues, and the prices of the best validation
-    round (the last prices without a validation split). With ``min_z`` > 0 a round replaces
-    the best only where its paired validation gain is significant: z = mean(d)/SE(d) ≥
-    ``min_z`` over the per-valuation payment differences d."""
+    round (the last prices without a validation split). A round replaces the best where its
+    validation revenue is higher and, with ``min_z`` > 0, its paired gain significant: z =
+    mean(d)/SE(d) ≥ ``min_z`` over the per-valuation payment differences d."""
 
-    def __init__(
-        self, val: tuple[Tensor, ...] | None, prices: Tensor, train_rev: float, min_z: float = 0.0
-    ):
-        self.val, self.min_z = val, min_z  # min_z may be raised between phases
+    def __init__(self, val: tuple[Tensor, ...] | None, prices: Tensor, train_rev: float):
+        self.val, self.min_z = val, 0.0  # min_z is raised for the soft phase
         self.out = PolishResult(prices=prices.clone(), round_kept=0)
-        self.best_val, self.best_pay = float("-inf"), None
+        self.best_pay: Tensor | None = None  # the best round's validation payments
         self.record(prices, train_rev, 0)
 
     def _better(self, pay: Tensor) -> bool:
@@ -296,8 +294,7 @@ class _Track:
         out.val_revenue.append(float("nan") if pay is None else float(pay.mean()))
         out.changed.append(changed)
         if pay is not None and self._better(pay):
-            self.best_val, self.best_pay = float(pay.mean()), pay
-            out.prices, out.round_kept = prices.clone(), len(out.changed) - 1
+            self.best_pay, out.prices, out.round_kept = pay, prices.clone(), len(out.changed) - 1
 
     def result(self, prices: Tensor) -> PolishResult:
         if self.val is None:
