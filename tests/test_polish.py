@@ -93,7 +93,7 @@ def test_park_unsold_moves_only_unsold_elements_above_every_value():
     values = torch.tensor([[8.0, 8.0, 6.0], [8.0, 8.0, 12.0]], dtype=torch.float64)
     prices = _col(5.0, 5.000001, 8.5)
     none, zero = _col(NONE, NONE), _col(0, 0)
-    parked = park_unsold(values, prices, none, zero)
+    parked = park_unsold(values, prices, none)
     assert parked[0] == 5.0 and parked[2] == 8.5
     assert parked[1] > values.max()  # nobody can afford it: unsold as before
     before = hard_revenue_of(values, prices, none, zero)

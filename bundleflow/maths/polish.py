@@ -158,15 +158,14 @@ class SoftPhase:
     check_every: int = 25
 
 
-def park_unsold(values: Tensor, prices: Tensor, fb_u: Tensor, fb_pay: Tensor) -> Tensor:
+def park_unsold(values: Tensor, prices: Tensor, fb_u: Tensor) -> Tensor:
     """Prices with every element no training bidder buys moved to twice the largest element
     value (above every training bidder's value for it: still unsold, the training revenue
     unchanged). An unsold copy of a sold lottery a hair dearer caps that lottery's price in
     coordinate ascent, and an unsold element priced between two sold ones blocks moving them
     (additive U[4,16]×U[4,7]: the bundle stuck at 10.98 against the optimum's 12 behind one
     such copy); parked, they no longer bind."""
-    choice = torch.cat([values - prices, fb_u[:, None], values.new_zeros(len(values), 1)], 1)
-    idx = choice.argmax(dim=1)
+    idx = _options(values, prices, fb_u).argmax(dim=1)  # ties: the lowest index, as played
     sold = torch.zeros(prices.shape[0] + 2, dtype=torch.bool, device=prices.device)
     sold[idx] = True
     park = 2 * values.max().clamp(min=0) + 1e-6
@@ -255,7 +254,7 @@ def polish_prices(
     prices = _coordinate_rounds(values, prices, fb_u, fb_pay, rounds, knobs, track, generator)
     if soft is not None and soft.steps > 0:
         track.min_z = min_z  # the soft phase's rounds must beat the best significantly
-        start = park_unsold(values, prices, fb_u, fb_pay)
+        start = park_unsold(values, prices, fb_u)
         prices = soft_price_ascent(values, start, fb_u, fb_pay, soft, generator)
         track.record(prices, hard_revenue_of(values, prices, fb_u, fb_pay), -1)
         prices = _coordinate_rounds(values, prices, fb_u, fb_pay, rounds, knobs, track, generator)
