@@ -358,6 +358,40 @@ def test_distinct_rows_and_their_counts():
         assert (train == row).flatten(1).all(dim=1).sum() == count
 
 
+def test_distinct_rows_inverse_rebuilds_every_row():
+    from bundleflow.evaluation.fit_prices import distinct_rows
+
+    rows = random_xor(30, 4, 3, seed=72)
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(1))
+    test = torch.cat([rows, rows[:10], rows[:10]])[order]
+    distinct, inverse = distinct_rows(test)
+    assert distinct.shape[0] == 30 and torch.equal(distinct[inverse], test)
+    assert distinct_rows(rows) is None  # nothing to merge: every row is scored
+
+
+def test_scoring_identical_rows_once_equals_scoring_every_row():
+    """The report scores each distinct test valuation once (specialists: 101 distinct among
+    100,000); every baseline's per-row payments are those of the row-by-row outcomes."""
+    rows = random_xor(40, 5, 4, seed=73)
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(2))
+    test = torch.cat([rows, rows[:30], rows[:30]])[order]
+    fitted = fit_baselines(rows)
+    m = 5
+    uniform = torch.full((m,), fitted.uniform_price, dtype=torch.float64)
+    expected = {
+        "grand_bundle": grand_bundle_payments(test.double(), fitted.grand_bundle_price),
+        "uniform_item_price": item_price_outcome(test, uniform)[1],
+        "item_pricing": item_price_outcome(test, fitted.item_prices)[1],
+        "bundle_size_pricing": bundle_size_outcome(test, fitted.size_prices)[1],
+        "upper_bound": test[..., -1].amax(dim=1).double(),
+    }
+    got = fitted.payments(test)
+    assert set(got) == set(expected)
+    for name, pay in expected.items():
+        assert torch.equal(got[name], pay), name
+    assert float(got["item_pricing"].sum()) > 0  # the baselines sell: the test can fail
+
+
 def test_fallback_reuses_the_fitted_baselines(monkeypatch):
     """With the posted price beside a menu, the run fits the baselines once (the report's
     cached fit) and the fallback takes its prices from it."""

@@ -26,6 +26,7 @@ from bundleflow.evaluation.fit_prices import (
     _single_price,
     _size_options,
     atom_parts,
+    distinct_rows,
     effective_size_prices,
     fit_bundle_size_prices,
     fit_item_prices,
@@ -38,6 +39,7 @@ __all__ = [
     "FittedBaselines",
     "atom_parts",
     "bundle_size_outcome",
+    "distinct_rows",
     "effective_size_prices",
     "fit_baselines",
     "fit_bundle_size_prices",
@@ -138,7 +140,18 @@ class FittedBaselines:
     size_prices: Tensor
 
     def payments(self, valuations: Tensor) -> dict[str, Tensor]:
-        """Per-valuation payments ``[N]`` (float64) of every baseline, and the upper bound."""
+        """Per-valuation payments ``[N]`` (float64) of every baseline, and the upper bound.
+
+        Identical valuations are scored once (:func:`distinct_rows`): 100,000 specialists
+        test valuations at m=100 are 101 distinct ones, and scoring each row took most of a
+        suite run's evaluation on an H100 host (117 s of 270 s)."""
+        found = distinct_rows(valuations) if valuations.dim() == 3 else None
+        if found is not None:
+            distinct, inverse = found
+            return {name: pay[inverse] for name, pay in self._payments(distinct).items()}
+        return self._payments(valuations)
+
+    def _payments(self, valuations: Tensor) -> dict[str, Tensor]:
         m = self.item_prices.shape[0]
         uniform = torch.full((m,), self.uniform_price, dtype=torch.float64)
         return {

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bundleflow.evaluation.baselines import FittedBaselines, fit_baselines
+from bundleflow.evaluation.baselines import FittedBaselines, distinct_rows, fit_baselines
 from bundleflow.evaluation.mechanism import FrozenMechanism
 from bundleflow.maths.revenue import WALK_AWAY
 from bundleflow.valuations.known import optimal_payments_for
@@ -116,7 +116,13 @@ def optimum_comparison(
     optimal mechanism is explicit (:func:`bundleflow.valuations.known.optimal_payments_for`),
     else unpaired for ``revenue`` (:func:`unpaired_optimum`)."""
     record = optimum_base(known)
-    optimal = optimal_payments_for(known, test)
+    found = distinct_rows(test) if test.dim() == 3 else None  # identical rows scored once
+    if found is None:
+        optimal = optimal_payments_for(known, test)
+    else:
+        distinct, inverse = found
+        optimal = optimal_payments_for(known, distinct)
+        optimal = None if optimal is None else optimal[inverse]
     if optimal is not None and float(optimal.mean()) > 0:
         return paired_optimum(record, optimal, payments)
     if revenue is not None and record["value"] > 0:

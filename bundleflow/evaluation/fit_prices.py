@@ -137,31 +137,44 @@ _NO_ATOM = 2**62
 """Atom index of a missing option: above every real index, so it never wins a tie."""
 
 
-def _distinct(valuations: Tensor) -> tuple[Tensor, Tensor]:
-    """Distinct valuations ``[U, ...]`` and how often each occurs ``[U]`` (float64).
+def distinct_rows(valuations: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Distinct valuations ``[U, ...]`` and each row's position among them ``[N]``, or
+    None when every row is distinct or a grouping could not be confirmed.
 
-    Identical bidders choose identically, so a fit scores each distinct one once, weighted.
-    Rows are grouped by a random projection, then compared exactly; if a group holds rows
-    that differ (a collision), every row is kept with weight 1.
+    Identical bidders choose identically, so a fit or a score computes each distinct one
+    once (specialists: 40,000 valuations are 101 distinct ones). Rows are grouped by a
+    random projection, then compared exactly; if a group holds rows that differ (a
+    collision), None: every row is kept.
     """
     n = valuations.shape[0]
     flat = valuations.reshape(n, -1)
     probe = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(0))
-    key = flat @ probe.to(flat.dtype)  # (N, D) @ (D,) -> (N,)
+    key = flat @ probe.to(device=flat.device, dtype=flat.dtype)  # (N, D) @ (D,) -> (N,)
     order = key.argsort(stable=True)
-    starts = torch.ones(n, dtype=torch.bool)
+    starts = torch.ones(n, dtype=torch.bool, device=flat.device)
     starts[1:] = key[order[1:]] != key[order[:-1]]
+    if bool(starts.all()):
+        return None
     group = starts.cumsum(0) - 1  # (N,): group of each row in key order
     first = order[starts]  # (U,): one row of each group
-    unchanged = valuations, torch.ones(n, dtype=torch.float64)
-    if first.numel() == n:
-        return unchanged
     rep = first[group]
     step = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
     for a in range(0, n, step):
         if not torch.equal(flat[order[a : a + step]], flat[rep[a : a + step]]):
-            return unchanged
-    return valuations[first], torch.bincount(group).double()
+            return None
+    inverse = torch.empty_like(group)
+    inverse[order] = group
+    return valuations[first], inverse
+
+
+def _distinct(valuations: Tensor) -> tuple[Tensor, Tensor]:
+    """Distinct valuations ``[U, ...]`` and how often each occurs ``[U]`` (float64); every
+    row with weight 1 where :func:`distinct_rows` finds none to merge."""
+    found = distinct_rows(valuations)
+    if found is None:
+        return valuations, torch.ones(valuations.shape[0], dtype=torch.float64)
+    distinct, inverse = found
+    return distinct, torch.bincount(inverse, minlength=distinct.shape[0]).double()
 
 
 def _size_table(sizes: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
