@@ -70,17 +70,23 @@ def test_reference_pass_on_cuda(reference_pass, path):
     assert mech.revenue(ref["valuations"]) == pytest.approx(float(ref["hard_revenue"]), rel=1e-5)
 
 
-def test_frozen_mechanism_same_outcome_cuda_and_cpu():
-    gen = torch.Generator().manual_seed(1)
+def _random_mechanism(seed: int, items: int, elements: int, price_scale: float):
+    """A frozen mechanism of random lotteries (a small untrained flow) and the generator
+    that drew it, for CPU-against-CUDA comparisons."""
     from bundleflow.maths.flow import VelocityField
 
-    torch.manual_seed(1)
-    flow = VelocityField(20, hidden=32).requires_grad_(False)
-    menu = Menu(20, 300, 4, generator=gen)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    flow = VelocityField(items, hidden=32).requires_grad_(False)
+    menu = Menu(items, elements, 4, generator=gen)
     with torch.no_grad():
-        menu.prices.mul_(50)
+        menu.prices.mul_(price_scale)
+    return FrozenMechanism.freeze(menu, flow, 1.0, generator=gen), gen
+
+
+def test_frozen_mechanism_same_outcome_cuda_and_cpu():
+    mech, gen = _random_mechanism(1, items=20, elements=300, price_scale=50)
     vals = random_xor(500, 6, 20, gen)
-    mech = FrozenMechanism.freeze(menu, flow, 1.0, generator=gen)
     c_cpu, p_cpu = mech.outcome(vals)
     c_gpu, p_gpu = mech.to("cuda").outcome(vals.cuda())
     assert torch.equal(c_cpu, c_gpu.cpu())
@@ -91,15 +97,8 @@ def test_a_runs_report_plays_the_test_split_on_its_gpu_with_the_cpu_answer():
     """evaluate_mechanism(device="cuda") (what a GPU run's report does) gives the same
     revenue, payments and menu statistics as the CPU play."""
     from bundleflow.evaluation.evaluate import evaluate_mechanism
-    from bundleflow.maths.flow import VelocityField
 
-    gen = torch.Generator().manual_seed(2)
-    torch.manual_seed(2)
-    flow = VelocityField(10, hidden=32).requires_grad_(False)
-    menu = Menu(10, 50, 4, generator=gen)
-    with torch.no_grad():
-        menu.prices.mul_(20)
-    mech = FrozenMechanism.freeze(menu, flow, 1.0, generator=gen)
+    mech, gen = _random_mechanism(2, items=10, elements=50, price_scale=20)
     train, test = random_xor(300, 4, 10, gen), random_xor(400, 4, 10, gen)
     cpu = evaluate_mechanism(mech, test, train, batch_size=64)
     gpu = evaluate_mechanism(mech, test, train, batch_size=64, device="cuda")
