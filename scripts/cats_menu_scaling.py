@@ -1,16 +1,22 @@
 """Real finite menus against bundle-size pricing on CATS, as the menu grows (issue 27).
 
 ``scripts/cats_cover_model.py`` models random covers; this plays real menus on real held-out
-bidders. A menu of J bundles is built from the training bidders: each element is the union
-of ``--union`` atoms of one size s drawn from training bidders whose atoms have size s (the
-best hand-built design measured at J ≤ 8,000), the sizes spread in proportion to each size's
-share of the bundle-size revenue on training, every element priced at the effective
-bundle-size price of s. Held-out bidders pick their best element (hard rule: the highest
-utility, ties to the lowest index, buy iff ≥ 0) and pay its price. Values are computed in
-chunks of elements, so J can reach 10⁶ on a CPU; no price is tuned (the polish added about
-0.015 at J ≤ 8,000), so each number is the design at its start prices.
+bidders. Two designs, both built from the training bidders and priced at the effective
+bundle-size price of the atom size s each element is for:
 
-    python scripts/cats_menu_scaling.py DATA_FILE --menu-sizes 1000,10000,100000
+- ``unions``: each element is the union of ``--union`` training atoms of one size s, the sizes
+  drawn in proportion to each size's share of the bundle-size revenue on training (the best
+  hand-built design measured at J ≤ 8,000);
+- ``tiers``: the cover model's best design for J, fitted on the training bidders, drawn for
+  real: tier s holds J_s uniformly random bundles of the model's size t_s (``--designs FILE``
+  keeps the searched designs, which take 1–2 minutes a J on a CPU).
+
+Held-out bidders pick their best element (hard rule: the highest utility, ties to the lowest
+index, buy iff ≥ 0) and pay its price. Values are computed in chunks of elements, so J can
+reach 10⁷ on a GPU. By default no price is tuned; ``--polish-rounds R`` polishes them on the
+training bidders first (it holds their ``[N, J]`` values, so J ≤ a few 10⁴).
+
+    python scripts/cats_menu_scaling.py DATA_FILE --design tiers --menu-sizes 2000,100000
 
 DATA_FILE: CATS XOR valuations (``bundleflow data generate --dist arbitrary --items 50
 --n 40000 --seed 0 --out FILE``); the first ``--train`` rows fit the prices and give the
@@ -21,8 +27,10 @@ pricing on the same bidders with its paired 95% CI, and the share of bidders who
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+from pathlib import Path
 
 import torch
 from cats_cover_model import CoverModel  # the sibling script (run from scripts/ or its path)
@@ -33,6 +41,7 @@ from bundleflow.evaluation.baselines import (
     effective_size_prices,
     fit_bundle_size_prices,
 )
+from bundleflow.maths.polish import polish_prices
 from bundleflow.valuations.dataset import load_dataset
 from bundleflow.valuations.xor import atoms_and_values, xor_bundle_values
 
@@ -60,11 +69,18 @@ def union_menu(
     return bundles, sizes
 
 
-def tier_menu(model: CoverModel, size: int, gen: torch.Generator) -> tuple[Tensor, Tensor, float]:
+def tier_menu(
+    model: CoverModel, size: int, gen: torch.Generator, design: dict | None = None
+) -> tuple[Tensor, Tensor, float]:
     """The cover model's best tiered design for ``size`` bundles, drawn for real: tier s
     holds ``J_s`` uniformly random bundles of the model's size ``t_s``. Returns the bundles
-    ``[J, m]``, their tiers ``[J]`` and the model's own prediction for the design."""
-    predicted, sizes = model.best(size)
+    ``[J, m]``, their tiers ``[J]`` and the model's own prediction for the design.
+    ``design``: ``{"predicted": r, "sizes": {s: t_s}}`` found before (the search over tier
+    sizes is the slow part: 1–2 minutes a J on a CPU), else searched now."""
+    if design is None:
+        predicted, sizes = model.best(size)
+    else:
+        predicted, sizes = design["predicted"], {int(s): t for s, t in design["sizes"].items()}
     share = torch.bincount(model.size, weights=model.bsp, minlength=model.m + 1)
     share[0] = 0
     counts = (size * share / share.sum()).round().long()
@@ -100,12 +116,47 @@ def play(bidders: Tensor, bundles: Tensor, prices: Tensor, chunk: int) -> Tensor
     return pay
 
 
+def polished(train: Tensor, bundles: Tensor, prices: Tensor, rounds: int, chunk: int) -> Tensor:
+    """The prices after ``rounds`` of the exact hard-revenue polish on the training bidders
+    (:func:`bundleflow.maths.polish.polish_prices`, no fallback; holds ``[N, J]`` values)."""
+    device = train.device
+    values = torch.cat(
+        [
+            xor_bundle_values(
+                train, bundles[i : i + chunk].to(device), inclusion_dtype=torch.float32
+            )
+            for i in range(0, bundles.shape[0], chunk)
+        ],
+        dim=1,
+    )
+    none = torch.full((train.shape[0],), -torch.inf, device=device)
+    result = polish_prices(
+        values,
+        prices.to(device),
+        none,
+        torch.zeros_like(none),
+        rounds=rounds,
+        generator=torch.Generator().manual_seed(0),
+        plateau=True,
+    )
+    return result.prices.cpu()
+
+
 def paired_ratio(a: Tensor, b: Tensor) -> tuple[float, float, float]:
     """mean(a) / mean(b) with a delta-method 95% CI on paired rows."""
     n, ma, mb = a.numel(), a.mean(), b.mean()
     r = ma / mb
     half = 1.96 * float((a - r * b).std() / math.sqrt(n) / mb)
     return float(r), float(r) - half, float(r) + half
+
+
+def _read_designs(path: str | None) -> dict:
+    return json.loads(Path(path).read_text()) if path and Path(path).exists() else {}
+
+
+def _write_designs(path: str | None, designs: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(designs, indent=1) + "\n")
 
 
 def main() -> None:
@@ -118,6 +169,16 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--designs",
+        help="JSON file of tier designs by J: read those it has, add those it lacks",
+    )
+    parser.add_argument(
+        "--polish-rounds",
+        type=int,
+        default=0,
+        help="also polish the prices on the training bidders (holds [N, J] values)",
+    )
     parser.add_argument(
         "--design",
         choices=("unions", "tiers"),
@@ -141,11 +202,23 @@ def main() -> None:
         gen = torch.Generator().manual_seed(args.seed)
         note = ""
         if args.design == "tiers":
-            bundles, sizes, predicted = tier_menu(CoverModel(train, size_prices), size, gen)
+            model = CoverModel(train, size_prices)
+            designs = _read_designs(args.designs)
+            if str(size) not in designs:
+                predicted, tiers = model.best(size)
+                designs[str(size)] = {"predicted": predicted, "sizes": tiers}
+                _write_designs(args.designs, designs)
+            bundles, sizes, predicted = tier_menu(model, size, gen, designs[str(size)])
             note = f", the model predicted {predicted:.3f} on training"
         else:
             bundles, sizes = union_menu(pool, share.float(), size, args.union, gen)
-        pay = play(bidders.to(args.device), bundles, effective[sizes].double(), args.chunk)
+        prices = effective[sizes].double()
+        if args.polish_rounds > 0:
+            prices = polished(
+                train.to(args.device), bundles, prices, args.polish_rounds, args.chunk
+            )
+            note += f", prices polished ({args.polish_rounds} rounds)"
+        pay = play(bidders.to(args.device), bundles, prices, args.chunk)
         r, lo, hi = paired_ratio(pay.cpu(), bsp)
         buy = float((pay > 0).double().mean())
         print(

@@ -78,3 +78,16 @@ def test_tier_menu_draws_the_models_bundle_sizes_in_revenue_shares(script):
     share = torch.bincount(model.size, weights=model.bsp, minlength=model.m + 1)
     big = int(share[1:].argmax()) + 1
     assert int((tiers == big).sum()) == round(500 * float(share[big] / share.sum()))
+
+
+def test_polished_prices_earn_at_least_the_start_on_training(script):
+    g = torch.Generator().manual_seed(8)
+    train = _one_size_bidders(200, 6, 3, seed=9)
+    bundles = (torch.rand(12, 6, generator=g) < 0.7).float()
+    start = torch.rand(12, generator=g, dtype=torch.float64) * 6
+    new = script.polished(train, bundles, start, rounds=2, chunk=5)
+    before = script.play(train, bundles, start, 5).mean()
+    after = script.play(train, bundles, new, 5).mean()
+    # each accepted plateau move may give up its 1e-6 margin per buyer: J·rounds of them
+    assert after >= before - 12 * 2 * 1e-6
+    assert not torch.equal(new, start)  # 12 random prices are not already optimal
