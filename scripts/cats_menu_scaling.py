@@ -101,7 +101,7 @@ def play(bidders: Tensor, bundles: Tensor, prices: Tensor, chunk: int) -> Tensor
     device = bidders.device
     best_u = torch.zeros(bidders.shape[0], dtype=torch.float64, device=device)  # walk away: 0
     pay = torch.zeros_like(best_u)
-    bought = torch.zeros(bidders.shape[0], dtype=torch.bool)
+    bought = torch.zeros(bidders.shape[0], dtype=torch.bool, device=device)
     for start in range(0, bundles.shape[0], chunk):
         part = bundles[start : start + chunk].to(device)
         price = prices[start : start + chunk].to(device)

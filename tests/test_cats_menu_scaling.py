@@ -91,3 +91,15 @@ def test_polished_prices_earn_at_least_the_start_on_training(script):
     # each accepted plateau move may give up its 1e-6 margin per buyer: J·rounds of them
     assert after >= before - 12 * 2 * 1e-6
     assert not torch.equal(new, start)  # 12 random prices are not already optimal
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_play_on_cuda_equals_the_cpu(script):
+    g = torch.Generator().manual_seed(4)
+    bidders = _one_size_bidders(64, 8, 3, seed=6)
+    bundles = (torch.rand(40, 8, generator=g) < 0.6).float()
+    prices = torch.rand(40, generator=g, dtype=torch.float64) * 5
+    cpu = script.play(bidders, bundles, prices, 7)
+    cuda = script.play(bidders.cuda(), bundles, prices, 7)
+    assert torch.equal(cuda.cpu(), cpu)
