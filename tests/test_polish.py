@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from bundleflow.maths.polish import SoftPhase, hard_revenue_of, park_unsold, polish_prices
@@ -165,3 +166,47 @@ def test_min_z_gates_the_soft_phase_rounds_and_leaves_the_coordinate_rounds_alon
     assert strict.round_kept == plain.round_kept < first_soft
     assert torch.equal(strict.prices, plain.prices)
     assert free.val_revenue[free.round_kept] == max(free.val_revenue)
+
+
+def _random_problem(n: int, J: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(n, J, generator=g, dtype=torch.float64) * 3
+    prices = torch.rand(J, generator=g, dtype=torch.float64) * 2
+    fb_pay = torch.rand(n, generator=g, dtype=torch.float64)
+    fb_u = torch.rand(n, generator=g, dtype=torch.float64) - 0.2
+    return values, prices, fb_u, fb_pay
+
+
+def test_row_blocks_give_the_same_polish_as_whole_tables(monkeypatch):
+    """The row-wise passes run ``ROWS`` rows at a time (memory); every result is the same."""
+    import bundleflow.maths.polish as polish
+
+    values, prices, fb_u, fb_pay = _random_problem(300, 12, seed=21)
+    val = _random_problem(200, 12, seed=22)
+    val = (val[0], val[2], val[3])
+
+    def run():
+        return polish_prices(
+            values,
+            prices,
+            fb_u,
+            fb_pay,
+            rounds=3,
+            val=val,
+            generator=torch.Generator().manual_seed(0),
+            plateau=True,
+            soft=SoftPhase(steps=30, temp=0.05, lr=0.01, batch=64, check_every=10),
+        )
+
+    whole = run()
+    start_revenue = hard_revenue_of(values, prices, fb_u, fb_pay)
+    unsold = park_unsold(values, prices + 1.5, fb_u)
+    monkeypatch.setattr(polish, "ROWS", 7)  # 300 rows: 43 blocks, the last one short
+    blocks = run()
+    assert torch.equal(blocks.prices, whole.prices)
+    assert blocks.round_kept == whole.round_kept and blocks.changed == whole.changed
+    assert blocks.train_revenue == pytest.approx(whole.train_revenue, rel=1e-12)
+    assert hard_revenue_of(values, prices, fb_u, fb_pay) == pytest.approx(start_revenue, rel=1e-12)
+    assert torch.equal(park_unsold(values, prices + 1.5, fb_u), unsold)
+    assert max(whole.changed) > 0  # the polish did move prices: the comparison is not idle
+    assert not torch.equal(unsold, prices + 1.5)  # and some element was parked

@@ -38,8 +38,12 @@ class PolishResult:
 
 def _options(values: Tensor, prices: Tensor, fb_u: Tensor) -> Tensor:
     """Utilities ``[N, J+2]``: the J elements, the fallback, walking away (0)."""
-    n = values.shape[0]
-    return torch.cat([values - prices, fb_u[:, None], values.new_zeros(n, 1)], dim=1)
+    n, J = values.shape
+    u = values.new_empty(n, J + 2)  # written in place: no [N, J] temporary beside it
+    torch.sub(values, prices, out=u[:, :J])
+    u[:, J] = fb_u
+    u[:, J + 1] = 0
+    return u
 
 
 def _payments(idx: Tensor, prices: Tensor, fb_pay: Tensor) -> Tensor:
@@ -52,9 +56,13 @@ def _payments(idx: Tensor, prices: Tensor, fb_pay: Tensor) -> Tensor:
 def _top2(u: Tensor) -> tuple[Tensor, Tensor]:
     """The two best options per row, ties in the hard rule's order (lowest index first:
     ``topk`` does not promise that, and a bidder indifferent between the fallback and
-    walking away buys)."""
+    walking away buys). Sorted :data:`ROWS` rows at a time."""
+    if u.shape[0] > ROWS:
+        parts = [_top2(u[rows]) for rows in _row_blocks(u.shape[0])]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     vals, idx = torch.sort(u, dim=1, descending=True, stable=True)
-    return vals[:, :2], idx[:, :2]
+    # copies: a view would keep the whole sorted block (values and int64 indices) alive
+    return vals[:, :2].contiguous(), idx[:, :2].contiguous()
 
 
 def _plateau_step(
@@ -74,10 +82,29 @@ def _plateau_step(
     return int(torch.where(fine, n_buy, -1).argmax())
 
 
+ROWS = 1 << 16
+"""Rows at a time for the row-wise passes over the ``[N, J]`` tables (the hard revenue, the
+first two options, the unsold elements): their temporaries are ``[ROWS, J]``, not ``[N, J]``.
+At 10⁶ training valuations × 1,000 elements whole-table passes held several 8 GB float64
+copies (a 71.7 GB peak on an H100); at 10⁶ × 100 on a CPU the polish's peak went from 6.54 to
+2.12 GiB with these blocks, the same prices. The results are the same row by row."""
+
+
+def _row_blocks(n: int):
+    return (slice(a, a + ROWS) for a in range(0, n, ROWS))
+
+
 def hard_revenue_of(values: Tensor, prices: Tensor, fb_u: Tensor, fb_pay: Tensor) -> float:
     """Mean payment under the hard rule (:func:`bundleflow.maths.revenue.hard_revenue`: ties to
     the lowest index, the fallback after the elements, buy iff the best utility ≥ 0)."""
-    return float(hard_revenue(values - prices, prices, (fb_u, fb_pay)))
+    n = values.shape[0]
+    if n <= ROWS:
+        return float(hard_revenue(values - prices, prices, (fb_u, fb_pay)))
+    total = 0.0
+    for rows in _row_blocks(n):
+        extra = (fb_u[rows], fb_pay[rows])
+        total += float(hard_outcome(values[rows] - prices, prices, extra)[1].sum())
+    return total / n
 
 
 @dataclass(frozen=True)
@@ -137,10 +164,9 @@ def _set_price(
     prices[j] = price
     col = values[:, j] - prices[j]
     u[:, j] = col
-    rows = (top_i[:, 0] == j) | (top_i[:, 1] == j) | (col > top_u[:, 1])
-    if bool(rows.any()):
-        sub_u, sub_i = _top2(u[rows])
-        top_u[rows], top_i[rows] = sub_u, sub_i
+    rows = ((top_i[:, 0] == j) | (top_i[:, 1] == j) | (col > top_u[:, 1])).nonzero().squeeze(1)
+    for block in rows.split(ROWS):  # a [rows, J] copy at a time
+        top_u[block], top_i[block] = _top2(u[block])
 
 
 @dataclass(frozen=True)
@@ -165,7 +191,9 @@ def park_unsold(values: Tensor, prices: Tensor, fb_u: Tensor) -> Tensor:
     coordinate ascent, and an unsold element priced between two sold ones blocks moving them
     (additive U[4,16]×U[4,7]: the bundle stuck at 10.98 against the optimum's 12 behind one
     such copy); parked, they no longer bind."""
-    idx = _options(values, prices, fb_u).argmax(dim=1)  # ties: the lowest index, as played
+    idx = torch.cat(  # ties: the lowest index, as played
+        [_options(values[r], prices, fb_u[r]).argmax(dim=1) for r in _row_blocks(len(values))]
+    )
     sold = torch.zeros(prices.shape[0] + 2, dtype=torch.bool, device=prices.device)
     sold[idx] = True
     park = 2 * values.max().clamp(min=0) + 1e-6

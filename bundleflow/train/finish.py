@@ -94,8 +94,13 @@ def _outcome_columns(mech: FrozenMechanism, valuations: torch.Tensor, batch: int
             chunk = chunk.double()
         return lottery_utilities(mech.bundles.to(chunk.dtype), alpha, zero, chunk)
 
-    values = torch.cat([chunk_values(chunk) for chunk in valuations.split(batch)])
-    n = values.shape[0]
+    n = valuations.shape[0]
+    values = None  # filled in place: a list of chunks and their concatenation would be 2x
+    for start, chunk in zip(range(0, n, batch), valuations.split(batch), strict=True):
+        part = chunk_values(chunk)
+        if values is None:
+            values = part.new_empty((n, part.shape[1]))
+        values[start : start + part.shape[0]] = part
     if mech.fallback is None:
         return values, values.new_full((n,), -math.inf), values.new_zeros(n)
     u, pay = mech.fallback.outcome(valuations.to(mech.prices.device))
