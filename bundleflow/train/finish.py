@@ -95,12 +95,13 @@ def _outcome_columns(mech: FrozenMechanism, valuations: torch.Tensor, batch: int
         return lottery_utilities(mech.bundles.to(chunk.dtype), alpha, zero, chunk)
 
     n = valuations.shape[0]
-    values = None  # filled in place: a list of chunks and their concatenation would be 2x
-    for start, chunk in zip(range(0, n, batch), valuations.split(batch), strict=True):
+    values, start = None, 0  # filled in place: a list of chunks and their concatenation is 2x
+    for chunk in valuations.split(batch):
         part = chunk_values(chunk)
         if values is None:
             values = part.new_empty((n, part.shape[1]))
         values[start : start + part.shape[0]] = part
+        start += part.shape[0]
     if mech.fallback is None:
         return values, values.new_full((n,), -math.inf), values.new_zeros(n)
     u, pay = mech.fallback.outcome(valuations.to(mech.prices.device))
