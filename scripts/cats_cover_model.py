@@ -69,10 +69,15 @@ class CoverModel:
             uncovered = uncovered * (1 - covers)
         return float(revenue.mean() / self.bsp.mean())
 
-    def best(self, menu_size: int, passes: int = 2) -> tuple[float, dict[int, int]]:
-        """The best tier sizes for ``menu_size`` bundles spread by revenue share."""
+    def revenue_share(self) -> Tensor:
+        """``[m+1]``: each atom size's bundle-size revenue from these bidders (size 0: none)."""
         share = torch.bincount(self.size, weights=self.bsp, minlength=self.m + 1)
         share[0] = 0
+        return share
+
+    def best(self, menu_size: int, passes: int = 2) -> tuple[float, dict[int, int]]:
+        """The best tier sizes for ``menu_size`` bundles spread by revenue share."""
+        share = self.revenue_share()
         counts = {s: float(menu_size * share[s] / share.sum()) for s in range(1, self.m + 1)}
         sizes = {s: min(self.m, s + max(1, s // 2)) for s in counts}
         now = self.ratio(counts, sizes)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from bundleflow.evaluation.baselines import (
     effective_size_prices,
     fit_bundle_size_prices,
 )
+from bundleflow.evaluation.evaluate import paired_ratio_ci
 from bundleflow.maths.polish import polish_prices
 from bundleflow.valuations.dataset import load_dataset
 from bundleflow.valuations.xor import atoms_and_values, xor_bundle_values
@@ -70,19 +70,13 @@ def union_menu(
 
 
 def tier_menu(
-    model: CoverModel, size: int, gen: torch.Generator, design: dict | None = None
-) -> tuple[Tensor, Tensor, float]:
-    """The cover model's best tiered design for ``size`` bundles, drawn for real: tier s
-    holds ``J_s`` uniformly random bundles of the model's size ``t_s``. Returns the bundles
-    ``[J, m]``, their tiers ``[J]`` and the model's own prediction for the design.
-    ``design``: ``{"predicted": r, "sizes": {s: t_s}}`` found before (the search over tier
-    sizes is the slow part: 1–2 minutes a J on a CPU), else searched now."""
-    if design is None:
-        predicted, sizes = model.best(size)
-    else:
-        predicted, sizes = design["predicted"], {int(s): t for s, t in design["sizes"].items()}
-    share = torch.bincount(model.size, weights=model.bsp, minlength=model.m + 1)
-    share[0] = 0
+    model: CoverModel, size: int, sizes: dict[int, int], gen: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """The cover model's tiered design for ``size`` bundles, tier sizes ``sizes`` (``t_s``,
+    from :meth:`CoverModel.best`), drawn for real: tier s holds ``J_s`` uniformly random
+    bundles of size ``t_s``, J_s by the model's revenue shares. Returns the bundles ``[J, m]``
+    and their tiers ``[J]``."""
+    share = model.revenue_share()
     counts = (size * share / share.sum()).round().long()
     bundles, tiers = [], []
     for s in (s for s in range(1, model.m + 1) if counts[s] > 0):
@@ -91,7 +85,7 @@ def tier_menu(
         rows = torch.zeros(n, model.m).scatter_(1, order, 1.0)
         bundles.append(rows)
         tiers.append(torch.full((n,), s, dtype=torch.long))
-    return torch.cat(bundles), torch.cat(tiers), predicted
+    return torch.cat(bundles), torch.cat(tiers)
 
 
 def play(bidders: Tensor, bundles: Tensor, prices: Tensor, chunk: int) -> Tensor:
@@ -142,14 +136,6 @@ def polished(train: Tensor, bundles: Tensor, prices: Tensor, rounds: int, chunk:
     return result.prices.cpu()
 
 
-def paired_ratio(a: Tensor, b: Tensor) -> tuple[float, float, float]:
-    """mean(a) / mean(b) with a delta-method 95% CI on paired rows."""
-    n, ma, mb = a.numel(), a.mean(), b.mean()
-    r = ma / mb
-    half = 1.96 * float((a - r * b).std() / math.sqrt(n) / mb)
-    return float(r), float(r) - half, float(r) + half
-
-
 def _read_designs(path: str | None) -> dict:
     return json.loads(Path(path).read_text()) if path and Path(path).exists() else {}
 
@@ -191,25 +177,25 @@ def main() -> None:
     size_prices = fit_bundle_size_prices(train)
     effective = effective_size_prices(size_prices)
     bsp = bundle_size_outcome(bidders, size_prices)[1]
-    train_pay = bundle_size_outcome(train, size_prices)[1]
-    train_size = torch.where(train[..., -1] > 0, train[..., :-1].sum(-1), 0).amax(1).long()
-    share = torch.bincount(train_size, weights=train_pay, minlength=effective.numel())
+    model = CoverModel(train, size_prices)  # the training bidders' sizes and revenue shares
     pool = atoms_by_size(train)
+    share = model.revenue_share()
     share[[s for s in range(share.numel()) if s not in pool]] = 0
+    designs = _read_designs(args.designs)
     print(f"bundle-size pricing on {bidders.shape[0]} bidders: {float(bsp.mean()):.2f}")
     for size in (int(x) for x in args.menu_sizes.split(",")):
         start = time.time()
         gen = torch.Generator().manual_seed(args.seed)
         note = ""
         if args.design == "tiers":
-            model = CoverModel(train, size_prices)
-            designs = _read_designs(args.designs)
-            if str(size) not in designs:
+            if str(size) not in designs:  # the slow part: 1-2 minutes a J on a CPU
                 predicted, tiers = model.best(size)
                 designs[str(size)] = {"predicted": predicted, "sizes": tiers}
                 _write_designs(args.designs, designs)
-            bundles, sizes, predicted = tier_menu(model, size, gen, designs[str(size)])
-            note = f", the model predicted {predicted:.3f} on training"
+            design = designs[str(size)]
+            sizes_of = {int(s): t for s, t in design["sizes"].items()}
+            bundles, sizes = tier_menu(model, size, sizes_of, gen)
+            note = f", the model predicted {design['predicted']:.3f} on training"
         else:
             bundles, sizes = union_menu(pool, share.float(), size, args.union, gen)
         prices = effective[sizes].double()
@@ -219,7 +205,8 @@ def main() -> None:
             )
             note += f", prices polished ({args.polish_rounds} rounds)"
         pay = play(bidders.to(args.device), bundles, prices, args.chunk)
-        r, lo, hi = paired_ratio(pay.cpu(), bsp)
+        ratio = paired_ratio_ci(pay.cpu(), bsp)
+        r, (lo, hi) = ratio["ratio"], ratio["ci95"]
         buy = float((pay > 0).double().mean())
         print(
             f"J = {size:>9}: {r:.4f} [{lo:.4f}, {hi:.4f}] of bundle-size pricing, "

@@ -68,14 +68,15 @@ def test_ties_go_to_the_earlier_element_and_zero_utility_buys(script):
 def test_tier_menu_draws_the_models_bundle_sizes_in_revenue_shares(script):
     bidders = _one_size_bidders(300, 8, 3, seed=11)
     model = script.CoverModel(bidders, fit_bundle_size_prices(bidders))
-    bundles, tiers, predicted = script.tier_menu(model, 500, torch.Generator().manual_seed(0))
-    _, sizes = model.best(500)
+    predicted, sizes = model.best(500)
+    bundles, tiers = script.tier_menu(model, 500, sizes, torch.Generator().manual_seed(0))
     assert 0.0 < predicted <= 1.0 + 1e-9
     assert abs(bundles.shape[0] - 500) <= 8  # each tier's count rounded
     for s in tiers.unique().tolist():
         rows = bundles[tiers == s]
         assert (rows.sum(dim=1) == sizes[s]).all()  # every bundle of tier s has size t_s
     share = torch.bincount(model.size, weights=model.bsp, minlength=model.m + 1)
+    assert torch.equal(model.revenue_share()[1:], share[1:]) and model.revenue_share()[0] == 0
     big = int(share[1:].argmax()) + 1
     assert int((tiers == big).sum()) == round(500 * float(share[big] / share.sum()))
 
