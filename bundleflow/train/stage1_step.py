@@ -53,7 +53,7 @@ from bundleflow.train.checkpoint import (
 )
 from bundleflow.train.config import FlowConfig, Stage1Config
 from bundleflow.train.run import optimizer_step
-from bundleflow.train.stage2_step import resolve_mode
+from bundleflow.train.stage2_step import resolve_mode, settle_capture
 
 Stage1Mode = Literal["auto", "eager", "graph"]
 STAGE1_MODES = ("auto", "eager", "graph")
@@ -257,6 +257,7 @@ class Stage1Step:
                 graph.register_generator_state(self.generator)
             with torch.cuda.graph(graph):
                 self._body()
+            settle_capture(self.device)
             self._graph = graph  # capturing ran nothing: the replay below is this step
         self._graph.replay()
 

@@ -148,6 +148,17 @@ def tf32_matmul(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+def settle_capture(device: torch.device) -> None:
+    """Call once after capturing a CUDA graph, before its first replay. Before capture begins,
+    torch resets the RNG generators' graph-side seed and offset tensors with kernels on the
+    capture stream; a replay fills those tensors on the current stream and launches there, so
+    without this wait the capture stream's reset could land between the two and the first
+    replay draw from offset 0. On an idle GPU it never did; with seven other processes on the
+    H100 the first replayed step drew other numbers than the eager step (BENCHMARKS.md,
+    "CUDA graphs under load")."""
+    torch.cuda.synchronize(device)
+
+
 def resolve_mode(
     mode: str, device: torch.device, modes: tuple[str, ...] = STEP_MODES, where: str = "the menu"
 ) -> str:
@@ -482,6 +493,7 @@ class Stage2Step:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._static = self._body(self._inv, self._mix)
+            settle_capture(self.device)
             self._graph = graph
         self._graph.replay()
         assert self._static is not None
