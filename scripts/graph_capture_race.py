@@ -5,7 +5,8 @@ capture (``settle_capture``) and without it (patched out); prints the steps whos
     python scripts/graph_capture_race.py [--trials 8] [--steps 12] [--load 6]
 
 --load N starts N processes that multiply 8,192² matrices on the GPU until the script ends.
-Needs CUDA. BENCHMARKS.md "CUDA graphs under load" has what it printed.
+Needs CUDA. What it printed: BENCHMARKS.md, issue 27's sixth pass, "A race in the CUDA-graph
+steps".
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=6)
     args = parser.parse_args()
     loads = [subprocess.Popen([sys.executable, "-c", LOAD]) for _ in range(args.load)]
+    settle = stage1_step.settle_capture
     try:
         time.sleep(5 if loads else 0)  # let them start
-        settle = stage1_step.settle_capture
         for label, fn in (("without the wait", lambda device: None), ("with the wait", settle)):
             stage1_step.settle_capture = fn
             bad = 0
@@ -59,10 +60,11 @@ def main() -> None:
                 bad += bool(differ.numel())
                 print(f"{label}, trial {trial}: steps that differ {differ.tolist()}", flush=True)
             print(f"{label}: {bad} of {args.trials} trials differ (load: {args.load} processes)")
-        stage1_step.settle_capture = settle
     finally:
+        stage1_step.settle_capture = settle
         for p in loads:
             p.kill()
+            p.wait()
 
 
 if __name__ == "__main__":

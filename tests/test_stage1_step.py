@@ -325,7 +325,8 @@ GPU_LOAD = (
 def test_graph_step_equals_eager_while_other_processes_load_the_gpu():
     """The first replay must not overtake torch's RNG reset on the capture stream: under
     this load, without ``settle_capture``, 5 of 5 trials on an H100 drew other numbers from
-    the first replayed step on (BENCHMARKS.md, "CUDA graphs under load")."""
+    the first replayed step on (BENCHMARKS.md, issue 27's sixth pass, "A race in the
+    CUDA-graph steps")."""
     import subprocess
     import sys
     import time
@@ -334,8 +335,8 @@ def test_graph_step_equals_eager_while_other_processes_load_the_gpu():
     try:
         time.sleep(5)
         for _ in range(3):
-            eager_field, _, eager = cuda_step(12, "eager")
-            graph_field, _, graph = cuda_step(12, "graph")
+            *_, eager = cuda_step(12, "eager")
+            *_, graph = cuda_step(12, "graph")
             for _ in range(12):
                 eager()
                 graph()
@@ -343,3 +344,4 @@ def test_graph_step_equals_eager_while_other_processes_load_the_gpu():
     finally:
         for p in loads:
             p.kill()
+            p.wait()

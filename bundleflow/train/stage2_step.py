@@ -155,7 +155,7 @@ def settle_capture(device: torch.device) -> None:
     without this wait the capture stream's reset could land between the two and the first
     replay draw from offset 0. On an idle GPU it never did; with seven other processes on the
     H100 the first replayed step drew other numbers than the eager step (BENCHMARKS.md,
-    "CUDA graphs under load")."""
+    issue 27's sixth pass, "A race in the CUDA-graph steps")."""
     torch.cuda.synchronize(device)
 
 
