@@ -14,8 +14,7 @@ export BUNDLEFLOW_CACHE=/tmp/cache
 mkdir -p $BUNDLEFLOW_CACHE
 [ -d .bfcache ] && cp -r .bfcache/. $BUNDLEFLOW_CACHE/
 d=${DATA_SEED:-1}
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > $W/smi.txt &
-smi=$!; disown $smi  # not waited for below
+watch_gpu_memory  # the peak comes back in $OUT/gpu_peak_mib.txt
 export RUN_TIMEOUT=${RUN_TIMEOUT:-420}
 if [ "${GPU_TESTS:-0}" != 0 ]; then
   (python3 -m pytest -q -m gpu -p no:cacheprovider > "$OUT/gpu_tier.log" 2>&1
@@ -53,8 +52,7 @@ for p in ${PRESETS}; do
   runs+=($!)
 done
 wait "${runs[@]}"
-kill $smi 2>/dev/null
-sort -n $W/smi.txt | tail -1 > "$OUT/gpu_peak_mib.txt"
+gpu_memory_peak
 keep
 for f in $W/*.log; do
   n=$(basename $f .log)

@@ -18,3 +18,16 @@ run_preset() {
     "$@" > "$W/$n.log" 2>&1; keep
   echo "$n: $(grep -h 'menu / best' $W/$n.log) | $(grep -h '^time:' $W/$n.log)"
 }
+# watch_gpu_memory: the GPU's memory in use every 0.5 s (all processes) into $W/smi.txt, in the
+# background and out of the job table (a bare `wait` does not wait for it); gpu_memory_peak: stop
+# watching, the peak (MiB) into $OUT/gpu_peak_mib.txt and the series into $OUT/gpu_memory.csv.
+watch_gpu_memory() {
+  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 500 \
+    > $W/smi.txt 2>/dev/null &
+  SMI=$!; disown $SMI
+}
+gpu_memory_peak() {
+  kill $SMI 2>/dev/null
+  cut -d, -f2 $W/smi.txt | sort -n | tail -1 > "$OUT/gpu_peak_mib.txt"
+  cp $W/smi.txt "$OUT/gpu_memory.csv"
+}

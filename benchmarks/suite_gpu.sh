@@ -9,9 +9,7 @@ set -u
 source benchmarks/gpu_env.sh
 export BUNDLEFLOW_CACHE=/tmp/cache
 d=${DATA_SEED:-7}
-# the GPU's memory in use, every 0.5 s (all processes); the peak comes back in $OUT/gpu_peak_mib.txt
-nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 500 > $W/smi.txt 2>/dev/null &
-smi=$!; disown $smi  # not waited for below
+watch_gpu_memory  # the peak comes back in $OUT/gpu_peak_mib.txt
 if [ "${GPU_TESTS:-1}" != 0 ]; then  # GPU_TESTS=0: skip the tier
   (python3 -m pytest -q -m gpu -p no:cacheprovider -x > "$OUT/gpu_tier.log" 2>&1; echo "gpu tier rc=$?" >> "$OUT/gpu_tier.log") &
 fi
@@ -33,8 +31,7 @@ if [ -n "${BEFORE:-}" ]; then  # the same settings without the polish's soft pha
     2> "$W/suite_before_seed0.log" &
 fi
 wait
-kill $smi 2>/dev/null
-cut -d, -f2 $W/smi.txt | sort -n | tail -1 > "$OUT/gpu_peak_mib.txt"; cp $W/smi.txt "$OUT/gpu_memory.csv"
+gpu_memory_peak
 keep
 tail -3 "$OUT/gpu_tier.log" 2>/dev/null
 echo "GPU memory peak (MiB, all processes): $(cat "$OUT/gpu_peak_mib.txt")"
