@@ -4,7 +4,10 @@
 # (stage1.seed=S, cached), then Stage 2 + report twice side by side, learned menu alone
 # (`menu.fallback=none`, `menu.posted_price_init=false`), grand-bundle start on / off.
 # PRESET_TOO=1 adds the preset as shipped (posted price beside the menu) with the start on, seed 0.
+# VARIANTS (optional) replaces the on/off pair: 'NAME:KEY=VALUE,KEY=VALUE NAME:…', each variant
+# one learned-menu-alone run per seed with those --set keys.
 #   PRESETS='arbitrary-upv-m150 …' DATA_SEED=1 [SEEDS='0 1 2'] [GPU_TESTS=1] \
+#     [VARIANTS='gb:menu.grand_bundle_element=true r09:menu.init_inclusion=0.9'] \
 #     bash benchmarks/cats_grand_gpu.sh
 # .bfcache (carried, optional): a $BUNDLEFLOW_CACHE to start from (data, fitted baselines).
 # One result line per run; logs and reports (no weights) come back in $OUT/results.tgz.
@@ -41,9 +44,10 @@ runs=()
 alone="--set menu.fallback=none --set menu.posted_price_init=false"
 for p in ${PRESETS}; do
   for s in ${SEEDS:-0 1 2}; do
-    for gb in true false; do
-      run_preset "$p-d$d-s$s-gb$gb" $p --set data.seed=$d --set stage1.seed=$s \
-        --set stage2.seed=$s $alone --set menu.grand_bundle_element=$gb &
+    for v in ${VARIANTS:-gbtrue:menu.grand_bundle_element=true gbfalse:menu.grand_bundle_element=false}; do
+      sets=$(echo "${v#*:}" | tr ',' '\n' | sed 's/^/--set /' | tr '\n' ' ')
+      run_preset "$p-d$d-s$s-${v%%:*}" $p --set data.seed=$d --set stage1.seed=$s \
+        --set stage2.seed=$s $alone $sets &
       runs+=($!)
     done
   done

@@ -136,3 +136,63 @@ def test_atom_initialised_elements_sit_on_their_bundles_corner():
     expected = top_atoms(v, 6)
     corners = (menu.support_locations() >= 0.5).float()  # [J, D, m]
     assert torch.equal(corners, expected[:, None, :].expand_as(corners))
+
+
+def test_init_inclusion_sets_the_share_of_items_in_the_initial_bundles():
+    """menu.init_inclusion=ρ: M ~ N(Φ⁻¹(ρ), 1), so an item sits in a support point's initial
+    bundle (μ ≥ 0.5 ⇔ M ≥ 0) with probability ρ; the reference's ρ = ½ leaves M ~ N(0, 1)
+    (the same draw as without the key), and the grand-bundle element stays on its corner."""
+    from bundleflow.errors import BundleflowError
+    from bundleflow.train.config import load_config
+    from bundleflow.train.data import RunData
+    from bundleflow.train.menu_init import build_menu
+
+    v = torch.zeros(8, 2, 31)
+    v[..., 0], v[..., -1] = 1.0, 1.0
+    data = RunData(kind="xor", n_items=30, scale=1.0, val=v, test=v, train_user=v)
+    base = build_menu(load_config("tiny", {"menu": {"size": 400}}), data)
+    half = build_menu(load_config("tiny", {"menu": {"size": 400, "init_inclusion": 0.5}}), data)
+    assert torch.equal(base.means, half.means)
+    for rho in (0.1, 0.9):
+        cfg = load_config(
+            "tiny", {"menu": {"size": 400, "init_inclusion": rho, "grand_bundle_element": True}}
+        )
+        menu = build_menu(cfg, data)
+        inside = (menu.support_locations() >= 0.5).float()  # [J, D, m]
+        assert inside[0].min() == 1  # the grand bundle
+        share = inside[1:].mean().item()  # 399 · D · 30 Bernoulli(ρ) draws
+        assert abs(share - rho) < 0.01, (rho, share)
+        # the same draw as ρ = ½, shifted by Φ⁻¹(ρ) (1.2816 for 0.9)
+        shift = (menu.means[1:] - base.means[1:]).unique()
+        assert abs(abs(shift.mean().item()) - 1.2816) < 1e-3 and shift.std() < 1e-5
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(BundleflowError, match="menu.init_inclusion"):
+            load_config("tiny", {"menu": {"init_inclusion": bad}})
+
+
+def test_grand_bundle_prices_spread_the_elements_below_the_grand_bundles_price():
+    """menu.grand_bundle_prices: element 0 at the grand bundle's fitted price p_G, the others
+    U[0, p_G) (not U[0, price_init), nearly free); it needs menu.grand_bundle_element."""
+    from bundleflow.errors import BundleflowError
+    from bundleflow.train.config import load_config
+    from bundleflow.train.data import RunData
+    from bundleflow.train.menu_init import build_menu
+
+    gen = torch.Generator().manual_seed(1)
+    v = torch.zeros(50, 2, 7)
+    v[..., :6] = (torch.rand(50, 2, 6, generator=gen) < 0.5).float()
+    v[..., -1] = 1 + torch.rand(50, 2, generator=gen)
+    data = RunData(kind="xor", n_items=6, scale=2.0, val=v, test=v, train_user=v)
+    on = {"size": 400, "grand_bundle_element": True, "grand_bundle_prices": True}
+    cfg = load_config("tiny", {"menu": on})
+    menu = build_menu(cfg, data)
+    grand = data.baselines().grand_bundle_price / data.scale
+    assert grand > 10 * cfg.menu.price_init
+    rest = menu.prices[1:].double() / grand
+    assert abs(menu.prices[0].item() - grand) < 1e-6
+    assert rest.min() >= 0 and rest.max() < 1
+    assert abs(rest.mean().item() - 0.5) < 0.05 and rest.max() > 0.95  # U[0, 1) · p_G
+    off = build_menu(load_config("tiny", {"menu": {**on, "grand_bundle_prices": False}}), data)
+    assert off.prices[0] == menu.prices[0] and (off.prices[1:] < cfg.menu.price_init).all()
+    with pytest.raises(BundleflowError, match="menu.grand_bundle_prices"):
+        load_config("tiny", {"menu": {"grand_bundle_prices": True}})

@@ -150,12 +150,25 @@ class MenuConfig:
     grand_bundle_element: bool = False
     """bundleflow extension (not in the reference): element 0 starts as the grand bundle at
     the grand-bundle price fitted on the training split, so the menu can keep that option."""
+    grand_bundle_prices: bool = False
+    """bundleflow extension, with ``grand_bundle_element``: the other elements' prices start
+    U[0, p_G) (p_G the grand bundle's fitted price) instead of U[0, price_init): spread
+    below the grand bundle instead of nearly free. Measured no better at CATS m = 150
+    (BENCHMARKS.md, issue 27, seventh pass), so no preset sets it."""
     fallback: str = "none"
     """bundleflow extension (not in the reference): offer, beside the J learned elements,
     a posted-price schedule fitted on the training split as one more option (index J; the
     bidder may buy any atom at those prices; still a menu, so DSIC and IR hold): ``none``
     (the reference), ``item`` (item pricing), ``size`` (bundle-size pricing) or ``best``
     (whichever earns more on the training split)."""
+    init_inclusion: float = 0.5
+    """bundleflow extension: with ``init_bundles: random``, the probability that an item sits
+    in a support point's initial bundle, 0 < ρ < 1: M ~ N(Φ⁻¹(ρ), 1) (the reference: ρ = ½,
+    M ~ N(0, 1)). Near 1 the elements start as random bundles a few items short of the grand
+    bundle, which contain many bidders' atoms when m is large (at m = 150 a uniform ½-bundle
+    contains a 10-item atom with probability 2⁻¹⁰, a 0.9-bundle with 0.35). Measured worse at
+    CATS m = 150 (near-identical elements undercut each other; BENCHMARKS.md, issue 27,
+    seventh pass), so no preset sets it."""
     init_bundles: str = "random"
     """bundleflow extension: ``random`` (the reference: M ~ N(0, 1)) or ``atoms``: element j
     starts as a deterministic offer of one bundle, the j-th atom of the training valuations

@@ -168,6 +168,16 @@ def _check_combinations(config) -> None:
             "config key 'menu.offer_fallback': false needs a fallback (menu.fallback item, "
             "size or best) to price the initial elements and to select against"
         )
+    if not 0 < config.menu.init_inclusion < 1:
+        raise BundleflowError(
+            "config key 'menu.init_inclusion' must be strictly between 0 and 1, got "
+            f"{config.menu.init_inclusion!r}"
+        )
+    if config.menu.grand_bundle_prices and not config.menu.grand_bundle_element:
+        raise BundleflowError(
+            "config key 'menu.grand_bundle_prices' needs menu.grand_bundle_element: true "
+            "(the grand bundle's fitted price is what the elements start at)"
+        )
     if config.stage2.polish_rounds < 0:
         raise BundleflowError(
             f"config key 'stage2.polish_rounds' must be >= 0, got {config.stage2.polish_rounds}"

@@ -33,6 +33,11 @@ def build_menu(cfg: Config, data: RunData) -> Menu:
         generator=gen,
     )
     menu.lottery_weights = m.lottery_weights
+    if m.init_inclusion != 0.5:
+        shift = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(m.init_inclusion))
+        with torch.no_grad():
+            menu.means.add_(shift.to(menu.means.dtype))  # P(M > 0) = ρ per item
+        logger.info("menu: random elements start with each item in w.p. {:.3g}", m.init_inclusion)
     if m.lottery_weights == "mixture":
         with torch.no_grad():
             menu.logits.zero_()  # even odds over the support points to start with
@@ -62,6 +67,9 @@ def build_menu(cfg: Config, data: RunData) -> Menu:
         with torch.no_grad():
             menu.means[0].fill_(CORNER_LOGIT)
             menu.prices[0] = price
+            if m.grand_bundle_prices:
+                u = torch.rand(m.size - 1, generator=gen, dtype=torch.float64)
+                menu.prices[1:] = (u * price).to(menu.prices.dtype)
         logger.info(
             "menu: element 0 starts as the grand bundle at price {:.4g}", price * data.scale
         )
