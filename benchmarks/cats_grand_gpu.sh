@@ -51,9 +51,11 @@ for p in ${PRESETS}; do
       runs+=($!)
     done
   done
-  [ -n "${PRESET_TOO:-}" ] && run_preset "$p-d$d-s0-preset-gbtrue" $p --set data.seed=$d \
-    --set stage1.seed=0 --set stage2.seed=0 --set menu.grand_bundle_element=true &
-  runs+=($!)
+  if [ -n "${PRESET_TOO:-}" ]; then
+    run_preset "$p-d$d-s0-preset-gbtrue" $p --set data.seed=$d \
+      --set stage1.seed=0 --set stage2.seed=0 --set menu.grand_bundle_element=true &
+    runs+=($!)
+  fi
 done
 wait "${runs[@]}"
 gpu_memory_peak
